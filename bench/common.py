@@ -1,0 +1,340 @@
+"""Shared set-up for every benchmark variant: settings, the pairs, the model, timing and the result record.
+
+Every variant (`python -m bench.<variant>`) runs in its own fresh process so that peak resident memory
+(`ru_maxrss`) belongs to that variant alone. All of them train the same model (the embedded SmolLM2-135M,
+materialised once) on the same UltraFeedback pairs, tokenized by `dpo_core.templating.tokenize_pairs` with the
+same `max_length`, and write one JSON `VariantResult` that `bench.run` aggregates.
+
+Pair selection: the first pairs of the shipped train file whose templated prompt fits `max_prompt_length` without
+cutting. For those pairs TRL's own tokenization (prompt + response cut at `max_length` from the end, "keep_start")
+produces exactly the same token ids as ours (prompt kept whole, response cut to `max_length - len(prompt)`), so
+every variant trains the very same tokens; `bench.trl_dpo` checks this and fails loudly if it ever differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_FILE = REPO / "data" / "ultrafeedback_binarized_sample" / "train.jsonl"
+
+# Offline, quiet, and the same model cache as the tests and the pipeline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DPO_MODEL_CACHE", str(REPO / ".dpo_state" / "models"))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+class BenchError(RuntimeError):
+    """A benchmark cannot run as configured; the message says why."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The settings every variant shares (the issue: same beta, batch size, max length, learning rate, fp32)."""
+
+    steps: int = 4  # optimizer steps per run; the first is warm-up and is not timed
+    batch_size: int = 4  # pairs per optimizer step (the seed loop always uses 1, its method)
+    max_length: int = 192
+    max_prompt_length: int = 96
+    beta: float = 0.1
+    learning_rate: float = 1e-5
+    seed: int = 42
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    seed_loop_pairs: int = 6  # pairs (= optimizer steps) the seed loop trains per run; the first is warm-up
+
+    @property
+    def n_pairs(self) -> int:
+        """Pairs in the training set: exactly one epoch of `steps` batches, so every variant trains all of them."""
+        return self.steps * self.batch_size
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> None:
+    d = BenchSettings()
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--max-length", type=int, default=d.max_length)
+    parser.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
+    parser.add_argument("--beta", type=float, default=d.beta)
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--seed-loop-pairs", type=int, default=d.seed_loop_pairs)
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    s = BenchSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        beta=args.beta,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        threads=args.threads,
+        seed_loop_pairs=args.seed_loop_pairs,
+    )
+    if s.steps < 2:
+        raise BenchError(f"--steps must be >= 2 (the first step is warm-up and not timed), got {s.steps}")
+    if s.seed_loop_pairs < 2:
+        raise BenchError(f"--seed-loop-pairs must be >= 2 (the first is warm-up), got {s.seed_loop_pairs}")
+    if s.threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {s.threads}")
+    return s
+
+
+def settings_to_args(s: BenchSettings) -> list[str]:
+    """The command-line form of `s`, for launching a variant subprocess."""
+    return [
+        "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--max-length", str(s.max_length),
+        "--max-prompt-length", str(s.max_prompt_length), "--beta", str(s.beta),
+        "--learning-rate", str(s.learning_rate), "--seed", str(s.seed), "--threads", str(s.threads),
+        "--seed-loop-pairs", str(s.seed_loop_pairs),
+    ]  # fmt: skip
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's intra-op threads (the matmul peak is measured at the same count)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def model_dir() -> Path:
+    """The materialised embedded SmolLM2-135M-Instruct folder (safetensors + tokenizer)."""
+    from dpo_core.models import materialize_embedded
+
+    return materialize_embedded(Path(os.environ["DPO_MODEL_CACHE"]))
+
+
+def load_tokenizer(path: Path):
+    from dpo_core.config import ModelConfig
+    from dpo_core.models import load_tokenizer as _load
+
+    return _load(path, ModelConfig())
+
+
+def load_policy(path: Path):
+    """The model in float32 on CPU with SDPA attention, exactly as `dpo_core.models.load_model` loads it."""
+    from dpo_core.config import ModelConfig
+    from dpo_core.models import load_model, pick_device
+
+    cfg = ModelConfig(name_or_path=str(path), device="cpu")
+    return load_model(path, cfg, pick_device(cfg))
+
+
+def read_raw_pairs(path: Path = TRAIN_FILE) -> list[dict[str, Any]]:
+    """The shipped UltraFeedback rows (`prompt`, `chosen`, `rejected` strings), in file order.
+
+    Pairs with identical chosen and rejected text carry no preference (ingestion quarantines them): skipped here too.
+    """
+    if not path.is_file():
+        raise BenchError(f"benchmark data not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BenchError(f"{path}:{n} is not valid JSON: {exc.msg}") from exc
+            if rec["chosen"] == rec["rejected"]:
+                continue
+            rows.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
+    return rows
+
+
+def _pair_id(prompt: str, chosen: str, rejected: str) -> str:
+    blob = json.dumps([prompt, chosen, rejected]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def canonical_pairs(rows: list[dict[str, Any]]):
+    """Rows -> the canonical pairs frame `tokenize_pairs` takes (prompt as one user message)."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "pair_id": _pair_id(r["prompt"], r["chosen"], r["rejected"]),
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": r["chosen"],
+                "rejected": r["rejected"],
+                "split": "train",
+            }
+            for r in rows
+        ]
+    )
+
+
+@dataclass
+class BenchData:
+    """The benchmark's pairs: raw text (for TRL and the seed loop) and our tokenized frame, row-aligned."""
+
+    raw: list[dict[str, Any]]
+    tokenized: Any  # pandas DataFrame with dpo_core.templating.TOKENIZED_COLUMNS
+
+    def tokens_per_pair(self) -> list[int]:
+        """Non-padding tokens of one pair's two sequences: 2 * prompt + chosen + rejected."""
+        return [
+            2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(self.tokenized.prompt_ids, self.tokenized.chosen_ids, self.tokenized.rejected_ids)
+        ]
+
+
+def load_bench_data(tokenizer, s: BenchSettings, n_pairs: int) -> BenchData:
+    """The first `n_pairs` pairs whose prompt is not cut by `max_prompt_length` (see the module docstring)."""
+    from dpo_core.templating import tokenize_pairs
+
+    raw = read_raw_pairs()
+    # tokenize a generous head of the file; most prompts fit
+    head = raw[: max(4 * n_pairs, 64)]
+    frame, _report = tokenize_pairs(canonical_pairs(head), tokenizer, s.max_length, s.max_prompt_length)
+    pid_to_raw = {_pair_id(r["prompt"], r["chosen"], r["rejected"]): r for r in head}
+    keep = frame[~frame.prompt_truncated].head(n_pairs).reset_index(drop=True)
+    if len(keep) < n_pairs:
+        raise BenchError(
+            f"only {len(keep)} of the first {len(head)} pairs have a prompt of <= {s.max_prompt_length} tokens; "
+            f"need {n_pairs}"
+        )
+    return BenchData(raw=[pid_to_raw[p] for p in keep.pair_id], tokenized=keep)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / (1024.0 * 1024.0)
+
+
+def count_params(model) -> int:
+    """Distinct parameters (tied embedding / LM head counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@dataclass
+class VariantResult:
+    """One run of one variant. Step times exclude the first (warm-up) step; `tokens` are non-padding tokens."""
+
+    variant: str
+    params: int
+    live_reference: bool
+    step_seconds: list[float]  # per timed optimizer step
+    step_pairs: list[int]  # pairs in each timed step
+    step_tokens: list[int]  # non-padding policy tokens in each timed step (chosen + rejected sequences)
+    padded_tokens: list[int]  # tokens including padding in each timed step (what the model actually computed)
+    peak_rss_mb: float
+    precompute_seconds: float | None = None  # reference log-prob pass (not part of the step times)
+    precompute_pairs: int | None = None
+    load_seconds: float = 0.0
+    threads: int = 1
+    notes: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # per-step metrics as the variant reports them
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return sum(self.step_pairs) / self.seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.step_tokens) / self.seconds
+
+    def model_flops(self) -> float:
+        """Model FLOPs of the timed steps: 6 N per trained token, + 2 N per token for a live reference forward."""
+        per_token = 6 + (2 if self.live_reference else 0)
+        return per_token * self.params * sum(self.step_tokens)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(
+            pairs_per_second=self.pairs_per_second,
+            tokens_per_second=self.tokens_per_second,
+            flops_per_second=self.model_flops() / self.seconds,
+        )
+        return d
+
+
+def write_result(result: VariantResult, path: Path | None) -> None:
+    """Write the JSON record (to `path`, or stdout); peak RSS is read at the very end of the run."""
+    result.peak_rss_mb = peak_rss_mb()
+    blob = json.dumps(result.to_json(), indent=1)
+    if path is None:
+        print(blob)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(blob)
+        os.replace(tmp, path)
+
+
+class StepTimer:
+    """Wall-clock per optimizer step; the first step is warm-up (allocator, lazy init) and is recorded apart."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self._t0 is None:
+            raise BenchError("StepTimer.stop() without start()")
+        dt = time.perf_counter() - self._t0
+        self.seconds.append(dt)
+        self._t0 = None
+        return dt
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("transformers", "trl", "accelerate", "datasets", "peft"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            info[pkg] = "not installed"
+    return info
