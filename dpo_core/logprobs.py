@@ -1,0 +1,97 @@
+"""Per-sequence response log-probabilities, computing the LM head only where it is needed.
+
+For a row ``x_0 .. x_{n-1}`` whose response tokens are the positions ``t`` with ``response_mask[t]``, the score is
+
+    log pi(y | x) = sum_{t in response} log softmax(W h_{t-1})[x_t]
+                  = sum_{t in response} ( (W h_{t-1})[x_t] - logsumexp(W h_{t-1}) )
+
+The base transformer runs once over the whole batch (chosen and rejected rows together); the LM head ``W`` is
+applied only to the hidden states ``h_{t-1}`` that predict a response token, in chunks of ``chunk_size`` positions,
+and each chunk uses a *selective* log-softmax (the gathered logit minus the logsumexp) instead of materialising a
+full ``[positions, vocab]`` log-softmax. With gradients on, each chunk is recomputed in the backward pass
+(activation checkpointing), so at most one chunk of logits is alive at a time: logits for prompt tokens are never
+computed at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from dpo_core.batching import PairBatch
+
+__all__ = ["LogprobError", "sequence_logps", "split_pair_logps", "decoder_and_head"]
+
+
+class LogprobError(ValueError):
+    """The model or batch cannot be scored (no separable LM head, a response token at position 0, ...)."""
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(base transformer returning hidden states, LM head) of a causal LM or a peft-wrapped one.
+
+    For a peft model the adapters live inside the wrapped model's modules, so calling its decoder directly keeps
+    them active (and ``with model.disable_adapter():`` still turns them off).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(base, "get_decoder", None)
+    get_head = getattr(base, "get_output_embeddings", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    head = get_head() if callable(get_head) else None
+    if decoder is None or head is None or decoder is base:
+        raise LogprobError(
+            f"{type(base).__name__} does not expose a base transformer (get_decoder) and an LM head "
+            "(get_output_embeddings); use a Hugging Face *ForCausalLM model"
+        )
+    return decoder, head
+
+
+def _token_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    """Selective log-softmax of one chunk: logit[target] - logsumexp(logits), in float32. Float[N]."""
+    logits = head(states).float()
+    if softcap:  # Gemma-2 style final logit soft-capping
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(
+    model: torch.nn.Module, batch: PairBatch, *, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of response-token log-probs per row of ``batch``.
+
+    Args:
+        model: a causal LM (optionally peft-wrapped) on the batch's device.
+        batch: a ``PairBatch`` (2B rows: chosen then rejected).
+        chunk_size: response positions per LM-head call (bounds the memory of the logits).
+
+    Returns:
+        (logps Float32[2B] — sums over response tokens, token_counts Long[2B] — response tokens per row).
+    """
+    if chunk_size < 1:
+        raise LogprobError(f"chunk_size must be >= 1, got {chunk_size}")
+    mask = batch.response_mask
+    if bool(mask[:, 0].any()):
+        raise LogprobError("a response token at position 0 has no context to be predicted from; rows need a prompt")
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
+
+    rows, prev = mask[:, 1:].nonzero(as_tuple=True)  # the token at prev + 1 is a response token of row `rows`
+    states = hidden[rows, prev]  # [N, H]: the hidden states that predict response tokens
+    targets = batch.input_ids[rows, prev + 1]
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    recompute = torch.is_grad_enabled() and states.requires_grad
+    pieces = []
+    for start in range(0, states.shape[0], chunk_size):
+        args = (head, states[start : start + chunk_size], targets[start : start + chunk_size], softcap)
+        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if recompute else _token_logps(*args))
+    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device).index_add(0, rows, token_logps)
+    return logps, mask.sum(dim=1)
+
+
+def split_pair_logps(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a [2B] tensor of a ``PairBatch`` into (chosen [B], rejected [B])."""
+    if values.shape[0] % 2:
+        raise LogprobError(f"expected an even number of rows (chosen then rejected), got {values.shape[0]}")
+    half = values.shape[0] // 2
+    return values[:half], values[half:]

@@ -1,0 +1,98 @@
+"""Batching: one concatenated right-padded batch (chosen rows first), and seeded length-grouped batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_core.batching import BatchingError, collate_pairs, length_grouped_batches, pair_length
+
+PAD = 0
+
+
+def _rows():
+    return [
+        {"pair_id": "a", "prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]},
+        # numpy arrays, as read back from Parquet
+        {"pair_id": "b", "prompt_ids": np.array([11], dtype=np.int32), "chosen_ids": np.array([12, 13, 14, 15]),
+         "rejected_ids": np.array([16, 17])},
+    ]
+
+
+def test_collate_concatenates_chosen_then_rejected_right_padded():
+    batch = collate_pairs(_rows(), pad_id=PAD)
+    assert batch.n_pairs == 2 and batch.pair_ids == ["a", "b"]
+    assert batch.input_ids.shape == (4, 5) and batch.input_ids.dtype == torch.long
+    expected = torch.tensor(
+        [
+            [5, 6, 7, 8, 9],  # a chosen
+            [11, 12, 13, 14, 15],  # b chosen
+            [5, 6, 7, 10, PAD],  # a rejected
+            [11, 16, 17, PAD, PAD],  # b rejected
+        ]
+    )
+    assert torch.equal(batch.input_ids, expected)
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
+    assert batch.response_mask.dtype == torch.bool
+    assert batch.response_mask.int().tolist() == [
+        [0, 0, 0, 1, 1],
+        [0, 1, 1, 1, 1],
+        [0, 0, 0, 1, 0],
+        [0, 1, 1, 0, 0],
+    ]
+    assert batch.n_tokens == 5 + 5 + 4 + 3
+    moved = batch.to("cpu")
+    assert torch.equal(moved.input_ids, batch.input_ids) and moved.pair_ids == batch.pair_ids
+
+
+def test_pair_length_is_the_longer_row():
+    assert [pair_length(r) for r in _rows()] == [5, 5]
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([], "empty list"),
+        ([{"pair_id": "x", "prompt_ids": [1], "chosen_ids": [], "rejected_ids": [2]}], "empty chosen_ids"),
+        ([{"pair_id": "x", "prompt_ids": [], "chosen_ids": [1], "rejected_ids": [2]}], "empty prompt_ids"),
+        ([{"pair_id": "x", "prompt_ids": [1], "chosen_ids": [1]}], "no 'rejected_ids'"),
+    ],
+)
+def test_collate_rejects_bad_rows_with_a_clear_error(rows, match):
+    with pytest.raises(BatchingError, match=match):
+        collate_pairs(rows, pad_id=PAD)
+
+
+def test_length_grouped_batches_cover_every_index_once_and_are_seeded():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 300, size=103).tolist()
+    batches = length_grouped_batches(lengths, 4, seed=7, mega_batch_mult=4)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(103))
+    assert [len(b) for b in batches[:-1]] == [4] * (len(batches) - 1) and len(batches[-1]) == 103 % 4
+    assert batches == length_grouped_batches(lengths, 4, seed=7, mega_batch_mult=4)
+    assert batches != length_grouped_batches(lengths, 4, seed=8, mega_batch_mult=4)
+    # inside each mega-batch of 16 indices, lengths are sorted longest first
+    for start in range(0, 103, 16):
+        mega = flat[start : start + 16]
+        assert [lengths[i] for i in mega] == sorted((lengths[i] for i in mega), reverse=True)
+
+
+def test_length_grouping_cuts_padding():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 300, size=256).tolist()
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    grouped = length_grouped_batches(lengths, 4, seed=0, mega_batch_mult=8)
+    ungrouped = length_grouped_batches(lengths, 4, seed=0, mega_batch_mult=1)
+    assert padding(grouped) < 0.5 * padding(ungrouped)
+
+
+def test_length_grouped_batches_without_shuffle_and_bad_args():
+    assert length_grouped_batches([1, 3, 2, 4], 2, seed=0, mega_batch_mult=1, shuffle=False) == [[1, 0], [3, 2]]
+    assert length_grouped_batches([], 2, seed=0) == []
+    with pytest.raises(BatchingError, match="batch_size"):
+        length_grouped_batches([1, 2], 0, seed=0)

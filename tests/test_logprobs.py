@@ -1,0 +1,100 @@
+"""Log-probs: selective log-softmax on response positions equals a slow full log-softmax, token by token."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from dpo_core.batching import collate_pairs
+from dpo_core.logprobs import LogprobError, sequence_logps, split_pair_logps
+from dpo_core.templating import tokenize_pairs
+
+
+def slow_reference_logps(model, batch) -> torch.Tensor:
+    """Full forward, full log-softmax over the vocabulary, then a Python loop over response tokens."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    out = []
+    for r in range(batch.input_ids.shape[0]):
+        total = torch.zeros((), dtype=torch.float32)
+        for t in range(1, batch.input_ids.shape[1]):
+            if batch.response_mask[r, t]:
+                total = total + logprobs[r, t - 1, batch.input_ids[r, t]]
+        out.append(total)
+    return torch.stack(out)
+
+
+def _pairs():
+    return pd.DataFrame(
+        {
+            "pair_id": ["p0", "p1", "p2"],
+            "prompt": [
+                [{"role": "user", "content": "What is the capital of France?"}],
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi " * 30}],
+                [{"role": "user", "content": "Count to five."}],
+            ],
+            "chosen": ["Paris.", "Hi!", "One, two, three, four, five. " * 6],
+            "rejected": ["I think it is Lyon, but I am not sure at all.", "No.", "1 2 3"],
+        }
+    )
+
+
+@pytest.fixture()
+def tokenized(tokenizer):
+    df, report = tokenize_pairs(_pairs(), tokenizer, max_length=64, max_prompt_length=40)
+    # the long prompt and the long chosen response are cut: the truncated cases are covered
+    assert report.prompt_truncated >= 1 and report.chosen_truncated >= 1
+    return df
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_sequence_logps_match_slow_full_log_softmax(tiny_model, tokenizer, tokenized, chunk_size):
+    batch = collate_pairs(tokenized.to_dict("records"), tokenizer.pad_token_id)
+    assert (batch.attention_mask == 0).any(), "the batch must contain padding"
+    with torch.no_grad():
+        fast, counts = sequence_logps(tiny_model, batch, chunk_size=chunk_size)
+        slow = slow_reference_logps(tiny_model, batch)
+    assert fast.dtype == torch.float32 and fast.shape == (6,)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    lengths = [len(x) for x in tokenized["chosen_ids"]] + [len(x) for x in tokenized["rejected_ids"]]
+    assert counts.tolist() == lengths
+
+
+def test_padding_does_not_change_a_rows_score(tiny_model, tokenizer, tokenized):
+    rows = tokenized.to_dict("records")
+    with torch.no_grad():
+        together, _ = sequence_logps(tiny_model, collate_pairs(rows, tokenizer.pad_token_id))
+        alone = [sequence_logps(tiny_model, collate_pairs([r], tokenizer.pad_token_id))[0] for r in rows]
+    chosen, rejected = split_pair_logps(together)
+    torch.testing.assert_close(chosen, torch.stack([a[0] for a in alone]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, torch.stack([a[1] for a in alone]), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_match_the_slow_computation(tokenizer, tokenized):
+    from dpo_core.models import tiny_llama
+
+    batch = collate_pairs(tokenized.to_dict("records"), tokenizer.pad_token_id)
+    grads = []
+    for fn in (lambda m: sequence_logps(m, batch, chunk_size=5)[0], lambda m: slow_reference_logps(m, batch)):
+        model = tiny_llama(tokenizer, seed=3).train()
+        (fn(model) * torch.linspace(-1, 1, 6)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_split_and_errors(tiny_model, tokenizer):
+    chosen, rejected = split_pair_logps(torch.arange(6.0))
+    assert chosen.tolist() == [0, 1, 2] and rejected.tolist() == [3, 4, 5]
+    with pytest.raises(LogprobError, match="even number"):
+        split_pair_logps(torch.arange(3.0))
+    batch = collate_pairs([{"pair_id": "x", "prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}], 0)
+    batch.response_mask[:, 0] = True
+    with pytest.raises(LogprobError, match="position 0"):
+        sequence_logps(tiny_model, batch)
+    with pytest.raises(LogprobError, match="chunk_size"):
+        sequence_logps(tiny_model, batch, chunk_size=0)
+    batch.response_mask[:, 0] = False
+    with pytest.raises(LogprobError, match="LM head"):
+        sequence_logps(torch.nn.Linear(2, 2), batch)
