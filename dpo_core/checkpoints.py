@@ -1,0 +1,349 @@
+"""Atomic training checkpoints: write to a temporary folder, fsync, rename into place; load the newest complete one.
+
+A checkpoint is a folder `<root>/step-000008/` holding
+
+    model.safetensors   trainable parameters (LoRA adapters) or every parameter and persistent buffer (full model)
+    optimizer.pt        optimizer.state_dict()          (torch.save; read back with weights_only=True)
+    scheduler.pt        scheduler.state_dict()
+    rng.pt              torch / cuda / numpy / python RNG states
+    state.json          step, data position, metric history and whatever else the trainer records
+    COMPLETE            a JSON manifest {file: {size, sha256}}, written last
+
+It is assembled in `<root>/.tmp-step-000008-XXXX/` and renamed into place, so a crash never leaves a half-written
+folder under a checkpoint name. A folder whose files no longer match its manifest (truncated, bit-flipped) or that
+fails to load is skipped with a warning and the previous complete checkpoint is used instead.
+
+`write_atomic_dir` is the same mechanism for any folder (the trainer's `final/` model folder uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "COMPLETE"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint (or the final folder) failed; the message names the folder. Earlier ones are intact."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint folder does not match its manifest or cannot be loaded."""
+
+
+# --------------------------------------------------------------------------------------------------- atomic folders
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_manifest(folder: Path) -> None:
+    """fsync every file under `folder`, then write the manifest of their sizes and sha256 last."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        _fsync_file(path)
+        entries[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = folder / MANIFEST
+    manifest.write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
+    _fsync_file(manifest)
+    _fsync_dir(folder)
+
+
+def verify_manifest(folder: Path, *, hashes: bool = True) -> None:
+    """Raise CheckpointCorruptError unless `folder` has a manifest and every listed file matches it."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointCorruptError(f"{folder} has no {MANIFEST} manifest (incomplete)")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointCorruptError(f"{manifest} is not a valid manifest: {exc}") from exc
+    for name, meta in entries.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointCorruptError(f"{path} is listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {meta['size']} (truncated?)")
+        if hashes and _sha256(path) != meta["sha256"]:
+            raise CheckpointCorruptError(f"{path} does not match its sha256 in the manifest")
+
+
+def is_complete(folder: Path, *, hashes: bool = True) -> bool:
+    try:
+        verify_manifest(folder, hashes=hashes)
+    except CheckpointCorruptError:
+        return False
+    return True
+
+
+def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Create `target` atomically: `fill(tmp)` writes into a temporary sibling, a manifest is added, then rename.
+
+    On any error the temporary folder is removed, `target` is left as it was, and an OSError is re-raised as
+    CheckpointWriteError naming `target` (other exceptions propagate unchanged).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        fill(tmp)
+        _write_manifest(tmp)
+        if target.exists():  # an older, incomplete or superseded folder under the same name
+            trash = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{target.name}-", dir=target.parent))
+            os.replace(target, trash / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror or str(exc)
+        raise CheckpointWriteError(exc.errno, f"could not write {target}: {reason}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def remove_stale_tmp(root: Path) -> None:
+    """Remove temporary folders left behind by a crash in the middle of a write."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(_TMP_PREFIX) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------- model tensors
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint needs of the model: trainable parameters for a peft model, else parameters + buffers.
+
+    Tied parameters (e.g. embeddings shared with the LM head) appear once, under their first name.
+    """
+    if is_peft_model(model):
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers() if n in state]
+    return {n: state[n].detach() for n in names}
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, str(path))
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` into `model`; every name must exist there (a clear error otherwise)."""
+    expected = set(model_tensors(model))
+    unknown = sorted(set(tensors) - expected)
+    missing = sorted(expected - set(tensors))
+    if unknown or missing:
+        raise CheckpointCorruptError(
+            f"checkpoint weights do not fit this model: {len(unknown)} unknown names (e.g. {unknown[:2]}), "
+            f"{len(missing)} missing (e.g. {missing[:2]})"
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise CheckpointCorruptError(f"checkpoint weights do not fit this model: {str(exc).splitlines()[0]}") from exc
+
+
+# ----------------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """All RNG states that training touches, in a form torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back from disk (verified against its manifest), not yet applied to anything."""
+
+    path: Path
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every folder named like a checkpoint under `root`, oldest first (complete or not)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep: int | None = None,
+) -> Path:
+    """Write `<root>/step-<step>/` atomically; then keep only the newest `keep` complete checkpoints.
+
+    `state` must be JSON-serialisable (step, data position, metric history, ...). Raises CheckpointWriteError
+    naming the folder when the disk is full or any other I/O error happens; earlier checkpoints stay intact.
+    """
+    target = checkpoint_dir(root, step)
+
+    def fill(tmp: Path) -> None:
+        _save_tensors(model_tensors(model), tmp / MODEL_FILE)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        torch.save(capture_rng(), tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
+
+    write_atomic_dir(target, fill)
+    if keep is not None:
+        prune_checkpoints(root, keep)
+    return target
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoint folders (incomplete ones older than those go too)."""
+    for _, path in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
+    """Verify `path` against its manifest and read every file; CheckpointCorruptError if anything is off."""
+    path = Path(path)
+    verify_manifest(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        return Checkpoint(
+            path=path,
+            step=int(state["step"]),
+            model=load_file(str(path / MODEL_FILE), device=str(device)),
+            optimizer=torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True),
+            scheduler=torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True),
+            rng=torch.load(path / RNG_FILE, map_location="cpu", weights_only=True),
+            state=state,
+        )
+    except Exception as exc:  # any failure to parse means this checkpoint is unusable
+        raise CheckpointCorruptError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def newest_checkpoint(root: Path, device: torch.device | str = "cpu") -> Checkpoint | None:
+    """The newest checkpoint under `root` that verifies and loads; broken newer ones are skipped with a warning."""
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            return read_checkpoint(path, device)
+        except CheckpointCorruptError as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+    return None
+
+
+def apply_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Load weights, optimizer, scheduler and RNG states from `ckpt` (a CheckpointCorruptError if they do not fit)."""
+    load_model_tensors(model, ckpt.model)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointCorruptError(f"checkpoint {ckpt.path} does not fit this optimizer: {exc}") from exc
+    restore_rng(ckpt.rng)
+
+
+def resume_latest(
+    root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device | str
+) -> Checkpoint | None:
+    """Apply the newest checkpoint under `root` that verifies, loads and fits; skip broken ones with a warning."""
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            ckpt = read_checkpoint(path, device)
+            apply_checkpoint(ckpt, model, optimizer, scheduler)
+            return ckpt
+        except CheckpointCorruptError as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+    return None
