@@ -1,0 +1,202 @@
+"""The `dpo` Prefect flow: materialise -> ingest -> template -> reference -> train -> evaluate | compare -> register.
+
+Run it locally (ephemeral Prefect, no server needed):
+
+    python -m flows.dpo --config configs/default.yaml [--set train.beta=0.2 --set train.max_steps=10]
+
+or as a deployment after `make up`: `prefect deployment run dpo/full`. Every stage is cached by content (see
+tasks/artifacts.py): running the flow again after a crash returns completed stages as `Cached` and training
+resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _default_prefect_env() -> None:
+    """Keep Prefect's results (and the ephemeral server's database) under the project's state folder, not in ~.
+
+    Must run before `prefect` is imported. Explicit environment settings (tests, `make up`) win.
+    """
+    state = Path(os.environ.get("DPO_STATE_DIR") or ".dpo_state").resolve()
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(state / "prefect" / "results"))
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(state / "prefect" / "home"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_default_prefect_env()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+from dpo_core.config import RunConfig, load_config  # noqa: E402
+from tasks.artifacts import needs_refresh  # noqa: E402
+from tasks.compare import compare_key, compare_stage  # noqa: E402
+from tasks.evaluate import evaluate_key, evaluate_stage  # noqa: E402
+from tasks.ingest import ingest_key, ingest_stage  # noqa: E402
+from tasks.materialize import materialize_model  # noqa: E402
+from tasks.reference import reference_key, reference_stage  # noqa: E402
+from tasks.register import register_stage  # noqa: E402
+from tasks.reports import data_report_markdown, generations_rows, metrics_rows  # noqa: E402
+from tasks.template import template_key, template_stage  # noqa: E402
+from tasks.train import train_key, train_stage  # noqa: E402
+
+
+def _configured(task: Any, cfg: RunConfig, stage: str, key: str | None, timeout: float | None) -> Any:
+    """The task with its per-stage timeout, and a cache refresh when the artifact behind its key has gone."""
+    options: dict[str, Any] = {"timeout_seconds": timeout}
+    if key is not None and needs_refresh(cfg, stage, key):
+        options["refresh_cache"] = True
+    return task.with_options(**options)
+
+
+def _run(task: Any, stages: dict[str, str], timings: dict[str, float], name: str, **params: Any) -> Any:
+    """Run one stage, record its final state name (Completed / Cached) and wall time; re-raise its failure."""
+    started = time.perf_counter()
+    state = task(**params, return_state=True)
+    timings[name] = round(time.perf_counter() - started, 3)
+    stages[name] = state.name
+    return state.result()  # raises the stage's own exception when it failed
+
+
+@flow(name="dpo", log_prints=True)
+def dpo(
+    config_path: str | None = "configs/default.yaml",
+    overrides: list[str] | None = None,
+    config: RunConfig | None = None,
+) -> dict[str, Any]:
+    """Align a chat model with preference data by DPO (arXiv 2305.18290), end to end.
+
+    Args:
+        config_path: a YAML config (relative paths resolve against the working directory).
+        overrides: dotted `section.key=value` overrides applied on top, e.g. `["train.beta=0.2"]`.
+        config: a full typed config; when given, `config_path` and `overrides` are ignored.
+    """
+    logger = get_run_logger()
+    cfg = config if config is not None else load_config(config_path, overrides or [])
+    t = cfg.timeouts
+    stages: dict[str, str] = {}
+    timings: dict[str, float] = {}
+
+    model = _run(_configured(materialize_model, cfg, "materialize", None, t.materialize), stages, timings,
+                 "materialize", cfg=cfg)
+    pairs = _run(_configured(ingest_stage, cfg, "ingest", ingest_key(cfg), t.ingest), stages, timings,
+                 "ingest", cfg=cfg)
+    create_markdown_artifact(markdown=data_report_markdown(pairs), key="data-report",
+                             description="rows read, accepted, quarantined per reason, duplicates, splits")
+    tokenized = _run(_configured(template_stage, cfg, "template", template_key(cfg, model, pairs), t.template),
+                     stages, timings, "template", cfg=cfg, model=model, pairs=pairs)
+    reference = _run(
+        _configured(reference_stage, cfg, "reference", reference_key(cfg, model, tokenized), t.reference),
+        stages, timings, "reference", cfg=cfg, model=model, tokenized=tokenized,
+    )
+    trained = _run(
+        _configured(train_stage, cfg, "train", train_key(cfg, model, tokenized, reference), t.train),
+        stages, timings, "train", cfg=cfg, model=model, tokenized=tokenized, reference=reference,
+    )
+    logger.info("training: %s steps (resumed from step %s)", trained["steps"], trained.get("resumed_from_step"))
+
+    # evaluation and the generation comparison are independent: run them concurrently
+    started = time.perf_counter()
+    evaluate = _configured(evaluate_stage, cfg, "evaluate", evaluate_key(cfg, trained, tokenized, reference),
+                           t.evaluate)
+    eval_future = evaluate.submit(cfg=cfg, trained=trained, tokenized=tokenized, reference=reference)
+    compare_future = None
+    if cfg.eval.n_generations > 0:
+        compare = _configured(compare_stage, cfg, "compare", compare_key(cfg, model, pairs, trained), t.compare)
+        compare_future = compare.submit(cfg=cfg, model=model, pairs=pairs, trained=trained)
+    eval_future.wait()
+    stages["evaluate"] = eval_future.state.name
+    metrics = eval_future.result()
+    comparison = None
+    if compare_future is not None:
+        compare_future.wait()
+        stages["compare"] = compare_future.state.name
+        comparison = compare_future.result()
+    timings["evaluate+compare"] = round(time.perf_counter() - started, 3)
+
+    create_table_artifact(table=metrics_rows(metrics), key="eval-metrics",
+                          description="held-out preference metrics, policy vs reference")
+    if comparison is not None:
+        create_table_artifact(table=generations_rows(comparison), key="generation-comparison",
+                              description="reference vs policy answers on held-out prompts")
+
+    registration = None
+    if cfg.registry.enabled:
+        registration = _run(
+            register_stage.with_options(timeout_seconds=t.registry), stages, timings, "register",
+            cfg=cfg, model=model, pairs=pairs, tokenized=tokenized, reference=reference, trained=trained,
+            metrics=metrics, comparison=comparison, timings=timings,
+        )
+    summary = {
+        "stages": stages,
+        "timings_s": timings,
+        "data_fingerprint": pairs["fingerprint"],
+        "train": {k: trained.get(k) for k in ("steps", "resumed_from_step", "tokens", "train_seconds", "path")},
+        "metrics": metrics["metrics"],
+        "comparison": comparison["summary"] if comparison else None,
+        "registration": registration,
+    }
+    logger.info("stages: %s", json.dumps(stages))
+    return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print("\n== dpo flow finished ==")
+    for stage, state in summary["stages"].items():
+        print(f"  {stage:<12} {state:<10} {summary['timings_s'].get(stage, 0):8.1f} s")
+    for row in summary["metrics"]:
+        print(
+            f"  eval[{row.get('eval_set')}]: reward accuracy {row.get('reward_accuracy', float('nan')):.3f} "
+            f"(CI {row.get('reward_accuracy_ci_low', float('nan')):.2f}-{row.get('reward_accuracy_ci_high', float('nan')):.2f}), "
+            f"margin {row.get('margin_mean', float('nan')):.4f}, "
+            f"reference's own accuracy {row.get('reference_accuracy', float('nan')):.3f}"
+        )
+    if summary.get("comparison"):
+        c = summary["comparison"]
+        print(f"  generations: win rate {c.get('win_rate')} ({c.get('judge')}), length ratio {c.get('length_ratio')}")
+    if summary.get("registration"):
+        r = summary["registration"]
+        print(f"  registered {r.get('name')} v{r.get('version')} (champion: {r.get('champion_version')}); "
+              f"MLflow run {r.get('run_url') or r.get('run_id')}")
+
+
+def config_error_line(exc: BaseException) -> str:
+    """One readable line for a bad config: pydantic errors as `section.key: message`."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.dpo", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set train.beta=0.2 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        load_config(args.config, args.overrides)  # fail fast on a bad config, before Prefect starts
+    except (OSError, ValueError) as exc:
+        print(f"error: {config_error_line(exc)}", file=sys.stderr)
+        return 2
+    summary = dpo(config_path=args.config, overrides=args.overrides)
+    _print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Small helpers the stage tasks share: retry policy, Prefect artifacts that never break a run, progress updates."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+log = logging.getLogger(__name__)
+
+# Retrying helps with I/O hiccups (a busy filesystem, a tracking server restarting); it never helps with bad data,
+# a bad config or a bug, so only these exception types are retried.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+
+
+def retry_transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry only when the failure was an I/O-type error, not bad data or a bug."""
+    try:
+        state.result()
+    except TRANSIENT_ERRORS as exc:
+        from data_contracts.errors import DataError
+
+        return not isinstance(exc, DataError)
+    except BaseException:
+        return False
+    return False
+
+
+class Progress:
+    """A Prefect progress artifact updated at most every `every_s` seconds (a no-op outside a Prefect run)."""
+
+    def __init__(self, key: str, description: str, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self._last = 0.0
+        self._id = None
+        try:
+            self._id = create_progress_artifact(progress=0.0, key=key, description=description)
+        except Exception as exc:  # outside a flow run, or the API is momentarily unreachable: progress is optional
+            log.debug("no progress artifact: %s", exc)
+
+    def update(self, done: int, total: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._id is None or (not force and now - self._last < self.every_s and done < total):
+            return
+        self._last = now
+        try:
+            update_progress_artifact(artifact_id=self._id, progress=100.0 * done / max(total, 1))
+        except Exception as exc:
+            log.debug("progress update failed: %s", exc)

@@ -1,0 +1,51 @@
+"""Stage 7: policy-vs-reference generations on held-out prompts, scored and judged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from data_contracts.evaluation import validate_generations
+from data_contracts.ingest import read_pairs
+from dpo_core.config import RunConfig
+from dpo_core.evaluation import compare_generations
+from dpo_core.judges import make_judge
+from dpo_core.models import load_model, load_tokenizer, pick_device
+from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.reference import base_model_config
+from tasks.train import policy_dir
+
+STAGE = "compare"
+
+
+def compare_key(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], trained: dict[str, Any]) -> str:
+    inputs = {"eval": cfg.eval.model_dump(mode="json"), "beta": cfg.train.beta,
+              "system_prompt": cfg.model.system_prompt, "chat_template": cfg.model.chat_template}
+    return stage_key(STAGE, inputs, [model, pairs, trained])
+
+
+@task(name="compare", cache_key_fn=prefect_cache_key(STAGE, compare_key), persist_result=True)
+def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    def fill(folder: Path) -> dict[str, Any]:
+        spec = pick_device(cfg.model)
+        canonical = read_pairs(Path(pairs["path"]) / pairs["pairs_file"])
+        held_out = canonical[canonical["split"] == "eval"].reset_index(drop=True)
+        tokenizer = load_tokenizer(model["model_dir"], cfg.model)
+        policy = load_model(policy_dir(trained), base_model_config(cfg), spec).eval()
+        reference = load_model(model["model_dir"], base_model_config(cfg), spec).eval()
+        judge = make_judge(cfg.eval.judge, device=spec.device)
+        table, summary = compare_generations(
+            policy, reference, tokenizer, held_out, eval_cfg=cfg.eval, beta=cfg.train.beta, judge=judge,
+            spec=spec, system_prompt=cfg.model.system_prompt,
+        )
+        table = validate_generations(table)
+        out = folder / "generations.parquet"
+        table.to_parquet(out, index=False)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        return {"content_hash": file_sha256(out)[:16], "generations_file": "generations.parquet",
+                "summary": json.loads(json.dumps(summary, default=str))}
+
+    return build_artifact(cfg, STAGE, compare_key(cfg, model, pairs, trained), fill)

@@ -1,0 +1,57 @@
+"""Stage 4: one batched no-grad pass of the frozen reference model over every tokenized pair (all splits).
+
+Training and evaluation read this table instead of keeping a second model in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from data_contracts.reference import validate_reference
+from dpo_core.config import RunConfig
+from dpo_core.models import load_model, pick_device
+from dpo_core.reference import compute_reference_logps, write_reference_table
+from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.common import Progress
+
+STAGE = "reference"
+
+
+def base_model_config(cfg: RunConfig):
+    """The reference is the base model itself: no LoRA adapters."""
+    return cfg.model.model_copy(update={"lora": None})
+
+
+def reference_key(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]) -> str:
+    spec = pick_device(cfg.model)
+    inputs = {"device": spec.device.type, "autocast": str(spec.autocast_dtype), "dtype": str(spec.dtype)}
+    return stage_key(STAGE, inputs, [model, tokenized])
+
+
+@task(name="reference", cache_key_fn=prefect_cache_key(STAGE, reference_key), persist_result=True)
+def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]) -> dict[str, Any]:
+    def fill(folder: Path) -> dict[str, Any]:
+        spec = pick_device(cfg.model)
+        table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])
+        ref_model = load_model(model["model_dir"], base_model_config(cfg), spec)
+        ref_model.eval()
+        progress = Progress("reference-precompute", f"reference log-probs over {len(table)} pairs")
+        logps = compute_reference_logps(
+            ref_model,
+            table,
+            batch_size=cfg.train.reference_batch_size,
+            spec=spec,
+            chunk_size=cfg.train.logprob_chunk_size,
+            progress=progress.update,
+        )
+        progress.update(len(table), len(table), force=True)
+        logps = validate_reference(logps, table)
+        out = folder / "reference.parquet"
+        write_reference_table(logps, out)
+        return {"content_hash": file_sha256(out)[:16], "reference_file": "reference.parquet", "rows": len(logps)}
+
+    return build_artifact(cfg, STAGE, reference_key(cfg, model, tokenized), fill)

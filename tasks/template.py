@@ -1,0 +1,55 @@
+"""Stage 3: render every pair through the tokenizer's chat template, truncate, validate the tokenized table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from data_contracts.ingest import read_pairs
+from data_contracts.tokenized import validate_tokenized
+from dpo_core.config import RunConfig
+from dpo_core.models import load_tokenizer
+from dpo_core.templating import tokenize_pairs
+from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+
+STAGE = "template"
+
+
+def template_key(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any]) -> str:
+    inputs = {
+        "template": cfg.template.model_dump(mode="json"),
+        "system_prompt": cfg.model.system_prompt,
+        "chat_template": cfg.model.chat_template,
+    }
+    return stage_key(STAGE, inputs, [model, pairs])
+
+
+@task(name="template", cache_key_fn=prefect_cache_key(STAGE, template_key), persist_result=True)
+def template_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any]) -> dict[str, Any]:
+    def fill(folder: Path) -> dict[str, Any]:
+        tokenizer = load_tokenizer(model["model_dir"], cfg.model)
+        canonical = read_pairs(Path(pairs["path"]) / pairs["pairs_file"])
+        table, report = tokenize_pairs(
+            canonical, tokenizer, cfg.template.max_length, cfg.template.max_prompt_length, cfg.model.system_prompt
+        )
+        table = validate_tokenized(table, cfg.template.max_length)
+        out = folder / "tokenized.parquet"
+        table.to_parquet(out, index=False)
+        report_dict = report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
+        # pairs that could not be tokenized (e.g. no room for a response) are reported, never silently dropped
+        with open(folder / "rejected.jsonl", "w") as f:
+            for row in report_dict.get("rejected", []):
+                f.write(json.dumps(row) + "\n")
+        (folder / "report.json").write_text(json.dumps(report_dict, indent=1, default=str))
+        return {
+            "content_hash": file_sha256(out)[:16],
+            "tokenized_file": "tokenized.parquet",
+            "report": {k: v for k, v in report_dict.items() if k != "rejected"},
+            "rejected": len(report_dict.get("rejected", [])),
+            "rows": len(table),
+        }
+
+    return build_artifact(cfg, STAGE, template_key(cfg, model, pairs), fill)

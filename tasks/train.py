@@ -1,0 +1,111 @@
+"""Stage 5: DPO training. Checkpoints live in a persistent working folder, so a re-run after a crash resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from dpo_core.config import RunConfig
+from dpo_core.models import load_model, load_tokenizer, pick_device
+from dpo_core.reference import read_reference_table
+from dpo_core.trainer import train
+from tasks.artifacts import artifact_dir, build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.common import Progress
+from tasks.reference import base_model_config
+
+STAGE = "train"
+# Fault injection for the restart tests: raise after this optimizer step has completed (and been checkpointed
+# when it falls on a checkpoint boundary). Never set in normal use.
+FAIL_AFTER_STEP_ENV = "DPO_FAIL_AFTER_STEP"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the fault-injection hook; only tests set DPO_FAIL_AFTER_STEP."""
+
+
+def train_key(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any]) -> str:
+    spec = pick_device(cfg.model)
+    inputs = {
+        "train": cfg.train.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json", exclude={"num_threads"}),
+        "device": spec.device.type,
+    }
+    return stage_key(STAGE, inputs, [model, tokenized, reference])
+
+
+def work_dir(cfg: RunConfig, key: str) -> Path:
+    """Where checkpoints accumulate until training completes (renamed to the artifact folder then)."""
+    final = artifact_dir(cfg, STAGE, key)
+    return final.with_name(f".{key}.work")
+
+
+@task(name="train", cache_key_fn=prefect_cache_key(STAGE, train_key), persist_result=True)
+def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    key = train_key(cfg, model, tokenized, reference)
+
+    def fill(folder: Path) -> dict[str, Any]:
+        spec = pick_device(cfg.model)
+        table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])
+        train_rows = table[table["split"] == "train"].reset_index(drop=True)
+        tokenizer = load_tokenizer(model["model_dir"], cfg.model)
+        policy = load_model(model["model_dir"], cfg.model, spec)
+        ref_table, ref_model = None, None
+        if cfg.train.precompute_reference:
+            ref_table = read_reference_table(Path(reference["path"]) / reference["reference_file"])
+        elif cfg.model.lora is None:  # LoRA's live reference is the policy with adapters disabled
+            ref_model = load_model(model["model_dir"], base_model_config(cfg), spec).eval()
+
+        progress = Progress("training", f"DPO training on {len(train_rows)} pairs")
+        fail_after = int(os.environ.get(FAIL_AFTER_STEP_ENV, "0") or 0)
+
+        def on_step(metrics: dict[str, Any]) -> None:
+            progress.update(int(metrics["step"]), int(metrics.get("total_steps", metrics["step"])))
+            if fail_after and int(metrics["step"]) >= fail_after:
+                raise InjectedFailure(f"injected failure after step {metrics['step']} ({FAIL_AFTER_STEP_ENV})")
+
+        result = train(
+            policy, tokenizer, train_rows, cfg.train, out_dir=folder, spec=spec,
+            reference=ref_table, ref_model=ref_model, on_step=on_step, progress_bar=True,
+        )
+        progress.update(result.steps, result.steps, force=True)
+        # the final model is kept; intermediate checkpoints (weights + optimizer) are only for resuming
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        model_subdir = Path(result.model_dir).relative_to(folder)
+        weights = sorted((folder / model_subdir).glob("*.safetensors"))
+        final_metrics = result.history[-1] if result.history else {}
+        with open(folder / "history.jsonl", "w") as f:  # the whole run's history, resumed parts included
+            for row in result.history:
+                f.write(json.dumps(row, default=float) + "\n")
+        (folder / "train_result.json").write_text(
+            json.dumps({"steps": result.steps, "resumed_from_step": result.resumed_from_step,
+                        "tokens": result.tokens, "seconds": result.seconds}, indent=1)
+        )
+        return {
+            "content_hash": file_sha256(weights[0])[:16] if weights else key,
+            "model_subdir": str(model_subdir),
+            "history_file": "history.jsonl",
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step,
+            "tokens": result.tokens,
+            "train_seconds": result.seconds,
+            "final_metrics": {k: v for k, v in final_metrics.items() if isinstance(v, (int, float))},
+        }
+
+    return build_artifact(cfg, STAGE, key, fill, work_dir=work_dir(cfg, key))
+
+
+def policy_dir(train_manifest: dict[str, Any]) -> Path:
+    return Path(train_manifest["path"]) / train_manifest["model_subdir"]
+
+
+def read_history(train_manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    path = Path(train_manifest["path"]) / train_manifest["history_file"]
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
