@@ -1,0 +1,112 @@
+"""Training curves as one PNG: the four panels the seed tutorial plots (loss, reward accuracy, reward margin, chosen and
+rejected rewards against the optimizer step), done right: labelled axes and units, the raw per-step values drawn
+faint with an exponential moving average on top (DPO's per-batch metrics are noisy with a handful of pairs per step),
+the chance level marked on the accuracy panel and ln 2 (the loss of an untrained sigmoid-DPO policy) on the loss
+panel. Uses matplotlib's Agg backend: no display needed, safe in worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; must come before pyplot is imported anywhere in this process
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Loss", ("loss",), "loss"),
+    ("Reward accuracy", ("rewards/accuracies",), "fraction of pairs with chosen reward > rejected"),
+    ("Reward margin", ("rewards/margins",), "chosen - rejected reward"),
+    ("Implicit rewards", ("rewards/chosen", "rewards/rejected"), "beta * (log pi - log pi_ref)"),
+)
+
+
+def ema(values: Sequence[float], alpha: float) -> list[float]:
+    """Exponential moving average with bias correction (like TensorBoard's smoothing); NaN values are skipped.
+
+    s_t = alpha * s_{t-1} + (1 - alpha) * x_t, reported as s_t / (1 - alpha**n) after n finite values."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"smoothing alpha must be in [0, 1), got {alpha}")
+    out: list[float] = []
+    state, n = 0.0, 0
+    for x in values:
+        if x is None or not math.isfinite(x):
+            out.append(float("nan"))
+            continue
+        n += 1
+        state = alpha * state + (1.0 - alpha) * x
+        out.append(state / (1.0 - alpha**n))
+    return out
+
+
+def default_smoothing(n_points: int) -> float:
+    """More smoothing for longer runs: 0 for < 5 points, up to 0.9."""
+    if n_points < 5:
+        return 0.0
+    return min(0.9, 1.0 - 4.0 / n_points)
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for record in history:
+        if key in record and record[key] is not None and "step" in record:
+            steps.append(int(record["step"]))
+            values.append(float(record[key]))
+    return steps, values
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], *, title: str = "DPO training",
+                         smoothing: float | None = None) -> Figure:
+    """A 2x2 figure of the training history (records with `step` and TRL metric names). Close it after use."""
+    if not history:
+        raise ValueError("plot_training_curves needs at least one history record")
+    alpha = default_smoothing(len(history)) if smoothing is None else smoothing
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+    colors = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red"}
+    for ax, (panel_title, keys, ylabel) in zip(axes.flat, PANELS):
+        drawn = False
+        for key in keys:
+            steps, values = _series(history, key)
+            if not steps:
+                continue
+            color = colors.get(key, "tab:blue")
+            label = key.split("/")[-1]
+            ax.plot(steps, values, color=color, alpha=0.3, linewidth=1, marker="." if len(steps) < 30 else None,
+                    label=f"{label} (raw)")
+            if alpha > 0:
+                ax.plot(steps, ema(values, alpha), color=color, linewidth=2, label=f"{label} (EMA {alpha:.2f})")
+            drawn = True
+        if panel_title == "Reward accuracy":
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+            ax.set_ylim(-0.05, 1.05)
+        elif panel_title == "Loss":
+            ax.axhline(math.log(2), color="grey", linestyle=":", linewidth=1, label="ln 2 (untrained sigmoid DPO)")
+        elif panel_title in ("Reward margin", "Implicit rewards"):
+            ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+        if not drawn:
+            ax.text(0.5, 0.5, f"no {', '.join(keys)} in history", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(panel_title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    return fig
+
+
+def save_training_curves(history: Sequence[Mapping[str, Any]], path: Path | str, **kwargs: Any) -> Path:
+    """Plot the history and write the PNG to `path` (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = plot_training_curves(history, **kwargs)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,593 @@
+"""MLflow tracking: one MLflow run per Prefect flow run, browsable in the MLflow UI.
+
+Plain functions around an explicit `MlflowClient` and an explicit `run_id` (no fluent "active run" global), so they
+work from any Prefect task, thread or process, and no Prefect server is needed to import or test them. The flow calls:
+
+    tracker = RunTracker(cfg)
+    run_id = tracker.start_run(cfg, flow_run_id=..., flow_run_name=..., prefect_ui_url=...)
+    tracker.log_config(run_id, cfg); tracker.log_dataset(run_id, fingerprint, source, pairs_df); ...
+    tracker.end_run(run_id, "FINISHED")
+
+Every call to MLflow goes through `RetryPolicy.call`: transient failures (server down, connection refused, SQLite
+locked) are retried with exponential backoff, then `TrackingUnavailable` is raised with a one-line message naming
+the tracking URI. Errors that retrying cannot fix (a bad parameter value) are raised at once.
+
+Default store (MLflow 3 deprecates the file store and the registry needs a database): SQLite at
+`<state_dir>/mlflow/mlflow.db`, artifacts under `<state_dir>/mlflow/artifacts`. Browse it with
+`mlflow ui --backend-store-uri sqlite:///<state_dir>/mlflow/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+import yaml
+
+from dpo_core.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_PARAM_VALUE = 500  # MLflow 3 accepts 6000 chars; 500 keeps params readable and portable to older servers
+PARAMS_PER_BATCH = 100  # MLflow's limit of params + tags per log_batch
+METRICS_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch
+QUARANTINE_SAMPLE_LINES = 50
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# TRL metric names from the trainer's history that are logged per step (with the `train/` prefix).
+TRAIN_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_second",
+    "epoch",
+)
+
+# MLflow error codes that retrying cannot fix: raise them at once.
+_PERMANENT_CODES = frozenset(
+    {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
+     "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"}
+)
+
+
+class TrackingUnavailable(ConnectionError):
+    """MLflow could not be reached after all retries; the message names the tracking URI and the failed call."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Where runs go
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def default_store(cfg: RunConfig) -> tuple[str, Path]:
+    """The embedded default: (`sqlite:///<state_dir>/mlflow/mlflow.db`, `<state_dir>/mlflow/artifacts`)."""
+    root = cfg.resolved_state_dir() / "mlflow"
+    return f"sqlite:///{root / 'mlflow.db'}", root / "artifacts"
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    """cfg.registry.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite under the state folder (created on demand)."""
+    uri = cfg.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    uri, artifacts = default_store(cfg)
+    artifacts.parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def artifact_location(cfg: RunConfig, uri: str) -> str | None:
+    """Artifact root for a new experiment: the state folder for the default store; the server's choice otherwise."""
+    default_uri, artifacts = default_store(cfg)
+    return artifacts.as_uri() if uri == default_uri else None
+
+
+def _quiet_http_retries() -> None:
+    """MLflow's own HTTP client retries 7 times with backoff (minutes against a dead server) under our retries;
+    cap it unless the user set it."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Retries
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in _PERMANENT_CODES
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    try:  # a locked or unreachable SQLite file surfaces as SQLAlchemy's OperationalError
+        from sqlalchemy.exc import OperationalError
+
+        return isinstance(exc, OperationalError)
+    except ImportError:  # pragma: no cover - sqlalchemy ships with mlflow
+        return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: `tries` attempts, sleeping base_delay * 2**k seconds (capped at max_delay) in between."""
+
+    tries: int = 4
+    base_delay: float = 1.0
+    max_delay: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.tries < 1:
+            raise ValueError(f"RetryPolicy.tries must be >= 1, got {self.tries}")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("RetryPolicy delays must be >= 0")
+
+    def delays(self) -> list[float]:
+        return [min(self.max_delay, self.base_delay * 2**k) for k in range(self.tries - 1)]
+
+    def call(self, fn: Callable[[], T], *, uri: str, what: str) -> T:
+        """Run `fn`, retrying transient MLflow failures; raise TrackingUnavailable naming `uri` when they persist."""
+        delays = self.delays()
+        for attempt in range(self.tries):
+            try:
+                return fn()
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                if attempt == self.tries - 1:
+                    raise TrackingUnavailable(
+                        f"MLflow tracking at {uri} unavailable: {what} failed {self.tries} times; last error: "
+                        f"{type(exc).__name__}: {first_line}"
+                    ) from exc
+                log.warning("MLflow %s failed (attempt %d/%d, retrying in %.1fs): %s", what, attempt + 1,
+                            self.tries, delays[attempt], first_line)
+                time.sleep(delays[attempt])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure helpers (no MLflow): flattening, metric selection, reports
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'train': {'beta': 0.1}} -> {'train.beta': '0.1'}; lists/None as JSON; values cut to MAX_PARAM_VALUE chars
+    (a cut value ends with '...[N chars]' so the cut is visible; the full config is the YAML artifact)."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        if len(text) > MAX_PARAM_VALUE:
+            suffix = f"...[{len(text)} chars]"
+            text = text[: MAX_PARAM_VALUE - len(suffix)] + suffix
+        out[name] = text
+    return out
+
+
+def _finite_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.generic) and np.issubdtype(type(value), np.number):
+                return float(value)
+        except ImportError:  # pragma: no cover
+            pass
+        return None
+    return float(value)
+
+
+def flatten_metrics(tree: Mapping[str, Any], prefix: str) -> tuple[dict[str, float], list[str]]:
+    """Numeric leaves of a nested dict as `prefix + dotted/key` -> float; also the keys that were not numbers.
+
+    Pairs/tuples of numbers (e.g. a CI) become `<key>_low` / `<key>_high`; NaN is kept (MLflow stores it)."""
+    metrics: dict[str, float] = {}
+    skipped: list[str] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            sub, sub_skipped = flatten_metrics(value, prefix=f"{name}/")
+            metrics.update(sub)
+            skipped.extend(sub_skipped)
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite_number(v) is not None for v in value):
+            metrics[f"{name}_low"], metrics[f"{name}_high"] = (float(v) for v in value)
+        elif (number := _finite_number(value)) is not None:
+            metrics[name] = number
+        else:
+            skipped.append(name)
+    return metrics, skipped
+
+
+def training_metric_rows(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int]]:
+    """(name, value, step) for every TRL metric of every history record, names prefixed `train/`.
+
+    Raises ValueError when a record has no integer `step` (steps are the x axis; a guess would mislabel curves)."""
+    rows: list[tuple[str, float, int]] = []
+    for i, record in enumerate(history):
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            try:
+                import numpy as np
+
+                if isinstance(step, np.integer):
+                    step = int(step)
+                else:
+                    raise TypeError
+            except (ImportError, TypeError):
+                raise ValueError(f"training history record {i} has no integer 'step' (got {step!r})") from None
+        for key, value in record.items():
+            if key == "step":
+                continue
+            number = _finite_number(value)
+            if number is None:
+                continue
+            if key not in TRAIN_METRICS:
+                log.debug("logging extra training metric %s", key)
+            rows.append((f"train/{key}", number, int(step)))
+    return rows
+
+
+def evaluation_report(metrics: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any] | None,
+                      generations_df: pd.DataFrame | None, *, max_examples: int = 3) -> str:
+    """A markdown evaluation report: one metrics table per eval set, the generation summary, a few examples."""
+    lines = ["# Evaluation report", ""]
+    for eval_set, values in metrics.items():
+        lines += [f"## Preference metrics: `{eval_set}`", "", "| metric | value |", "|---|---|"]
+        for key, value in values.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {shown} |")
+        lines.append("")
+    if summary:
+        lines += ["## Generation comparison (reference vs policy)", "", "| metric | value |", "|---|---|"]
+        for key, value in summary.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {shown} |")
+        lines.append("")
+    if generations_df is not None and len(generations_df):
+        lines += [f"## Examples (first {min(max_examples, len(generations_df))} of {len(generations_df)})", ""]
+        for _, row in generations_df.head(max_examples).iterrows():
+            for col in generations_df.columns:
+                text = str(row[col])
+                if len(text) > 600:
+                    text = text[:600] + " ..."
+                lines.append(f"- **{col}**: {text}")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """`git rev-parse HEAD` of the project checkout, or 'unknown' when it is not a git repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _head_lines(path: Path, n: int) -> tuple[list[str], int]:
+    """The first n lines of a text file and its total line count (0, [] when the file does not exist)."""
+    if not path.is_file():
+        return [], 0
+    first: list[str] = []
+    total = 0
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if total < n:
+                first.append(line.rstrip("\n"))
+            total += 1
+    return first, total
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tracker
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RunTracker:
+    """Logs one pipeline run to MLflow. Every method takes the run id explicitly and is safe to call again on a
+    retried flow run (params are the same, the dataset is deduplicated, already-logged training steps are skipped,
+    an identical generations table is not appended twice)."""
+
+    def __init__(self, cfg: RunConfig, *, retry: RetryPolicy | None = None, uri: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        _quiet_http_retries()
+        self.cfg = cfg
+        self.uri = uri or tracking_uri(cfg)
+        self.retry = retry or RetryPolicy()
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        return self.retry.call(fn, uri=self.uri, what=what)
+
+    def experiment_id(self, name: str | None = None) -> str:
+        """The id of the configured experiment, created (with the state-folder artifact root by default) if absent."""
+        from mlflow.exceptions import MlflowException
+
+        name = name or self.cfg.registry.experiment
+        experiment = self._call("get_experiment_by_name", lambda: self.client.get_experiment_by_name(name))
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise ValueError(
+                    f"MLflow experiment '{name}' at {self.uri} is deleted; restore it (mlflow experiments restore) "
+                    "or set registry.experiment to another name"
+                )
+            return experiment.experiment_id
+        location = artifact_location(self.cfg, self.uri)
+        try:
+            return self._call("create_experiment",
+                              lambda: self.client.create_experiment(name, artifact_location=location))
+        except MlflowException as exc:  # created concurrently by another process
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def _log_batch(self, run_id: str, *, metrics=(), params=(), tags=()) -> None:
+        from mlflow.entities import Param, RunTag
+
+        params = [Param(k, v) for k, v in params]
+        tags = [RunTag(k, v) for k, v in tags]
+        metrics = list(metrics)
+        for i in range(0, len(params), PARAMS_PER_BATCH):
+            chunk = params[i : i + PARAMS_PER_BATCH]
+            self._call("log_batch(params)", lambda: self.client.log_batch(run_id, params=chunk))
+        for i in range(0, len(tags), PARAMS_PER_BATCH):
+            chunk = tags[i : i + PARAMS_PER_BATCH]
+            self._call("log_batch(tags)", lambda: self.client.log_batch(run_id, tags=chunk))
+        for i in range(0, len(metrics), METRICS_PER_BATCH):
+            chunk = metrics[i : i + METRICS_PER_BATCH]
+            self._call("log_batch(metrics)", lambda: self.client.log_batch(run_id, metrics=chunk))
+
+    def _log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._call(f"log_text({artifact_file})", lambda: self.client.log_text(run_id, text, artifact_file))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self._log_batch(run_id, tags=[(k, str(v)) for k, v in tags.items()])
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    def find_run(self, flow_run_id: str) -> str | None:
+        """The run tagged with this Prefect flow run id (a retried flow run), or None."""
+        experiment_id = self.experiment_id()
+        runs = self._call(
+            "search_runs",
+            lambda: self.client.search_runs(
+                [experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1,
+                order_by=["attributes.start_time ASC"],
+            ),
+        )
+        return runs[0].info.run_id if runs else None
+
+    def start_run(self, cfg: RunConfig, *, flow_run_id: str, flow_run_name: str, prefect_ui_url: str | None = None,
+                  device: str | None = None) -> str:
+        """One MLflow run per Prefect flow run: reuse the run tagged with `flow_run_id` if it exists (set back to
+        RUNNING), else create it named `flow_run_name`. Returns the MLflow run id."""
+        if not flow_run_id or not str(flow_run_id).strip():
+            raise ValueError("start_run needs a non-empty Prefect flow_run_id")
+        if device is None:
+            from dpo_core.models import pick_device
+
+            device = str(pick_device(cfg.model).device)
+        tags = {
+            "prefect.flow_run_id": flow_run_id,
+            "prefect.flow_run_name": flow_run_name,
+            "prefect.flow_run_url": prefect_ui_url or "",
+            "git_commit": (commit := git_commit()),
+            "mlflow.source.git.commit": commit,
+            "base_model": cfg.model.name_or_path,
+            "device": device,
+            "config_hash": cfg.config_hash(),
+        }
+        run_id = self.find_run(flow_run_id)
+        if run_id is not None:
+            log.info("reusing MLflow run %s for flow run %s", run_id, flow_run_id)
+            self._call("update_run", lambda: self.client.update_run(run_id, status="RUNNING"))
+        else:
+            experiment_id = self.experiment_id()
+            run = self._call(
+                "create_run",
+                lambda: self.client.create_run(experiment_id, run_name=flow_run_name, tags={"mlflow.runName":
+                                                                                          flow_run_name}),
+            )
+            run_id = run.info.run_id
+        self.set_tags(run_id, tags)
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED, FAILED or KILLED."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"end_run status must be one of {RUN_STATUSES}, got {status!r}")
+        self._call("set_terminated", lambda: self.client.set_terminated(run_id, status=status))
+
+    # -- what gets logged ------------------------------------------------------------------------------------------
+
+    def log_config(self, run_id: str, cfg: RunConfig) -> dict[str, str]:
+        """All config fields as dotted params (batched by 100) + the resolved config as `config/resolved.yaml`."""
+        tree = cfg.model_dump(mode="json")
+        params = flatten_params(tree)
+        self._log_batch(run_id, params=sorted(params.items()))
+        self._log_text(run_id, yaml.safe_dump(tree, sort_keys=False), "config/resolved.yaml")
+        return params
+
+    def log_dataset(self, run_id: str, fingerprint: str, source: str, pairs_df: pd.DataFrame,
+                    *, name: str = "preference-pairs", context: str = "training") -> None:
+        """The canonical pairs as the run's dataset input (digest = the data fingerprint) + a `data.fingerprint` tag."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        if not fingerprint:
+            raise ValueError("log_dataset needs the data fingerprint (got an empty string)")
+        # nested columns (prompt: list of messages) are shown as JSON text; MLflow's schema inference needs scalars
+        frame = pairs_df.copy()
+        for col in frame.columns:
+            if frame[col].map(lambda v: isinstance(v, (list, dict)) or hasattr(v, "tolist")).any():
+                frame[col] = frame[col].map(lambda v: json.dumps(v.tolist() if hasattr(v, "tolist") else v,
+                                                                 default=str))
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local path, as intended
+            warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=fingerprint)
+        dataset_input = DatasetInput(dataset=dataset._to_mlflow_entity(),
+                                     tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
+        self._call("log_inputs", lambda: self.client.log_inputs(run_id, datasets=[dataset_input]))
+        split_counts = pairs_df["split"].value_counts().to_dict() if "split" in pairs_df else {}
+        self.set_tags(run_id, {"data.fingerprint": fingerprint, "data.source": source[:MAX_PARAM_VALUE],
+                               "data.pairs": len(pairs_df),
+                               **{f"data.pairs.{k}": v for k, v in sorted(split_counts.items())}})
+
+    def log_data_report(self, run_id: str, report: Mapping[str, Any], quarantine_path: Path | str | None) -> None:
+        """The ingest report as `data/report.json` and the first 50 quarantined rows as `data/quarantine_sample.jsonl`
+        (with the total count as tag `data.quarantined_lines`)."""
+        self._call("log_dict(report)", lambda: self.client.log_dict(run_id, dict(report), "data/report.json"))
+        if quarantine_path is None:
+            return
+        first, total = _head_lines(Path(quarantine_path), QUARANTINE_SAMPLE_LINES)
+        self.set_tags(run_id, {"data.quarantined_lines": total})
+        if first:  # plain JSONL (the first lines); the total count is the tag above
+            self._log_text(run_id, "\n".join(first) + "\n", "data/quarantine_sample.jsonl")
+
+    def logged_steps(self, run_id: str, key: str = "train/loss") -> set[int]:
+        """Steps already logged for `key` on this run (so a re-logged history adds nothing twice)."""
+        history = self._call("get_metric_history", lambda: self.client.get_metric_history(run_id, key))
+        return {m.step for m in history}
+
+    def log_training(self, run_id: str, history: Sequence[Mapping[str, Any]], history_offset: int | None = None,
+                     *, curves: bool = True) -> int:
+        """Every step's TRL metrics as `train/<name>` at step=record['step'] (log_batch, 1000 per call) + the curves
+        PNG `training/curves.png`. `history_offset`: skip that many leading records (already logged); None: skip
+        the steps this run already has for `train/loss`. Returns the number of metric values logged."""
+        from mlflow.entities import Metric
+
+        if history_offset is not None and history_offset < 0:
+            raise ValueError(f"history_offset must be >= 0, got {history_offset}")
+        records = list(history)
+        if history_offset is not None:
+            todo = records[history_offset:]
+        else:
+            done = self.logged_steps(run_id)
+            todo = [r for r in records if r.get("step") not in done]
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for key, value, step in training_metric_rows(todo)]
+        self._log_batch(run_id, metrics=metrics)
+        if curves and records:
+            from tasks.curves import plot_training_curves
+
+            figure = plot_training_curves(records, title=f"DPO training ({self.cfg.train.loss}, "
+                                                          f"beta={self.cfg.train.beta})")
+            try:
+                self._call("log_figure", lambda: self.client.log_figure(run_id, figure, "training/curves.png"))
+            finally:
+                import matplotlib.pyplot as plt
+
+                plt.close(figure)
+        return len(metrics)
+
+    def log_eval(self, run_id: str, metrics: Mapping[str, Mapping[str, Any]], generations_df: pd.DataFrame | None,
+                 summary: Mapping[str, Any] | None, *, table_file: str = "generations.json",
+                 step: int | None = None) -> dict[str, float]:
+        """`eval/<set>/<metric>` metrics (nested dicts flattened, CI pairs as _low/_high), `eval/generation/<key>`
+        from the comparison summary, the generation comparison as an MLflow table (`table_file`, one per stage)
+        and `eval/report.md`. Returns the flat metrics logged."""
+        from mlflow.entities import Metric
+
+        flat: dict[str, float] = {}
+        skipped: list[str] = []
+        for eval_set, values in metrics.items():
+            m, s = flatten_metrics(values, prefix=f"eval/{eval_set}/")
+            flat.update(m)
+            skipped += s
+        if summary:
+            m, s = flatten_metrics(summary, prefix="eval/generation/")
+            flat.update(m)
+            skipped += s
+        if skipped:
+            log.info("not logged as metrics (not numbers; they are in eval/report.md): %s", ", ".join(skipped))
+        now = int(time.time() * 1000)
+        self._log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in sorted(flat.items())])
+        if generations_df is not None and len(generations_df):
+            self._log_table_once(run_id, generations_df, table_file)
+        report = evaluation_report(metrics, summary, generations_df)
+        self._log_text(run_id, report, "eval/report.md")
+        if summary:
+            self._call("log_dict(summary)", lambda: self.client.log_dict(run_id, _jsonable(summary),
+                                                                         "eval/generation_summary.json"))
+        return flat
+
+    def _log_table_once(self, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
+        """MLflow's log_table appends to an existing table file: on a retried run, do not append the same rows."""
+        frame = df.copy()
+        for col in frame.columns:  # token-id lists and message lists -> JSON text (the table viewer shows strings)
+            if frame[col].map(lambda v: isinstance(v, (list, dict)) or hasattr(v, "tolist")).any():
+                frame[col] = frame[col].map(lambda v: json.dumps(v.tolist() if hasattr(v, "tolist") else v,
+                                                                 default=str))
+        existing = self._call("list_artifacts", lambda: self.client.list_artifacts(run_id))
+        if any(a.path == artifact_file for a in existing):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = self._call("download_artifacts",
+                                   lambda: self.client.download_artifacts(run_id, artifact_file, tmp))
+                payload = json.loads(Path(local).read_text())
+            if payload.get("columns") == list(frame.columns) and len(payload.get("data", [])) >= len(frame):
+                log.info("table %s already logged on run %s; not appending it again", artifact_file, run_id)
+                return
+        self._call(f"log_table({artifact_file})", lambda: self.client.log_table(run_id, frame, artifact_file))
+
+    def log_timings(self, run_id: str, seconds: Mapping[str, float], tokens_per_second: float | None = None) -> None:
+        """`time/<stage>_s` per stage (and `time/total_s`) + `tokens_per_second` when given."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = []
+        for stage, value in seconds.items():
+            number = _finite_number(value)
+            if number is None or number < 0:
+                raise ValueError(f"timing for stage '{stage}' must be a non-negative number, got {value!r}")
+            metrics.append(Metric(f"time/{stage}_s", number, now, 0))
+        if seconds:
+            metrics.append(Metric("time/total_s", float(sum(float(v) for v in seconds.values())), now, 0))
+        if tokens_per_second is not None:
+            metrics.append(Metric("tokens_per_second", float(tokens_per_second), now, 0))
+        self._log_batch(run_id, metrics=metrics)
+
+
+def _jsonable(obj: Any) -> Any:
+    """A JSON-safe copy (numpy scalars -> python, NaN -> None, tuples -> lists)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            obj = obj.item()
+        except (ValueError, TypeError):
+            return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

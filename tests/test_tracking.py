@@ -1,0 +1,284 @@
+"""MLflow tracking against a temporary SQLite store: run lifecycle, params, dataset, metrics, tables, retries."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dpo_core.config import RunConfig, load_config
+from tasks.curves import ema, plot_training_curves, save_training_curves
+from tasks.tracking import (
+    MAX_PARAM_VALUE,
+    RetryPolicy,
+    RunTracker,
+    TrackingUnavailable,
+    flatten_metrics,
+    flatten_params,
+    tracking_uri,
+)
+
+FAST = RetryPolicy(tries=2, base_delay=0.0, max_delay=0.0)
+
+
+@pytest.fixture()
+def cfg(tmp_path, monkeypatch) -> RunConfig:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_config(overrides={"state_dir": str(tmp_path / "state"), "registry.experiment": "dpo-test"})
+
+
+@pytest.fixture()
+def tracker(cfg) -> RunTracker:
+    return RunTracker(cfg, retry=FAST)
+
+
+@pytest.fixture()
+def run_id(tracker, cfg) -> str:
+    return tracker.start_run(cfg, flow_run_id="fr-1", flow_run_name="brave-otter", prefect_ui_url="http://ui/fr-1",
+                             device="cpu")
+
+
+def _history(n: int, start: int = 1) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "step": s,
+            "epoch": s / n,
+            "loss": float(0.69 - 0.01 * s + rng.normal(0, 0.01)),
+            "rewards/chosen": 0.01 * s,
+            "rewards/rejected": -0.01 * s,
+            "rewards/accuracies": float(rng.uniform(0.4, 1.0)),
+            "rewards/margins": 0.02 * s,
+            "logps/chosen": -50.0 + s,
+            "logps/rejected": -55.0 - s,
+            "grad_norm": 1.5,
+            "learning_rate": 1e-5,
+            "tokens_per_second": 80.0,
+        }
+        for s in range(start, start + n)
+    ]
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(overrides={"state_dir": str(tmp_path)})
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(cfg) == "http://127.0.0.1:5000"
+    cfg = load_config(overrides={"state_dir": str(tmp_path), "registry.tracking_uri": "sqlite:///x.db"})
+    assert tracking_uri(cfg) == "sqlite:///x.db"
+
+
+def test_flatten_params_dotted_json_and_cut():
+    params = flatten_params({"train": {"beta": 0.1, "lora": None, "mods": ["q", "v"]}, "long": "x" * 2000, "e": {}})
+    assert params["train.beta"] == "0.1"
+    assert params["train.lora"] == "null"
+    assert params["train.mods"] == '["q", "v"]'
+    assert params["e"] == "{}"
+    assert len(params["long"]) == MAX_PARAM_VALUE and params["long"].endswith("...[2000 chars]")
+
+
+def test_flatten_metrics_nested_ci_and_skipped():
+    flat, skipped = flatten_metrics({"acc": 0.7, "ci": (0.6, 0.8), "n": np.int64(64), "sub": {"x": 1}, "name": "t",
+                                     "ok": True}, prefix="eval/test/")
+    assert flat == {"eval/test/acc": 0.7, "eval/test/ci_low": 0.6, "eval/test/ci_high": 0.8, "eval/test/n": 64.0,
+                    "eval/test/sub/x": 1.0}
+    assert sorted(skipped) == ["eval/test/name", "eval/test/ok"]
+
+
+def test_start_run_tags_and_reuse_on_retried_flow_run(tracker, cfg, run_id, tmp_path):
+    run = tracker.client.get_run(run_id)
+    assert run.info.run_name == "brave-otter"
+    tags = run.data.tags
+    assert tags["prefect.flow_run_id"] == "fr-1"
+    assert tags["prefect.flow_run_url"] == "http://ui/fr-1"
+    assert tags["base_model"] == cfg.model.name_or_path
+    assert tags["device"] == "cpu"
+    assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
+    experiment = tracker.client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "dpo-test"
+    assert experiment.artifact_location == (tmp_path / "state" / "mlflow" / "artifacts").resolve().as_uri()
+
+    tracker.end_run(run_id, "FAILED")
+    again = tracker.start_run(cfg, flow_run_id="fr-1", flow_run_name="brave-otter", device="cpu")
+    assert again == run_id
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    other = tracker.start_run(cfg, flow_run_id="fr-2", flow_run_name="calm-heron", device="cpu")
+    assert other != run_id
+    tracker.end_run(run_id, "FINISHED")
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
+    with pytest.raises(ValueError, match="end_run status"):
+        tracker.end_run(run_id, "DONE")
+
+
+def test_log_config_all_params_batched_and_yaml(tracker, cfg, run_id):
+    cfg.train.beta = 0.25
+    params = tracker.log_config(run_id, cfg)
+    logged = tracker.client.get_run(run_id).data.params
+    assert logged == params
+    assert logged["train.beta"] == "0.25"
+    assert "data.train" in logged and "registry.model_name" in logged
+    path = tracker.client.download_artifacts(run_id, "config/resolved.yaml")
+    with open(path) as fh:
+        assert yaml.safe_load(fh) == cfg.model_dump(mode="json")
+    tracker.log_config(run_id, cfg)  # the same values again (a retried flow run) is fine
+
+
+def test_log_config_batches_over_100_params(tracker, cfg, run_id):
+    cfg.data.extra_eval = {f"set{i:03d}": {"path": f"data/x{i}.jsonl"} for i in range(30)}  # 30 x 5 more params
+    params = tracker.log_config(run_id, cfg)
+    assert len(params) > 100
+    assert len(tracker.client.get_run(run_id).data.params) == len(params)
+
+
+def test_log_dataset_digest_is_fingerprint(tracker, run_id):
+    pairs = pd.DataFrame({
+        "pair_id": ["a", "b"],
+        "prompt": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]],
+        "chosen": ["c1", "c2"], "rejected": ["r1", "r2"], "source": ["s", "s"], "meta": ["{}", "{}"],
+        "split": ["train", "eval"],
+    })
+    tracker.log_dataset(run_id, "fp0123456789abcd", "data/ultrafeedback/train.jsonl", pairs)
+    run = tracker.client.get_run(run_id)
+    [inp] = run.inputs.dataset_inputs
+    assert inp.dataset.digest == "fp0123456789abcd"
+    assert inp.dataset.name == "preference-pairs"
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    assert run.data.tags["data.fingerprint"] == "fp0123456789abcd"
+    assert run.data.tags["data.pairs.train"] == "1"
+    with pytest.raises(ValueError, match="fingerprint"):
+        tracker.log_dataset(run_id, "", "x", pairs)
+
+
+def test_log_data_report_and_quarantine_sample(tracker, run_id, tmp_path):
+    quarantine = tmp_path / "quarantine.jsonl"
+    quarantine.write_text("".join(json.dumps({"row": i, "reason": "empty chosen"}) + "\n" for i in range(120)))
+    tracker.log_data_report(run_id, {"read": 1000, "accepted": 880, "quarantined": 120}, quarantine)
+    report = json.loads(open(tracker.client.download_artifacts(run_id, "data/report.json")).read())
+    assert report["quarantined"] == 120
+    sample = open(tracker.client.download_artifacts(run_id, "data/quarantine_sample.jsonl")).read().splitlines()
+    assert len(sample) == 50 and json.loads(sample[0])["row"] == 0
+    assert tracker.client.get_run(run_id).data.tags["data.quarantined_lines"] == "120"
+
+
+def test_log_training_every_step_idempotent_with_curves(tracker, run_id):
+    history = _history(12)
+    assert tracker.log_training(run_id, history[:5]) == 5 * 11
+    assert tracker.log_training(run_id, history) == 7 * 11  # auto: skips the 5 steps already logged
+    assert tracker.log_training(run_id, history) == 0
+    losses = tracker.client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, 13))
+    assert {m.step: m.value for m in losses}[3] == pytest.approx(history[2]["loss"])
+    metrics = tracker.client.get_run(run_id).data.metrics
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second", "epoch"):
+        assert f"train/{name}" in metrics
+    png = tracker.client.download_artifacts(run_id, "training/curves.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # explicit offset: the caller says how many leading records are already logged
+    assert tracker.log_training(run_id, _history(3, start=13), history_offset=1, curves=False) == 2 * 11
+    assert len(tracker.client.get_metric_history(run_id, "train/loss")) == 14
+    with pytest.raises(ValueError, match="integer 'step'"):
+        tracker.log_training(run_id, [{"loss": 0.5}], history_offset=0)
+
+
+def test_log_eval_metrics_table_report(tracker, run_id):
+    metrics = {"test": {"reward_accuracy": 0.66, "reward_accuracy_ci_low": 0.55, "n_pairs": 64, "eval_set": "test"},
+               "hh_harmless": {"reward_accuracy": 0.51}}
+    generations = pd.DataFrame({
+        "prompt": ["Say hi", "Count to 3"], "reference": ["hello", "1 2 3"], "policy": ["hi!", "1, 2, 3"],
+        "judge_winner": ["policy", "tie"], "policy_tokens": [[1, 2], [3]],
+    })
+    summary = {"win_rate": 0.75, "length_ratio": 1.1, "judge": "embedding"}
+    flat = tracker.log_eval(run_id, metrics, generations, summary)
+    logged = tracker.client.get_run(run_id).data.metrics
+    assert logged["eval/test/reward_accuracy"] == pytest.approx(0.66)
+    assert logged["eval/hh_harmless/reward_accuracy"] == pytest.approx(0.51)
+    assert logged["eval/generation/win_rate"] == pytest.approx(0.75)
+    assert "eval/test/eval_set" not in flat
+    table = json.loads(open(tracker.client.download_artifacts(run_id, "generations.json")).read())
+    assert table["columns"] == list(generations.columns) and len(table["data"]) == 2
+    report = open(tracker.client.download_artifacts(run_id, "eval/report.md")).read()
+    assert "reward_accuracy | 0.6600" in report and "win_rate | 0.7500" in report and "Say hi" in report
+    tracker.log_eval(run_id, metrics, generations, summary)  # a retried flow run does not append the rows again
+    table = json.loads(open(tracker.client.download_artifacts(run_id, "generations.json")).read())
+    assert len(table["data"]) == 2
+
+
+def test_log_timings(tracker, run_id):
+    tracker.log_timings(run_id, {"reference": 420.5, "train": 840.0}, tokens_per_second=81.5)
+    metrics = tracker.client.get_run(run_id).data.metrics
+    assert metrics["time/reference_s"] == 420.5 and metrics["time/total_s"] == 1260.5
+    assert metrics["tokens_per_second"] == 81.5
+    with pytest.raises(ValueError, match="stage 'train'"):
+        tracker.log_timings(run_id, {"train": -1})
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_retries_then_names_the_uri(cfg, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    cfg.registry.tracking_uri = uri
+    sleeps: list[float] = []
+    monkeypatch.setattr("tasks.tracking.time.sleep", sleeps.append)
+    tracker = RunTracker(cfg, retry=RetryPolicy(tries=4, base_delay=1.0, max_delay=3.0))
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=uri) as info:
+        tracker.start_run(cfg, flow_run_id="fr-x", flow_run_name="x", device="cpu")
+    assert time.monotonic() - t0 < 30
+    assert "\n" not in str(info.value) and "4 times" in str(info.value)
+    assert sleeps == [1.0, 2.0, 3.0]  # exponential backoff, capped
+
+
+def test_retry_recovers_and_does_not_retry_bad_input():
+    from mlflow.exceptions import MlflowException
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise MlflowException("database is locked")  # INTERNAL_ERROR: transient
+        return "ok"
+
+    assert RetryPolicy(tries=4, base_delay=0.0).call(flaky, uri="sqlite:///x", what="flaky") == "ok"
+    assert len(calls) == 3
+    bad = []
+
+    def invalid():
+        bad.append(1)
+        raise MlflowException.invalid_parameter_value("bad param")
+
+    with pytest.raises(MlflowException, match="bad param"):
+        RetryPolicy(tries=4, base_delay=0.0).call(invalid, uri="sqlite:///x", what="invalid")
+    assert len(bad) == 1
+    with pytest.raises(ValueError, match="tries"):
+        RetryPolicy(tries=0)
+
+
+def test_ema_and_curves_figure(tmp_path):
+    assert ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # bias-corrected: no warm-up dip
+    assert ema([0.0, 1.0], 0.0) == [0.0, 1.0]
+    smoothed = ema([1.0, float("nan"), 3.0], 0.5)
+    assert np.isnan(smoothed[1]) and smoothed[2] == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
+    fig = plot_training_curves(_history(20))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["Loss", "Reward accuracy", "Reward margin", "Implicit rewards"]
+    assert all(ax.get_xlabel() == "optimizer step" and ax.get_ylabel() for ax in fig.axes)
+    labels = [line.get_label() for line in fig.axes[3].get_lines()]
+    assert "chosen (raw)" in labels and "rejected (raw)" in labels and any("EMA" in x for x in labels)
+    out = save_training_curves(_history(3), tmp_path / "c" / "curves.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="at least one"):
+        plot_training_curves([])
