@@ -124,7 +124,7 @@ def dpo(
         compare_future.wait()
         stages["compare"] = compare_future.state.name
         comparison = compare_future.result()
-    timings["evaluate+compare"] = round(time.perf_counter() - started, 3)
+    timings["evaluate_compare"] = round(time.perf_counter() - started, 3)
 
     create_table_artifact(table=metrics_rows(metrics), key="eval-metrics",
                           description="held-out preference metrics, policy vs reference")

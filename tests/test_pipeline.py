@@ -1,0 +1,145 @@
+"""The `dpo` flow end to end under `prefect_test_harness`, on a tiny random Llama (the real SmolLM2 tokenizer).
+
+Covers what issue 4 asks: a full run, a second identical run fully Cached, a changed train parameter re-running
+only train onward, an injected failure in train then a re-run resuming from the checkpoint, a deleted artifact
+re-running its stage, and changed data re-running everything downstream of ingest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM = ("ingest", "template", "reference")
+DOWNSTREAM = ("train", "evaluate", "compare")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """One Prefect test server for the module, with result storage in a temporary folder (not ~/.prefect)."""
+    results = tmp_path_factory.mktemp("prefect-results")
+    old = os.environ.get("PREFECT_RESULTS_LOCAL_STORAGE_PATH")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield results
+    if old is None:
+        os.environ.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
+    else:
+        os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = old
+
+
+@pytest.fixture()
+def data_file(tmp_path) -> Path:
+    """Ten shipped UltraFeedback pairs in a file of the test's own (so appending to it is safe)."""
+    lines = (REPO / "data/ultrafeedback_binarized_sample/train.jsonl").read_text().splitlines()[:10]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_config(tiny_model_dir: Path, state: Path, data: Path, **train) -> dict:
+    return {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": [{"path": str(data)}], "eval": None, "eval_fraction": 0.3},
+        "template": {"max_length": 64, "max_prompt_length": 32},
+        "train": {"batch_size": 2, "max_steps": 3, "checkpoint_every": 1, "learning_rate": 1e-3,
+                  "warmup_ratio": 0.0, **train},
+        "eval": {"batch_size": 4, "bootstrap_samples": 50, "n_generations": 2, "generation_batch_size": 2,
+                 "max_new_tokens": 8},
+        "registry": {"experiment": "test-pipeline", "model_name": "test-policy",
+                     "tracking_uri": f"sqlite:///{state / 'mlflow.db'}"},
+        "state_dir": str(state),
+    }
+
+
+def run_flow(cfg_dict: dict, overrides: list[str] | None = None) -> dict:
+    from dpo_core.config import load_config
+    from flows.dpo import dpo
+
+    tree = json.loads(json.dumps(cfg_dict))
+    cfg = load_config(None, {**_flatten(tree), **dict(_parse(o) for o in overrides or [])})
+    return dpo(config=cfg)
+
+
+def _parse(item: str):
+    from dpo_core.config import parse_override
+
+    return parse_override(item)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("fields",):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_flow_runs_caches_and_reruns_only_what_changed(harness, tiny_model_dir, tmp_path, data_file):
+    state = tmp_path / "state"
+    cfg = tiny_config(tiny_model_dir, state, data_file)
+
+    first = run_flow(cfg)
+    assert all(first["stages"][s] == "Completed" for s in (*UPSTREAM, *DOWNSTREAM)), first["stages"]
+    assert first["train"]["steps"] == 3 and first["train"]["resumed_from_step"] is None
+    assert {row["eval_set"] for row in first["metrics"]} == {"eval"}
+    reg = first["registration"]
+    assert reg["version"] is not None and reg["promoted"] is True
+
+    # the same inputs again: every cached stage comes back Cached, and registration reuses the version
+    second = run_flow(cfg)
+    assert all(second["stages"][s] == "Cached" for s in (*UPSTREAM, *DOWNSTREAM)), second["stages"]
+    assert second["registration"]["version"] == reg["version"]
+
+    # a training parameter only: ingest, template and reference are reused; train and what follows re-run
+    third = run_flow(cfg, ["train.beta=0.2"])
+    assert all(third["stages"][s] == "Cached" for s in UPSTREAM), third["stages"]
+    assert all(third["stages"][s] == "Completed" for s in DOWNSTREAM), third["stages"]
+
+    # a deleted artifact folder makes its stage run again instead of returning a dangling path
+    from dpo_core.config import load_config
+    from tasks.artifacts import artifact_dir
+    from tasks.ingest import ingest_key
+
+    cfg_obj = load_config(None, _flatten(json.loads(json.dumps(cfg))))
+    shutil.rmtree(artifact_dir(cfg_obj, "ingest", ingest_key(cfg_obj)))
+    fourth = run_flow(cfg)
+    assert fourth["stages"]["ingest"] == "Completed", fourth["stages"]
+    assert fourth["stages"]["template"] == "Cached"  # the rebuilt pairs have the same content hash
+
+    # new data: everything downstream of ingest re-runs
+    extra = (REPO / "data/ultrafeedback_binarized_sample/train.jsonl").read_text().splitlines()[10:14]
+    with open(data_file, "a") as f:
+        f.write("\n".join(extra) + "\n")
+    fifth = run_flow(cfg)
+    assert fifth["data_fingerprint"] != first["data_fingerprint"]
+    assert all(fifth["stages"][s] == "Completed" for s in (*UPSTREAM, *DOWNSTREAM)), fifth["stages"]
+
+
+@pytest.mark.timeout(900)
+def test_failure_in_training_resumes_from_checkpoint(harness, tiny_model_dir, tmp_path, data_file, monkeypatch):
+    state = tmp_path / "state"
+    cfg = tiny_config(tiny_model_dir, state, data_file, max_steps=4)
+    cfg["registry"]["enabled"] = False
+
+    monkeypatch.setenv("DPO_FAIL_AFTER_STEP", "2")
+    with pytest.raises(Exception, match="injected failure after step 2"):
+        run_flow(cfg)
+    monkeypatch.delenv("DPO_FAIL_AFTER_STEP")
+
+    again = run_flow(cfg)
+    assert all(again["stages"][s] == "Cached" for s in UPSTREAM), again["stages"]
+    assert again["stages"]["train"] == "Completed"
+    assert again["train"]["resumed_from_step"] == 2
+    assert again["train"]["steps"] == 4
