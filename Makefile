@@ -11,6 +11,7 @@ TORCH_INDEX ?=
 STATE_DIR ?= $(CURDIR)/.dpo_state
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
+UP_ARGS ?=
 
 export DPO_STATE_DIR := $(STATE_DIR)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -54,7 +55,7 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run --out BENCHMARKS.md
 
 up: install
-	$(BIN)/python -m flows.stack up --state-dir $(STATE_DIR)
+	$(BIN)/python -m flows.stack up --state-dir $(STATE_DIR) $(UP_ARGS)
 
 down:
 	$(BIN)/python -m flows.stack down --state-dir $(STATE_DIR)
