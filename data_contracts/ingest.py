@@ -1,0 +1,358 @@
+"""Ingest: every configured preference source -> one validated canonical-pairs table, a report and a fingerprint.
+
+For each split's sources (``data.train``, ``data.eval``, each ``data.extra_eval`` set) every record is read
+(`dpo_core.formats`), converted by its format's adapter, de-duplicated by ``pair_id`` and validated lazily against
+`data_contracts.pairs.CanonicalPairs` with the configured bounds. Rows that fail go to the quarantine file with the
+checks they failed; nothing is dropped silently: for every split
+
+    read = accepted + quarantined + duplicates_removed
+
+``duplicates_removed`` counts exact duplicates (same prompt, chosen and rejected, i.e. the same ``pair_id``) within
+the split and pairs already taken by an earlier split (train, then eval, then the extra sets in config order), so no
+pair is in two splits. With ``data.eval: null`` the accepted train pairs are split by a hash of ``pair_id``: a pair's
+split never changes when data is appended. ``max_*_pairs`` then keep the first N pairs of a split (file order); the
+rest are counted in ``left_out_by_max_pairs`` (accepted, not lost). With ``on_invalid: fail`` any invalid row fails
+the stage; with ``quarantine`` a split whose invalid fraction exceeds ``max_invalid_fraction`` fails it; both with a
+message that counts rows per failed check and names the quarantine file (which is written first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts.errors import ContractError, DataError
+from data_contracts.pairs import PAIR_COLUMNS, pair_failures, validate_pairs
+from data_contracts.quarantine import QuarantineEntry, count_checks, write_quarantine
+from dpo_core.config import DataConfig, SourceConfig
+from dpo_core.formats import (
+    FormatError,
+    RawRecord,
+    RecordError,
+    check_fields,
+    detect_file_format,
+    json_safe,
+    make_pair_id,
+    read_records,
+    to_canonical,
+)
+
+__all__ = ["IngestResult", "ingest", "write_pairs", "read_pairs", "in_hashed_eval", "pairs_fingerprint",
+           "CHECK_DESCRIPTIONS"]
+
+# what each quarantine check means (reader, adapter and contract checks)
+CHECK_DESCRIPTIONS: dict[str, str] = {
+    "malformed_json": "the line is not valid JSON",
+    "invalid_utf8": "the bytes are not valid UTF-8",
+    "not_an_object": "the JSON value is not an object",
+    "malformed_csv": "the CSV row has more cells than the header",
+    "missing_field": "a required field is missing or null",
+    "wrong_type": "a field has the wrong type (e.g. a number where text is expected)",
+    "bad_label": "the preference label is outside its allowed values (ties cannot be a pair)",
+    "hh_prompt_mismatch": "the two HH transcripts differ before the last assistant turn",
+    "hh_malformed_transcript": "the HH transcript has no Human/Assistant turn structure",
+    "prompt_mismatch": "the two conversations differ before the last turn",
+    "unsupported_response": "a response holds more than one message",
+    "bad_response_role": "a response is not an assistant message",
+    "unknown_format": "the record matches no supported format",
+    "blank_prompt": "a prompt message is empty or whitespace-only",
+    "blank_chosen": "chosen is empty or whitespace-only",
+    "blank_rejected": "rejected is empty or whitespace-only",
+    "chosen_equals_rejected": "chosen and rejected are the same text",
+    "prompt_malformed": "the prompt is not a non-empty list of {role, content} messages",
+    "prompt_bad_role": "a prompt message has a role other than system/user/assistant",
+    "prompt_role_order": "prompt roles are not [system] user (assistant user)*",
+    "prompt_too_long": "the prompt is longer than data.max_prompt_chars",
+    "chosen_too_long": "chosen is longer than data.max_response_chars",
+    "rejected_too_long": "rejected is longer than data.max_response_chars",
+    "chosen_too_short": "chosen is shorter than data.min_chars",
+    "rejected_too_short": "rejected is shorter than data.min_chars",
+}
+_PRIVATE = ["_source", "_file", "_row", "_line", "_record"]
+_ARROW_SCHEMA = pa.schema([
+    ("pair_id", pa.string()),
+    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("source", pa.string()),
+    ("meta", pa.string()),
+    ("split", pa.string()),
+])
+
+
+@dataclass
+class IngestResult:
+    """``pairs``: the canonical table (PAIR_COLUMNS, every split); ``report``: counts (see ingest); ``fingerprint``:
+    16-hex content hash of the pairs used (split + pair_id, in order)."""
+
+    pairs: pd.DataFrame
+    report: dict[str, Any]
+    fingerprint: str
+    quarantine_path: Path
+
+
+def in_hashed_eval(pair_id: str, fraction: float) -> bool:
+    """Whether a pair goes to the hashed eval split: a function of its id alone, so appending data moves nothing."""
+    h = int(hashlib.sha256(f"eval-split:{pair_id}".encode()).hexdigest()[:15], 16)
+    return h / 16**15 < fraction
+
+
+def pairs_fingerprint(pairs: pd.DataFrame) -> str:
+    """sha256 of the ordered (split, pair_id) list, 16 hex: changes when any pair's content, split or order does."""
+    h = hashlib.sha256()
+    for split, pid in zip(pairs["split"], pairs["pair_id"], strict=True):
+        h.update(f"{split}\t{pid}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _label(src: SourceConfig) -> str:
+    return src.name or Path(src.path.rstrip("/")).name or src.path
+
+
+def _rel(file: str, root: Path) -> str:
+    """A file path relative to the ingest root where it lies under it (stable across checkouts)."""
+    try:
+        return Path(file).resolve().relative_to(root.resolve()).as_posix()
+    except (ValueError, OSError):
+        return file
+
+
+def _entry(split: str, label: str, rec: RawRecord, checks: list[str], details: list[str],
+           root: Path) -> QuarantineEntry:
+    return QuarantineEntry(split=split, source=label, file=_rel(rec.file, root), row=rec.row, line=rec.line, checks=checks,
+                           errors=details, record=json_safe(rec.record) if rec.record is not None else None,
+                           raw=rec.raw)
+
+
+def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
+                 ) -> tuple[list[dict[str, Any]], list[QuarantineEntry], dict[str, Any]]:
+    """Rows that converted, entries for records that did not, and the source's report stub."""
+    label = _label(src)
+    where = f"data.{split} source '{label}'"
+    try:
+        check_fields(src.format, src.fields)
+        records = list(read_records(src.path, root=root, split=src.split))
+    except FormatError as exc:
+        raise DataError(f"{where}: {exc}") from exc
+    if not records:
+        raise DataError(f"{where} ({src.path}) holds no records: the file is empty")
+    rows: list[dict[str, Any]] = []
+    entries: list[QuarantineEntry] = []
+    formats: dict[str, str] = {}
+    for file, group in itertools.groupby(records, key=lambda r: r.file):
+        recs = list(group)
+        fmt: str | None = src.format
+        if fmt == "auto":
+            if any(r.record is not None for r in recs):
+                try:
+                    fmt = detect_file_format(recs, src.fields, file)
+                except FormatError as exc:
+                    raise DataError(f"{where}: {exc}") from exc
+            else:
+                fmt = None  # nothing readable: every record is quarantined with its read error below
+        formats[_rel(file, root)] = fmt or "unreadable"
+        for rec in recs:
+            if rec.record is None:
+                entries.append(_entry(split, label, rec, [rec.error or "unreadable"], [rec.detail or ""], root))
+                continue
+            try:
+                canon = to_canonical(rec.record, fmt or "trl", src.fields)
+            except RecordError as exc:
+                entries.append(_entry(split, label, rec, [exc.reason], [exc.detail], root))
+                continue
+            rows.append({
+                "pair_id": make_pair_id(canon.prompt, canon.chosen, canon.rejected),
+                "prompt": canon.prompt,
+                "chosen": canon.chosen,
+                "rejected": canon.rejected,
+                "source": label,
+                "meta": json.dumps(json_safe(canon.meta), sort_keys=True, ensure_ascii=False),
+                "split": split,
+                "_source": idx,
+                "_file": rec.file,
+                "_row": rec.row,
+                "_line": rec.line,
+                "_record": rec,
+            })
+    report = {"name": label, "path": src.path, "formats": formats, "read": len(records),
+              "quarantined": len(entries)}
+    return rows, entries, report
+
+
+def _ingest_split(split: str, sources: list[SourceConfig], root: Path, bounds: dict[str, int],
+                  taken: set[str]) -> tuple[pd.DataFrame, list[QuarantineEntry], dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    entries: list[QuarantineEntry] = []
+    src_reports: list[dict[str, Any]] = []
+    for idx, src in enumerate(sources):
+        r, e, rep = _read_source(split, idx, src, root)
+        rows += r
+        entries += e
+        src_reports.append(rep)
+    df = pd.DataFrame(rows, columns=PAIR_COLUMNS + _PRIVATE)
+    # exact duplicates: within this split (keep the first), and pairs an earlier split already holds
+    within = df["pair_id"].duplicated(keep="first")
+    across = df["pair_id"].isin(taken) & ~within
+    dup = within | across
+    dup_per_source = Counter(df.loc[dup, "_source"])
+    df = df.loc[~dup]
+    failures = pair_failures(df[PAIR_COLUMNS], **bounds)
+    if failures.table:  # adapters always produce the right columns and types: this is a bug, not bad data
+        raise ContractError("canonical pairs", failures.counts())
+    bad_per_source: Counter[int] = Counter()
+    for index, checks in failures.rows.items():
+        row = df.loc[index]
+        entries.append(_entry(split, str(row["source"]), row["_record"], checks,
+                              [f"{c}: {CHECK_DESCRIPTIONS.get(c, c)}" for c in checks], root))
+        bad_per_source[int(row["_source"])] += 1
+    accepted = df.drop(index=list(failures.rows)).reset_index(drop=True)
+    acc_per_source = Counter(accepted["_source"])
+    for idx, rep in enumerate(src_reports):
+        rep["quarantined"] += bad_per_source[idx]
+        rep["duplicates_removed"] = dup_per_source[idx]
+        rep["accepted"] = acc_per_source[idx]
+    read = sum(r["read"] for r in src_reports)
+    report = {
+        "read": read,
+        "accepted": len(accepted),
+        "quarantined": len(entries),
+        "duplicates_removed": int(dup.sum()),
+        "duplicates_across_splits": int(across.sum()),
+        "quarantined_by_check": count_checks(entries),
+        "invalid_fraction": round(len(entries) / read, 6) if read else 0.0,
+        "sources": src_reports,
+    }
+    assert report["read"] == report["accepted"] + report["quarantined"] + report["duplicates_removed"], report
+    return accepted, entries, report
+
+
+def _gate(split: str, rep: dict[str, Any], cfg: DataConfig, quarantine_path: Path) -> None:
+    """DataError when a split's invalid rows exceed what the config tolerates."""
+    n, read = rep["quarantined"], rep["read"]
+    if n == 0:
+        return
+    checks = ", ".join(f"{c} {k}" for c, k in sorted(rep["quarantined_by_check"].items(), key=lambda kv: -kv[1]))
+    where = f"see the quarantine file {quarantine_path}"
+    if cfg.on_invalid == "fail":
+        raise DataError(f"data.on_invalid=fail and {n} of {read} rows of split '{split}' failed validation "
+                        f"({checks}); {where}")
+    if n / read > cfg.max_invalid_fraction:
+        raise DataError(f"{n} of {read} rows ({n / read:.1%}) of split '{split}' failed validation, above "
+                        f"data.max_invalid_fraction={cfg.max_invalid_fraction} ({checks}); {where}")
+
+
+def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> IngestResult:
+    """Read, convert, validate and split every configured source (see the module docstring).
+
+    ``report``: ``splits`` (per configured split: ``read``, ``accepted``, ``quarantined``, ``duplicates_removed``,
+    ``duplicates_across_splits``, ``quarantined_by_check``, ``invalid_fraction``, ``sources`` with per-source counts
+    and detected formats), ``pairs`` (pairs per split in the result), ``left_out_by_max_pairs`` (per split),
+    ``eval_split`` (``sources`` or ``hash``), totals ``read``/``accepted``/``quarantined``/``duplicates_removed``,
+    ``quarantine_file`` and ``fingerprint``. With a hash split the eval pairs are counted in ``splits.train``.
+    """
+    root = Path(root)
+    quarantine_path = Path(quarantine_path)
+    groups: list[tuple[str, list[SourceConfig], int | None]] = [("train", data_cfg.train, data_cfg.max_train_pairs)]
+    if not data_cfg.train:
+        raise DataError("data.train lists no sources")
+    if data_cfg.eval is not None:
+        if not data_cfg.eval:
+            raise DataError("data.eval is an empty list: give eval sources, or null to split train by hash")
+        groups.append(("eval", data_cfg.eval, data_cfg.max_eval_pairs))
+    for name, src in data_cfg.extra_eval.items():
+        if name in {"train", "eval"} or not name.strip():
+            raise DataError(f"data.extra_eval set name '{name}' is reserved or blank; pick another name")
+        groups.append((name, [src], data_cfg.max_extra_eval_pairs))
+    bounds = {"min_chars": data_cfg.min_chars, "max_prompt_chars": data_cfg.max_prompt_chars,
+              "max_response_chars": data_cfg.max_response_chars}
+
+    taken: set[str] = set()
+    entries: list[QuarantineEntry] = []
+    split_reports: dict[str, dict[str, Any]] = {}
+    frames: dict[str, pd.DataFrame] = {}
+    for split, sources, _ in groups:
+        accepted, split_entries, rep = _ingest_split(split, sources, root, bounds, taken)
+        taken.update(accepted["pair_id"])
+        entries += split_entries
+        split_reports[split] = rep
+        frames[split] = accepted[PAIR_COLUMNS]
+    write_quarantine(entries, quarantine_path)
+    for split, rep in split_reports.items():
+        _gate(split, rep, data_cfg, quarantine_path)
+
+    caps = {split: cap for split, _, cap in groups}
+    if data_cfg.eval is None:
+        train = frames["train"]
+        held = train["pair_id"].map(lambda pid: in_hashed_eval(pid, data_cfg.eval_fraction)).astype(bool)
+        frames = {"train": train.loc[~held], "eval": train.loc[held].assign(split="eval"),
+                  **{k: v for k, v in frames.items() if k != "train"}}
+        caps["eval"] = data_cfg.max_eval_pairs
+    left_out: dict[str, int] = {}
+    for split, frame in frames.items():
+        cap = caps.get(split)
+        left_out[split] = max(0, len(frame) - cap) if cap is not None else 0
+        frames[split] = frame.head(cap) if cap is not None else frame
+    pairs = pd.concat(list(frames.values()), ignore_index=True)[PAIR_COLUMNS]
+    validate_pairs(pairs, **bounds)
+    fingerprint = pairs_fingerprint(pairs)
+    report = {
+        "splits": split_reports,
+        "pairs": {split: int(len(frame)) for split, frame in frames.items()},
+        "left_out_by_max_pairs": left_out,
+        "eval_split": "sources" if data_cfg.eval is not None else "hash",
+        "read": sum(r["read"] for r in split_reports.values()),
+        "accepted": sum(r["accepted"] for r in split_reports.values()),
+        "quarantined": sum(r["quarantined"] for r in split_reports.values()),
+        "duplicates_removed": sum(r["duplicates_removed"] for r in split_reports.values()),
+        "quarantine_file": str(quarantine_path),
+        "fingerprint": fingerprint,
+    }
+    return IngestResult(pairs=pairs, report=report, fingerprint=fingerprint, quarantine_path=quarantine_path)
+
+
+# --------------------------------------------------------------------------------------------------- parquet
+
+
+def write_pairs(df: pd.DataFrame, path: Path) -> Path:
+    """Write a canonical-pairs table to Parquet atomically (prompt as list<struct<role, content>>)."""
+    missing = [c for c in PAIR_COLUMNS if c not in df.columns]
+    if missing:
+        raise ContractError("canonical pairs", {f"missing_column_{c}": 1 for c in missing})
+    records = {
+        c: (list(df[c]) if c != "prompt" else [[{"role": m["role"], "content": m["content"]} for m in p]
+                                              for p in df[c]])
+        for c in PAIR_COLUMNS
+    }
+    table = pa.Table.from_pydict(records, schema=_ARROW_SCHEMA)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_pairs(path: Path) -> pd.DataFrame:
+    """Read a table written by write_pairs; ``prompt`` comes back as python lists of {role, content} dicts."""
+    table = pq.read_table(path)
+    missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ContractError(f"canonical pairs in {path}", {f"missing_column_{c}": 1 for c in missing})
+    data = {c: table.column(c).to_pylist() for c in PAIR_COLUMNS}
+    return pd.DataFrame(data, columns=PAIR_COLUMNS)
