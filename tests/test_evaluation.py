@@ -1,0 +1,350 @@
+"""dpo_core.evaluation (metric maths, evaluate_preferences, compare_generations) and data_contracts.evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_contracts.errors import ContractError
+from data_contracts.evaluation import GENERATION_COLUMNS, METRIC_COLUMNS, validate_generations, validate_metrics
+from dpo_core.batching import collate_pairs
+from dpo_core.config import EvalConfig, ModelConfig
+from dpo_core.evaluation import (
+    EvaluationError,
+    bootstrap_ci,
+    compare_generations,
+    distinct_n,
+    evaluate_preferences,
+    length_ratio,
+    longest_repeated_ngram,
+    pair_logps,
+    preference_metrics,
+    trl_metric_names,
+    win_rate,
+)
+from dpo_core.logprobs import sequence_logps
+from dpo_core.models import pick_device, tiny_llama
+from dpo_core.reference import compute_reference_logps
+from dpo_core.templating import tokenize_pairs
+
+SPEC = pick_device(ModelConfig(device="cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# metric maths on hand-made log-probs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_preference_metrics_by_hand():
+    # rewards = beta * (policy - ref): chosen [0.25, 0, -0.5], rejected [-0.25, 0, 0.5]; margins [0.5, 0, -1]
+    m = preference_metrics(
+        [-1.0, -2.0, -3.0], [-2.0, -2.0, -1.0], [-1.5, -2.0, -2.0], [-1.5, -2.0, -2.0], beta=0.5,
+        bootstrap_samples=200, seed=0,
+    )
+    assert m["n_pairs"] == 3 and m["beta"] == 0.5
+    assert m["reward_accuracy"] == pytest.approx(1 / 3)  # strict: the tied pair does not count
+    assert m["reward_tie_rate"] == pytest.approx(1 / 3)
+    assert m["margin_mean"] == pytest.approx((0.5 + 0 - 1) / 3)
+    assert m["chosen_reward_mean"] == pytest.approx((0.25 + 0 - 0.5) / 3)
+    assert m["rejected_reward_mean"] == pytest.approx((-0.25 + 0 + 0.5) / 3)
+    assert m["policy_chosen_logps_mean"] == pytest.approx(-2.0)
+    assert m["policy_rejected_logps_mean"] == pytest.approx(-5 / 3)
+    assert m["policy_accuracy"] == pytest.approx(1 / 3)  # -1 > -2 only
+    assert m["reference_accuracy"] == 0.0  # the reference ties everywhere
+    assert m["reward_accuracy_ci_low"] <= m["reward_accuracy"] <= m["reward_accuracy_ci_high"]
+    validate_metrics(pd.DataFrame([{"eval_set": "eval", **m, "chosen_tokens_mean": 3.0, "rejected_tokens_mean": 4.0}]))
+
+
+def test_preference_metrics_policy_equal_to_reference_scores_zero_with_full_ties():
+    logps = np.array([-3.0, -1.0, -2.0])
+    m = preference_metrics(logps, logps - 1, logps, logps - 1, beta=0.1, bootstrap_samples=50)
+    assert m["reward_accuracy"] == 0.0 and m["reward_tie_rate"] == 1.0 and m["margin_mean"] == 0.0
+    assert m["reference_accuracy"] == m["policy_accuracy"] == 1.0
+    assert (m["reward_accuracy_ci_low"], m["reward_accuracy_ci_high"]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (([], [], [], []), "at least one pair"),
+        (([-1.0], [-1.0, -2.0], [-1.0], [-1.0]), "differ in length"),
+        (([float("nan")], [-1.0], [-1.0], [-1.0]), "non-finite"),
+    ],
+)
+def test_preference_metrics_bad_input(args, message):
+    with pytest.raises(EvaluationError, match=message):
+        preference_metrics(*args, beta=0.1)
+
+
+def test_bootstrap_ci_reproducible_and_close_to_the_normal_approximation():
+    values = np.array([1.0] * 200 + [0.0] * 200)
+    low, high = bootstrap_ci(values, n_samples=4000, confidence=0.95, seed=3)
+    assert (low, high) == bootstrap_ci(values, n_samples=4000, confidence=0.95, seed=3)
+    half = 1.96 * math.sqrt(0.25 / 400)  # ~0.049
+    assert low == pytest.approx(0.5 - half, abs=0.01) and high == pytest.approx(0.5 + half, abs=0.01)
+    narrow = bootstrap_ci(values, n_samples=4000, confidence=0.5, seed=3)
+    assert low < narrow[0] < narrow[1] < high
+    assert bootstrap_ci([1.0, 1.0, 1.0], n_samples=10, confidence=0.9, seed=0) == (1.0, 1.0)
+    with pytest.raises(EvaluationError, match="confidence"):
+        bootstrap_ci(values, n_samples=10, confidence=1.0, seed=0)
+
+
+def _brute_longest_repeat(seq: list[int]) -> int:
+    best = 0
+    for n in range(1, len(seq)):
+        grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+        if len(set(grams)) < len(grams):
+            best = n
+    return best
+
+
+def test_repetition_statistics():
+    assert distinct_n([1, 2, 1, 2, 1], 2) == 0.5  # (1,2),(2,1),(1,2),(2,1)
+    assert distinct_n([1, 2, 3, 4], 2) == 1.0
+    assert distinct_n([7], 2) == 1.0  # no bigram, nothing repeated
+    assert longest_repeated_ngram([1, 2, 1, 2, 1]) == 3  # "1 2 1" at 0 and 2 (overlapping)
+    assert longest_repeated_ngram([5, 5, 5]) == 2
+    assert longest_repeated_ngram([1, 2, 3]) == 0 and longest_repeated_ngram([]) == 0
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        seq = rng.integers(0, 3, size=int(rng.integers(0, 14))).tolist()
+        assert longest_repeated_ngram(seq) == _brute_longest_repeat(seq)
+
+
+def test_win_rate_length_ratio_and_trl_names():
+    rate, winners = win_rate([1.0, 0.0, 0.5], [0.0, 1.0, 0.5])
+    assert winners == ["policy", "reference", "tie"] and rate == pytest.approx(0.5)
+    assert win_rate([2.0, 2.0], [1.0, 2.0 + 1e-9])[0] == pytest.approx(0.75)
+    assert length_ratio([20, 40], [15, 15]) == pytest.approx(2.0)
+    with pytest.raises(EvaluationError, match="mean length 0"):
+        length_ratio([3], [0])
+    names = trl_metric_names({"reward_accuracy": 0.6, "margin_mean": 0.1, "n_pairs": 8})
+    assert names == {"eval_rewards/accuracies": 0.6, "eval_rewards/margins": 0.1}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluate_preferences on a tiny model
+# ----------------------------------------------------------------------------------------------------------------------
+
+PAIRS = pd.DataFrame(
+    {
+        "pair_id": [f"p{i}" for i in range(5)],
+        "prompt": [
+            [{"role": "user", "content": "What is two plus two?"}],
+            [{"role": "user", "content": "Name a fruit."}],
+            [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Say hello in French."}],
+            [{"role": "user", "content": "Give me a word that rhymes with cat, and explain briefly why it rhymes."}],
+            [{"role": "user", "content": "Is the sky blue?"}],
+        ],
+        "chosen": ["Four.", "An apple.", "Bonjour.", "Hat: both end in the sound 'at'.", "Yes, on a clear day."],
+        "rejected": ["Five.", "A car.", "Hello.", "Dog.", "No, it is always green and also made of cheese."],
+        "source": "test",
+        "meta": "{}",
+        "split": "eval",
+    }
+)
+
+
+@pytest.fixture()
+def tokenized(tokenizer) -> pd.DataFrame:
+    df, report = tokenize_pairs(PAIRS, tokenizer, max_length=96, max_prompt_length=64)
+    assert report.tokenized == len(PAIRS)
+    return df
+
+
+def test_evaluate_preferences_matches_per_pair_scoring(tokenizer, tokenized):
+    reference = tiny_llama(tokenizer, seed=0)
+    policy = tiny_llama(tokenizer, seed=1)
+    ref_df = compute_reference_logps(reference, tokenized, batch_size=2, spec=SPEC).iloc[::-1]  # order is by pair_id
+    record = evaluate_preferences(
+        policy, tokenized, reference_df=ref_df, beta=0.2, batch_size=2, spec=SPEC, chunk_size=7,
+        bootstrap_samples=100, confidence=0.9, seed=1, eval_set="heldout",
+    )
+    # independent: each pair alone, no batching, no length sorting
+    by_pair = {}
+    for row in tokenized.to_dict("records"):
+        batch = collate_pairs([row], pad_id=0)
+        with torch.no_grad():
+            pol, _ = sequence_logps(policy, batch)
+            ref, _ = sequence_logps(reference, batch)
+        by_pair[row["pair_id"]] = (pol.double().numpy(), ref.double().numpy())
+    pc, pr = (np.array([by_pair[p][0][k] for p in tokenized["pair_id"]]) for k in (0, 1))
+    rc, rr = (np.array([by_pair[p][1][k] for p in tokenized["pair_id"]]) for k in (0, 1))
+    expected = preference_metrics(pc, pr, rc, rr, 0.2, bootstrap_samples=100, confidence=0.9, seed=1)
+    assert record["eval_set"] == "heldout" and record["n_pairs"] == len(PAIRS)
+    for key, value in expected.items():
+        assert record[key] == pytest.approx(value, abs=1e-4), key
+    assert record["chosen_tokens_mean"] == pytest.approx(np.mean([len(x) for x in tokenized["chosen_ids"]]))
+    frame = validate_metrics(pd.DataFrame([record]))
+    assert list(frame.columns) == METRIC_COLUMNS
+
+
+def test_evaluate_preferences_policy_equal_to_reference(tokenizer, tokenized, tiny_model):
+    ref_df = compute_reference_logps(tiny_model, tokenized, batch_size=4, spec=SPEC)
+    record = evaluate_preferences(
+        tiny_model, tokenized, reference_df=ref_df, beta=0.1, batch_size=3, spec=SPEC, bootstrap_samples=50
+    )
+    assert record["margin_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert record["reference_accuracy"] == record["policy_accuracy"]
+    assert record["reference_chosen_logps_mean"] == pytest.approx(record["policy_chosen_logps_mean"], abs=1e-4)
+
+
+def test_evaluate_preferences_errors(tokenizer, tokenized, tiny_model):
+    ref_df = compute_reference_logps(tiny_model, tokenized, batch_size=4, spec=SPEC)
+    kwargs = dict(beta=0.1, batch_size=2, spec=SPEC, eval_set="hh")
+    with pytest.raises(EvaluationError, match="eval set 'hh' has zero valid pairs"):
+        evaluate_preferences(tiny_model, tokenized.iloc[:0], reference_df=ref_df, **kwargs)
+    with pytest.raises(EvaluationError, match="2 of 5 pairs have no reference log-probs"):
+        evaluate_preferences(tiny_model, tokenized, reference_df=ref_df.iloc[2:], **kwargs)
+    shifted = ref_df.assign(chosen_tokens=ref_df["chosen_tokens"] + 1)
+    with pytest.raises(EvaluationError, match="different tokenization"):
+        evaluate_preferences(tiny_model, tokenized, reference_df=shifted, **kwargs)
+    with pytest.raises(EvaluationError, match="repeats pair_id"):
+        evaluate_preferences(tiny_model, tokenized, reference_df=pd.concat([ref_df, ref_df]), **kwargs)
+    with pytest.raises(EvaluationError, match="missing column"):
+        evaluate_preferences(tiny_model, tokenized.drop(columns="chosen_ids"), reference_df=ref_df, **kwargs)
+
+
+def test_pair_logps_restores_training_mode(tokenizer, tokenized, tiny_model):
+    tiny_model.train()
+    pair_logps(tiny_model, tokenized.to_dict("records"), batch_size=2)
+    assert tiny_model.training
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# compare_generations on tiny models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class LengthJudge:
+    """A transparent test judge: longer answers score higher."""
+
+    name = "answer-length (test)"
+
+    def score(self, prompts, answers, chosen, rejected):
+        return [float(len(a)) for a in answers]
+
+
+def _eval_cfg(**kw) -> EvalConfig:
+    base = dict(n_generations=3, generation_batch_size=2, max_new_tokens=6, batch_size=2, do_sample=True,
+                temperature=1.0, top_p=1.0, seed=5)
+    return EvalConfig(**{**base, **kw})
+
+
+def test_compare_generations_table_scores_and_summary(tokenizer):
+    reference = tiny_llama(tokenizer, seed=0)
+    policy = tiny_llama(tokenizer, seed=1)
+    table, summary = compare_generations(
+        policy, reference, tokenizer, PAIRS, eval_cfg=_eval_cfg(), beta=0.5, judge=LengthJudge(), spec=SPEC,
+    )
+    table = validate_generations(table)
+    assert list(table.columns) == GENERATION_COLUMNS
+    assert table["pair_id"].tolist() == ["p0", "p1", "p2"]
+    assert table["chosen"].tolist() == PAIRS["chosen"][:3].tolist()
+    assert json.loads(table["prompt_messages"][2])[0] == {"role": "system", "content": "Be terse."}
+    assert table["prompt"][2] == "Say hello in French."
+    assert (table["judge"] == "answer-length (test)").all() and summary["judge"] == "answer-length (test)"
+
+    # the implicit reward of the policy's first answer, by hand from the generated tokens
+    from dpo_core.generation import generate
+    from dpo_core.templating import render_prompt_ids
+
+    # same batch composition as inside compare_generations (sampling draws depend on it)
+    gens = generate(policy, tokenizer, list(PAIRS["prompt"][:2]), max_new_tokens=6, do_sample=True, seed=5, batch_size=2)
+    assert [g.text for g in gens] == table["policy_answer"][:2].tolist()
+    row = {"pair_id": "x", "prompt_ids": render_prompt_ids(PAIRS["prompt"][0], tokenizer, None),
+           "chosen_ids": gens[0].token_ids, "rejected_ids": gens[0].token_ids}
+    with torch.no_grad():
+        lp_pol = sequence_logps(policy, collate_pairs([row], 0))[0][0].item()
+        lp_ref = sequence_logps(reference, collate_pairs([row], 0))[0][0].item()
+    assert table["policy_implicit_reward"][0] == pytest.approx(0.5 * (lp_pol - lp_ref), abs=1e-4)
+
+    winners = ["tie" if a == b else ("policy" if a > b else "reference")
+               for a, b in zip(table["policy_answer"].str.len(), table["reference_answer"].str.len())]
+    assert table["winner"].tolist() == winners
+    assert summary["win_rate"] == pytest.approx((winners.count("policy") + 0.5 * winners.count("tie")) / 3)
+    assert summary["length_ratio"] == pytest.approx(table["policy_tokens"].mean() / table["reference_tokens"].mean())
+    assert summary["policy_eot_rate"] == table["policy_stopped_at_eos"].mean()
+    assert summary["n_prompts"] == 3
+
+
+def test_compare_generations_policy_equal_to_reference(tokenizer, tiny_model):
+    table, summary = compare_generations(
+        tiny_model, tiny_model, tokenizer, PAIRS, eval_cfg=_eval_cfg(n_generations=10), beta=0.1,
+        judge=LengthJudge(), spec=SPEC, max_prompt_length=12,
+    )
+    assert len(table) == len(PAIRS)  # n_generations larger than the set: every prompt, once
+    assert (table["policy_answer"] == table["reference_answer"]).all()  # same seed, same settings
+    assert np.allclose(table["policy_implicit_reward"], 0.0) and np.allclose(table["reference_implicit_reward"], 0.0)
+    assert summary["win_rate"] == 0.5 and summary["ties"] == len(PAIRS) and summary["length_ratio"] == 1.0
+    assert (table["prompt_tokens"] == 12).all()
+
+
+def test_compare_generations_default_embedding_judge(tokenizer, tiny_model):
+    table, summary = compare_generations(
+        tiny_model, tiny_llama(tokenizer, seed=2), tokenizer, PAIRS, eval_cfg=_eval_cfg(n_generations=2), beta=0.1,
+        spec=SPEC,
+    )
+    validate_generations(table)
+    assert "all-MiniLM-L6-v2" in summary["judge"]
+    assert table["policy_judge_score"].between(-2, 2).all()
+
+
+def test_compare_generations_errors(tokenizer, tiny_model):
+    kwargs = dict(beta=0.1, judge=LengthJudge(), spec=SPEC)
+    with pytest.raises(EvaluationError, match="zero held-out pairs"):
+        compare_generations(tiny_model, tiny_model, tokenizer, PAIRS.iloc[:0], eval_cfg=_eval_cfg(), **kwargs)
+    with pytest.raises(EvaluationError, match="n_generations is 0"):
+        compare_generations(tiny_model, tiny_model, tokenizer, PAIRS, eval_cfg=_eval_cfg(n_generations=0), **kwargs)
+    bad = PAIRS.assign(prompt=[[{"role": "assistant", "content": "x"}]] * len(PAIRS))
+    with pytest.raises(EvaluationError, match="pair p0: its prompt cannot be rendered"):
+        compare_generations(tiny_model, tiny_model, tokenizer, bad, eval_cfg=_eval_cfg(), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# contracts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _metrics_row(**kw) -> dict:
+    m = preference_metrics([-1.0, -2.0], [-2.0, -1.0], [-1.5, -1.5], [-1.5, -1.5], beta=0.1, bootstrap_samples=20)
+    return {"eval_set": "eval", **m, "chosen_tokens_mean": 5.0, "rejected_tokens_mean": 6.0, **kw}
+
+
+def test_metrics_contract_rejects_bad_records():
+    with pytest.raises(ContractError, match="reward_accuracy: less_than_or_equal_to") as err:
+        validate_metrics(pd.DataFrame([_metrics_row(reward_accuracy=1.5, reward_accuracy_ci_high=1.5)]))
+    assert "eval" in str(err.value)
+    with pytest.raises(ContractError, match="inside"):
+        validate_metrics(pd.DataFrame([_metrics_row(reward_accuracy_ci_low=0.9, reward_accuracy_ci_high=0.95)]))
+    with pytest.raises(ContractError, match="margin_mean must equal"):
+        validate_metrics(pd.DataFrame([_metrics_row(margin_mean=3.0)]))
+    with pytest.raises(ContractError, match="duplicate|field_uniqueness"):
+        validate_metrics(pd.DataFrame([_metrics_row(), _metrics_row()]))
+    with pytest.raises(ContractError, match="missing column n_pairs"):
+        validate_metrics(pd.DataFrame([_metrics_row()]).drop(columns="n_pairs"))
+    with pytest.raises(ContractError, match="no rows"):
+        validate_metrics(pd.DataFrame(columns=METRIC_COLUMNS))
+
+
+def test_generations_contract_rejects_bad_rows(tokenizer, tiny_model):
+    table, _ = compare_generations(
+        tiny_model, tiny_model, tokenizer, PAIRS, eval_cfg=_eval_cfg(n_generations=2), beta=0.1,
+        judge=LengthJudge(), spec=SPEC,
+    )
+    validate_generations(table)
+    with pytest.raises(ContractError, match="winner: isin") as err:
+        validate_generations(table.assign(winner=["policy", "nobody"]))
+    assert "p1" in str(err.value)
+    with pytest.raises(ContractError, match="finite"):
+        validate_generations(table.assign(policy_implicit_reward=[0.0, float("nan")]))
+    with pytest.raises(ContractError, match="unexpected column extra"):
+        validate_generations(table.assign(extra=1))
+    with pytest.raises(ContractError, match="one judge"):
+        validate_generations(table.assign(judge=["a", "b"]))
+
