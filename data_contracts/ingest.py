@@ -201,6 +201,8 @@ def _ingest_split(split: str, sources: list[SourceConfig], root: Path, bounds: d
         entries += e
         src_reports.append(rep)
     df = pd.DataFrame(rows, columns=PAIR_COLUMNS + _PRIVATE)
+    if df.empty:  # no row converted: give the text columns their dtype so the contract sees a typed empty table
+        df = df.astype({c: "str" for c in PAIR_COLUMNS if c != "prompt"})
     # exact duplicates: within this split (keep the first), and pairs an earlier split already holds
     within = df["pair_id"].duplicated(keep="first")
     across = df["pair_id"].isin(taken) & ~within

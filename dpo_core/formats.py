@@ -451,6 +451,8 @@ def _message(value: Any, where: str) -> dict[str, str]:
     contract checks them) except ShareGPT's human/gpt names, which are mapped."""
     if not isinstance(value, dict):
         raise RecordError("wrong_type", f"{where} is {type(value).__name__}, expected a message object")
+    if not set(value) & {"role", "content", "from", "value"}:
+        raise RecordError("wrong_type", f"{where} is an object without role/content (or from/value) keys")
     if "role" in value or "content" in value:
         role, content = value.get("role"), value.get("content")
     else:
