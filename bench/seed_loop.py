@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from bench.common import (
     BenchSettings,
-    StepTimer,
     VariantResult,
     add_settings_args,
     count_params,
@@ -123,7 +122,7 @@ def run(s: BenchSettings) -> VariantResult:
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(0.1 * n)), n)
-    timer = StepTimer()
+    step_ends = [time.perf_counter()]  # wall-clock at each step end: preprocessing, forward, backward, optimizer
     step_pairs, step_tokens, padded, history = [], [], [], []
     for i in range(n):
         row = data.tokenized.iloc[i]
@@ -136,7 +135,6 @@ def run(s: BenchSettings) -> VariantResult:
             len(tokenizer(raw[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected")
         ]
         response_lens = [min(text_lens[0], len(row.chosen_ids)), min(text_lens[1], len(row.rejected_ids))]
-        timer.start()
         batch = left_pad_batch(seqs, pad_id)
         out = dpo_loss(policy, reference, batch, response_lens, pad_id, s.beta)
         out["loss"].backward()
@@ -145,7 +143,7 @@ def run(s: BenchSettings) -> VariantResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         gc.collect()  # align-anything's torch_gc() after every step
-        timer.stop()
+        step_ends.append(time.perf_counter())
         step_pairs.append(1)
         step_tokens.append(int(batch["attention_mask"].sum()))
         padded.append(int(batch["input_ids"].numel()))
@@ -156,18 +154,19 @@ def run(s: BenchSettings) -> VariantResult:
                 "rewards/rejected": float(out["worse_sample_reward"].mean()),
             }
         )
+    intervals = [b - a for a, b in zip(step_ends, step_ends[1:])]
     return VariantResult(
         variant="seed_loop",
         params=count_params(policy),
         live_reference=True,
-        step_seconds=timer.seconds[1:],
+        step_seconds=intervals[1:],
         step_pairs=step_pairs[1:],
         step_tokens=step_tokens[1:],
         padded_tokens=padded[1:],
         peak_rss_mb=0.0,
         load_seconds=load_seconds,
         threads=s.threads,
-        notes=[f"warm-up step {timer.seconds[0]:.2f}s not timed", "batch size 1 (the seed tutorial's method)"],
+        notes=[f"warm-up step {intervals[0]:.2f}s not timed", "batch size 1 (the seed tutorial's method)"],
         history=history,
     )
 
