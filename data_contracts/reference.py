@@ -48,11 +48,11 @@ class ReferenceLogps(pa.DataFrameModel):
 
     @pa.check("chosen_logps", name="positive_chosen_logps")
     def _chosen_nonpositive(cls, s: Series[float]) -> Series[bool]:
-        return ~(s > LOGP_TOLERANCE)
+        return ~(np.isfinite(s) & (s > LOGP_TOLERANCE))
 
     @pa.check("rejected_logps", name="positive_rejected_logps")
     def _rejected_nonpositive(cls, s: Series[float]) -> Series[bool]:
-        return ~(s > LOGP_TOLERANCE)
+        return ~(np.isfinite(s) & (s > LOGP_TOLERANCE))
 
     @pa.check("chosen_tokens", name="nonpositive_chosen_tokens")
     def _chosen_tokens(cls, s: Series[int]) -> Series[bool]:
