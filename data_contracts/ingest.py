@@ -338,6 +338,8 @@ def write_pairs(df: pd.DataFrame, path: Path) -> Path:
     }
     table = pa.Table.from_pydict(records, schema=_ARROW_SCHEMA)
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise DataError(f"cannot write pairs to {path}: it exists and is not a regular file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

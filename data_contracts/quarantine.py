@@ -39,8 +39,14 @@ class QuarantineEntry:
 
 
 def write_quarantine(entries: Iterable[QuarantineEntry], path: Path) -> Path:
-    """Write all entries as JSON lines, atomically (temporary file + rename); an empty file when there are none."""
+    """Write all entries as JSON lines, atomically (temporary file + rename); an empty file when there are none.
+    A path that exists but is not a regular file (``/dev/null`` to discard) is written through, not replaced."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a device such as /dev/null: write through, never replace it
+        with open(path, "w", encoding="utf-8") as fh:
+            for entry in entries:
+                fh.write(entry.to_json() + "\n")
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

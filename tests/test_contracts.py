@@ -141,14 +141,14 @@ def test_bad_tokenized_table_reports_every_failure_at_once():
         validate_tokenized(df.iloc[:1].assign(prompt_truncated="no"), 6)
 
 
-def test_real_template_output_satisfies_the_contract(tokenizer):
+def test_real_template_output_satisfies_the_contract(tokenizer, tmp_path):
     """The template stage's own output (SmolLM2 chat template) on shipped pairs passes TokenizedPairs."""
     from data_contracts.ingest import ingest
     from dpo_core.config import DataConfig, SourceConfig
     from dpo_core.templating import ChatRenderer, tokenize_pairs
 
     cfg = DataConfig(train=[SourceConfig(path="data/llamafactory_dpo_en_demo/dpo_en_demo.json")], eval=None)
-    pairs = ingest(cfg, root=REPO, quarantine_path=Path("/dev/null")).pairs.head(24)
+    pairs = ingest(cfg, root=REPO, quarantine_path=tmp_path / "q.jsonl").pairs.head(24)
     tokenized, report = tokenize_pairs(pairs, tokenizer, max_length=128, max_prompt_length=64)
     header = ChatRenderer(tokenizer).header_ids
     assert len(tokenized) == 24 - len(report.rejected)

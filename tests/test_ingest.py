@@ -244,3 +244,16 @@ def test_pairs_round_trip_through_parquet(tmp_path):
     assert isinstance(back["prompt"][0], list) and isinstance(back["prompt"][0][0], dict)
     assert not list(tmp_path.glob(".pairs.parquet.*"))  # no temporary file left behind
     validate_pairs(back)
+
+
+def test_quarantine_to_a_device_is_written_through_not_replaced(tmp_path):
+    """`quarantine_path=/dev/null` discards entries; the device itself must survive (no rename over it)."""
+    import os
+    import stat
+
+    result = ingest(_cfg("tests/bad_inputs/blank_strings.jsonl"), root=REPO, quarantine_path=Path(os.devnull))
+    assert result.report["quarantined"] == 4
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    with pytest.raises(DataError, match="not a regular file"):
+        write_pairs(result.pairs, Path(os.devnull))
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
