@@ -1,0 +1,437 @@
+"""The DPO training loop: AdamW, warmup + schedule, accumulation, clipping, atomic checkpoints, bit-exact resume.
+
+``train`` reads top to bottom: set up, resume, then one optimizer step per iteration (accumulated micro-batches,
+clip, step), metrics, checkpoint. Everything else is a small helper below it.
+
+Determinism: the data order of epoch ``e`` is ``length_grouped_batches(lengths, batch_size, seed=seed + e)`` and
+optimizer step ``s`` always consumes the same micro-batches, so the data position is the step number itself. A
+checkpoint stores weights, optimizer, scheduler and RNG states; resuming from it on CPU reproduces the
+uninterrupted run's final weights bit for bit.
+
+Reference log-probs come from, in this order: the precomputed ``reference`` table; a live frozen ``ref_model``;
+the policy itself with its LoRA adapters disabled (peft; no second copy); nothing for the reference-free
+``simpo``. Otherwise the initial policy's table is computed once before training (``out_dir/reference.parquet``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from dpo_core.batching import PairBatch, collate_pairs, length_grouped_batches, pair_length
+from dpo_core.checkpoints import is_peft_model, remove_stale_tmp, resume_latest, save_checkpoint, write_atomic_dir
+from dpo_core.config import TrainConfig, stable_hash
+from dpo_core.logprobs import sequence_logps, split_pair_logps
+from dpo_core.losses import preference_loss, sft_nll
+from dpo_core.models import DeviceSpec
+from dpo_core.reference import compute_reference_logps, read_reference_table, write_reference_table
+
+__all__ = ["TrainError", "NonFiniteError", "TrainingInterrupted", "TrainResult", "train", "total_steps"]
+
+log = logging.getLogger(__name__)
+_NEEDED = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")
+
+
+class TrainError(ValueError):
+    """Training cannot start: bad data, configuration or reference; the message says what is wrong."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient became NaN/inf at ``step``; the weights were not updated by that step."""
+
+    def __init__(self, step: int, what: str, last_checkpoint: Path | None = None) -> None:
+        self.step = step
+        kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else "; no checkpoint was written yet"
+        super().__init__(f"non-finite {what} at optimizer step {step}{kept}")
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``stop_after_steps`` once the checkpoint of ``step`` is written (used to test resuming)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        super().__init__(f"training stopped on request after optimizer step {step} (checkpointed)")
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path  # out_dir / "final": HF folder (safetensors + tokenizer), LoRA merged
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int | None = None
+    tokens: int = 0  # non-padding tokens trained on over the whole run (resumed parts included)
+    seconds: float = 0.0  # wall time of this call
+
+
+def steps_per_epoch(n_pairs: int, cfg: TrainConfig) -> int:
+    return math.ceil(math.ceil(n_pairs / cfg.batch_size) / cfg.grad_accum)
+
+
+def total_steps(n_pairs: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of a run: ``max_steps`` when set, else epochs * ceil(micro-batches / grad_accum)."""
+    if n_pairs < 1:
+        raise TrainError("the training set is empty: no pairs to train on")
+    return cfg.max_steps or cfg.epochs * steps_per_epoch(n_pairs, cfg)
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tokenized_df: pd.DataFrame,
+    cfg: TrainConfig,
+    *,
+    out_dir: Path,
+    spec: DeviceSpec,
+    reference: pd.DataFrame | None = None,
+    ref_model: torch.nn.Module | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    stop_after_steps: int | None = None,
+    progress_bar: bool = True,
+) -> TrainResult:
+    """Train ``model`` (in place) on ``tokenized_df`` with ``cfg``; resume from ``out_dir/checkpoints`` if any.
+
+    ``tokenized_df`` holds the training pairs (``tokenize_pairs`` output; every row is trained on).
+    ``stop_after_steps``: checkpoint and raise ``TrainingInterrupted`` after that many steps of this call.
+    """
+    started = time.perf_counter()
+    out_dir, ckpt_root = Path(out_dir), Path(out_dir) / "checkpoints"
+    rows = _check_inputs(tokenized_df, cfg, tokenizer)
+    n_steps = total_steps(len(rows), cfg)
+    reference_fn = _reference_source(model, rows, cfg, spec, out_dir, reference, ref_model)
+    fingerprint = _run_fingerprint(rows, cfg)
+
+    torch.manual_seed(cfg.seed)
+    model.train()
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = _make_scheduler(optimizer, cfg, n_steps)
+
+    remove_stale_tmp(ckpt_root)
+    ckpt = resume_latest(ckpt_root, model, optimizer, scheduler, spec.device)
+    start = ckpt.step if ckpt else 0
+    history: list[dict[str, Any]] = ckpt.state["history"] if ckpt else []
+    tokens = int(ckpt.state["tokens"]) if ckpt else 0
+    if ckpt and ckpt.state.get("fingerprint") != fingerprint:
+        raise TrainError(f"checkpoints in {ckpt_root} belong to a different run (data or train config differ); "
+                         "use a new out_dir or delete them")
+    _write_history(out_dir, history)
+    last_ckpt = ckpt.path if ckpt else None
+
+    plan = _DataPlan(rows, cfg)
+    bar = tqdm(total=n_steps, initial=start, desc="dpo", unit="step", disable=not progress_bar)
+    for step in range(start + 1, n_steps + 1):
+        t0 = time.perf_counter()
+        stats = _Stats()
+        micro_batches = plan.step_batches(step)
+        pairs_in_step = sum(len(indices) for indices in micro_batches)
+        for indices in micro_batches:
+            batch = collate_pairs([rows[i] for i in indices], tokenizer.pad_token_id).to(spec.device)
+            _forward_backward(model, batch, reference_fn(batch), cfg, spec, stats, pairs_in_step, step, last_ckpt)
+        grad_norm = _clip(params, cfg.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(step, "gradient norm", last_ckpt)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        tokens += stats.tokens
+        metrics = stats.metrics(step=step, n_steps=n_steps, per_epoch=plan.per_epoch,
+                                grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0)
+        history.append(metrics)
+        _append_history(out_dir, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+
+        stopping = stop_after_steps is not None and step - start >= stop_after_steps and step < n_steps
+        if step % cfg.checkpoint_every == 0 or step == n_steps or stopping:
+            state = {"history": history, "tokens": tokens, "fingerprint": fingerprint, "total_steps": n_steps}
+            last_ckpt = save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        state=state, keep=cfg.keep_checkpoints)
+        if on_step is not None:  # after the checkpoint: a callback that raises loses nothing already saved
+            on_step(metrics)
+        if stopping:
+            bar.close()
+            raise TrainingInterrupted(step)
+    bar.close()
+
+    model_dir = _save_final(model, tokenizer, out_dir / "final")
+    return TrainResult(model_dir=model_dir, steps=n_steps, history=history, resumed_from_step=ckpt.step if ckpt else None,
+                       tokens=tokens, seconds=time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------------------------ one optimizer step
+
+
+class _Stats:
+    """Sums over the pairs of one optimizer step, turned into TRL-named metrics."""
+
+    def __init__(self) -> None:
+        self.pairs, self.tokens = 0, 0
+        self.sums = dict.fromkeys(("loss", "nll", "chosen", "rejected", "correct", "logps_c", "logps_r"), 0.0)
+
+    def add(self, batch: PairBatch, losses, nll, out, chosen_logps, rejected_logps) -> None:
+        self.pairs += batch.n_pairs
+        self.tokens += batch.n_tokens
+        for key, value in (("loss", losses), ("nll", nll), ("chosen", out.chosen_rewards),
+                           ("rejected", out.rejected_rewards),
+                           ("correct", (out.chosen_rewards > out.rejected_rewards).float()),
+                           ("logps_c", chosen_logps), ("logps_r", rejected_logps)):
+            if value is not None:
+                self.sums[key] += float(value.detach().float().sum())
+
+    def metrics(self, *, step: int, n_steps: int, per_epoch: int, grad_norm: float, lr: float, seconds: float):
+        mean = {k: v / max(self.pairs, 1) for k, v in self.sums.items()}
+        out = {
+            "loss": mean["loss"],
+            "rewards/chosen": mean["chosen"],
+            "rewards/rejected": mean["rejected"],
+            "rewards/accuracies": mean["correct"],
+            "rewards/margins": mean["chosen"] - mean["rejected"],
+            "logps/chosen": mean["logps_c"],
+            "logps/rejected": mean["logps_r"],
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "tokens_per_second": self.tokens / max(seconds, 1e-9),
+            "step": step,
+            "epoch": step / per_epoch,
+            "total_steps": n_steps,
+        }
+        if self.sums["nll"]:
+            out["nll_loss"] = mean["nll"]
+        return out
+
+
+def _forward_backward(model, batch: PairBatch, ref, cfg: TrainConfig, spec: DeviceSpec, stats: _Stats,
+                      pairs_in_step: int, step: int, last_ckpt: Path | None) -> None:
+    """Policy forward on the concatenated batch, loss, backward of this micro-batch's share of the step's mean."""
+    with spec.autocast():
+        logps, counts = sequence_logps(model, batch, chunk_size=cfg.logprob_chunk_size)
+    chosen, rejected = split_pair_logps(logps)
+    chosen_tokens, rejected_tokens = split_pair_logps(counts)
+    out = preference_loss(cfg.loss, chosen, rejected, ref[0], ref[1], beta=cfg.beta,
+                          label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                          chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+    losses, nll = out.losses, None
+    if cfg.sft_weight > 0:
+        nll = sft_nll(chosen, chosen_tokens)
+        losses = losses + cfg.sft_weight * nll
+    if not bool(torch.isfinite(losses).all()):
+        raise NonFiniteError(step, "loss", last_ckpt)
+    (losses.sum() / pairs_in_step).backward()
+    stats.add(batch, losses, nll, out, chosen, rejected)
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The global L2 gradient norm before clipping (clipping to ``max_norm`` when set)."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        raise TrainError("no parameter received a gradient; are all parameters frozen?")
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else float("inf")))
+
+
+# --------------------------------------------------------------------------------------------------- data order
+
+
+class _DataPlan:
+    """Which pairs each optimizer step trains on: a pure function of (data, config, step), cached per epoch.
+
+    Epoch ``e`` is ``length_grouped_batches(lengths, batch_size, seed=seed + e)``; its optimizer step ``k`` takes
+    micro-batches ``k * grad_accum .. (k + 1) * grad_accum - 1``. Steps beyond the last epoch (``max_steps``)
+    continue into new epochs.
+    """
+
+    def __init__(self, rows: list[dict], cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.lengths = [pair_length(r) for r in rows]
+        self.per_epoch = steps_per_epoch(len(rows), cfg)
+        self._epoch, self._batches = -1, []
+
+    def step_batches(self, step: int) -> list[list[int]]:
+        epoch, k = divmod(step - 1, self.per_epoch)
+        if epoch != self._epoch:
+            mult = self.cfg.mega_batch_mult if self.cfg.length_grouping else 1
+            self._batches = length_grouped_batches(self.lengths, self.cfg.batch_size, seed=self.cfg.seed + epoch,
+                                                   mega_batch_mult=mult)
+            self._epoch = epoch
+        return self._batches[k * self.cfg.grad_accum : (k + 1) * self.cfg.grad_accum]
+
+
+# ------------------------------------------------------------------------------------------------------ set-up
+
+
+def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) -> list[dict]:
+    """The training rows as plain dicts with int lists; a TrainError for anything training cannot use."""
+    if not isinstance(tokenized_df, pd.DataFrame):
+        raise TrainError(f"tokenized_df must be a pandas DataFrame, got {type(tokenized_df).__name__}")
+    missing = [c for c in _NEEDED if c not in tokenized_df.columns]
+    if missing:
+        raise TrainError(f"tokenized pairs are missing column(s) {missing}; expected tokenize_pairs output")
+    if tokenized_df.empty:
+        raise TrainError("the training set is empty: no pairs to train on")
+    duplicated = tokenized_df["pair_id"][tokenized_df["pair_id"].duplicated()].tolist()
+    if duplicated:
+        raise TrainError(f"{len(duplicated)} duplicated pair_id(s) in the training set, e.g. {duplicated[:3]}")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise TrainError("the tokenizer has no pad token id; load it with dpo_core.models.load_tokenizer")
+    if cfg.packing:
+        raise TrainError("train.packing=true is not supported by this trainer (padding-free packing is not "
+                         "implemented); set train.packing=false")
+    if cfg.strategy in ("ddp", "fsdp") or cfg.processes > 1:
+        raise TrainError(f"train.strategy={cfg.strategy!r} / processes={cfg.processes}: this trainer runs in one "
+                         "process on one device; use strategy 'auto' or 'single' with processes=1")
+    rows = []
+    for row in tokenized_df[list(_NEEDED)].to_dict("records"):
+        rows.append({"pair_id": str(row["pair_id"]),
+                     **{k: [int(x) for x in row[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}})
+    return rows
+
+
+def _run_fingerprint(rows: list[dict], cfg: TrainConfig) -> str:
+    """Identifies a run (data + settings that change the result), so checkpoints of another run are not resumed."""
+    data = [(r["pair_id"], len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
+    settings = cfg.model_dump(mode="json", exclude={"checkpoint_every", "keep_checkpoints", "reference_batch_size",
+                                                    "logprob_chunk_size"})
+    return stable_hash({"data": data, "train": settings})
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, n_steps: int):
+    """Linear warmup over ceil(warmup_ratio * steps), then cosine / linear decay to 0, or constant."""
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+    warmup = math.ceil(cfg.warmup_ratio * n_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    target = model.get_base_model() if is_peft_model(model) else model
+    if not getattr(target, "supports_gradient_checkpointing", False):
+        raise TrainError(f"{type(target).__name__} does not support gradient checkpointing; set "
+                         "train.gradient_checkpointing=false")
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5 name
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(target.config, "use_cache"):
+        target.config.use_cache = False
+
+
+# --------------------------------------------------------------------------------------------------- reference
+
+RefFn = Callable[[PairBatch], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def _reference_source(model, rows: list[dict], cfg: TrainConfig, spec: DeviceSpec, out_dir: Path,
+                      reference: pd.DataFrame | None, ref_model: torch.nn.Module | None) -> RefFn:
+    """A function batch -> (ref chosen logps [B], ref rejected logps [B]) (see the module docstring)."""
+    if reference is not None and ref_model is not None:
+        raise TrainError("pass either a precomputed reference table or a live ref_model, not both")
+    if cfg.loss == "simpo":
+        return lambda batch: (None, None)
+    if reference is not None:
+        return _table_lookup(_reference_by_pair(reference, rows), spec.device)
+    if ref_model is not None:
+        return _live_reference(ref_model, cfg, spec)
+    if is_peft_model(model):
+        return _live_reference(model, cfg, spec, disable_adapters=True)
+    return _table_lookup(_reference_by_pair(_initial_policy_table(model, rows, cfg, spec, out_dir), rows), spec.device)
+
+
+def _reference_by_pair(reference: pd.DataFrame, rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """pair_id -> (chosen, rejected) reference log-probs; every training pair must be there with matching lengths."""
+    needed = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"]
+    missing_cols = [c for c in needed if c not in reference.columns]
+    if missing_cols:
+        raise TrainError(f"the reference table is missing column(s) {missing_cols}")
+    table = {str(r.pair_id): r for r in reference[needed].itertuples(index=False)}
+    absent = [r["pair_id"] for r in rows if r["pair_id"] not in table]
+    if absent:
+        raise TrainError(f"the reference table lacks {len(absent)} of {len(rows)} training pairs (e.g. {absent[:3]})")
+    stale = [r["pair_id"] for r in rows if (table[r["pair_id"]].chosen_tokens, table[r["pair_id"]].rejected_tokens)
+             != (len(r["chosen_ids"]), len(r["rejected_ids"]))]
+    if stale:
+        raise TrainError(f"the reference table's token counts differ from the training pairs for {len(stale)} pairs "
+                         f"(e.g. {stale[:3]}): it was computed from a different tokenization")
+    return {r["pair_id"]: (float(table[r["pair_id"]].chosen_logps), float(table[r["pair_id"]].rejected_logps))
+            for r in rows}
+
+
+def _table_lookup(by_pair: dict[str, tuple[float, float]], device: torch.device) -> RefFn:
+    def lookup(batch: PairBatch):
+        values = torch.tensor([by_pair[p] for p in batch.pair_ids], dtype=torch.float32, device=device)
+        return values[:, 0], values[:, 1]
+
+    return lookup
+
+
+def _live_reference(ref: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, disable_adapters: bool = False) -> RefFn:
+    """Score each batch with a frozen model (or the policy with its LoRA adapters off), eval mode, no grad."""
+
+    def live(batch: PairBatch):
+        was_training = ref.training
+        ref.eval()
+        try:
+            with torch.no_grad(), spec.autocast(), (ref.disable_adapter() if disable_adapters else contextlib.nullcontext()):
+                logps, _ = sequence_logps(ref, batch, chunk_size=cfg.logprob_chunk_size)
+        finally:
+            ref.train(was_training)
+        return split_pair_logps(logps.float())
+
+    return live
+
+
+def _initial_policy_table(model, rows: list[dict], cfg: TrainConfig, spec: DeviceSpec, out_dir: Path) -> pd.DataFrame:
+    """With no reference given, the reference is the policy before training: score it once, cache the table."""
+    path = out_dir / "reference.parquet"
+    if path.is_file():
+        cached = read_reference_table(path)
+        try:
+            _reference_by_pair(cached, rows)
+            return cached
+        except TrainError as exc:
+            log.warning("recomputing %s: %s", path, exc)
+    log.info("no reference given: scoring %d pairs with the initial policy as the reference", len(rows))
+    table = compute_reference_logps(model, pd.DataFrame(rows), batch_size=cfg.reference_batch_size, spec=spec,
+                                    chunk_size=cfg.logprob_chunk_size)
+    write_reference_table(table, path)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------- outputs
+
+
+def _write_history(out_dir: Path, history: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "history.jsonl", "w") as f:
+        f.writelines(json.dumps(row, default=float) + "\n" for row in history)
+
+
+def _append_history(out_dir: Path, row: dict) -> None:
+    with open(out_dir / "history.jsonl", "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+
+
+def _save_final(model: torch.nn.Module, tokenizer: Any, target: Path) -> Path:
+    """The trained model as a Hugging Face folder (safetensors + tokenizer), LoRA merged into a copy, atomically."""
+
+    def fill(folder: Path) -> None:
+        to_save = copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
+        to_save.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return write_atomic_dir(target, fill)

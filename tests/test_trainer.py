@@ -1,0 +1,203 @@
+"""The trainer: bit-exact kill-and-resume, precomputed reference == live reference, accumulation, LoRA, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo_core.checkpoints import list_checkpoints
+from dpo_core.config import LoraConfig, ModelConfig, TrainConfig
+from dpo_core.models import DeviceSpec, attach_lora, tiny_llama
+from dpo_core.reference import compute_reference_logps
+from dpo_core.trainer import NonFiniteError, TrainError, TrainingInterrupted, total_steps, train
+
+CPU = DeviceSpec(torch.device("cpu"), torch.float32, None, "eager")
+TRL_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second", "step", "epoch"}
+TIMING = {"tokens_per_second"}
+
+
+def _pairs(n: int = 10, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    ids = lambda k: rng.integers(20, 2000, size=k).tolist()  # noqa: E731
+    return pd.DataFrame([
+        {"pair_id": f"p{i}", "split": "train", "prompt_ids": ids(int(rng.integers(3, 12))),
+         "chosen_ids": ids(int(rng.integers(2, 14))), "rejected_ids": ids(int(rng.integers(2, 14))),
+         "prompt_truncated": False, "chosen_truncated": False, "rejected_truncated": False}
+        for i in range(n)
+    ])
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(learning_rate=5e-3, batch_size=2, grad_accum=2, epochs=2, warmup_ratio=0.2, checkpoint_every=2,
+                keep_checkpoints=2, seed=3, beta=0.5, mega_batch_mult=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def _model(tokenizer, lora: LoraConfig | None = None):
+    model = tiny_llama(tokenizer, seed=0, hidden_size=32)
+    return attach_lora(model, ModelConfig(lora=lora)) if lora else model
+
+
+def _weights(result) -> dict[str, torch.Tensor]:
+    return load_file(str(result.model_dir / "model.safetensors"))
+
+
+def _strip(history):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+@pytest.mark.parametrize("lora", [None, LoraConfig(r=4, alpha=8, dropout=0.2)], ids=["full", "lora-dropout"])
+def test_kill_and_resume_gives_bit_identical_weights(tmp_path, tokenizer, lora):
+    df, cfg = _pairs(), _cfg()
+    ref = compute_reference_logps(_model(tokenizer), df, batch_size=4, spec=CPU)
+    steps = total_steps(len(df), cfg)
+    assert steps == 2 * 3  # ceil(ceil(10 / 2) / 2) per epoch
+
+    straight = train(_model(tokenizer, lora), tokenizer, df, cfg, out_dir=tmp_path / "a", spec=CPU, reference=ref,
+                     progress_bar=False)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(_model(tokenizer, lora), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
+              stop_after_steps=3, progress_bar=False)
+    assert stopped.value.step == 3
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [2, 3]
+    torch.manual_seed(12345)  # a different RNG state in the new "process": the checkpoint must restore it
+    resumed = train(_model(tokenizer, lora), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
+                    progress_bar=False)
+
+    assert resumed.resumed_from_step == 3 and straight.resumed_from_step is None
+    assert resumed.steps == straight.steps == steps and resumed.tokens == straight.tokens
+    assert _strip(resumed.history) == _strip(straight.history)
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    lines = (tmp_path / "b" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [4, 6]  # every 2 steps and at the end, keep_checkpoints=2
+
+
+def test_precomputed_reference_equals_live_reference_model(tmp_path, tokenizer):
+    df, cfg = _pairs(8), _cfg(epochs=1, checkpoint_every=100)
+    table = compute_reference_logps(_model(tokenizer), df, batch_size=3, spec=CPU)
+    runs = {
+        "table": train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "t", spec=CPU, reference=table,
+                       progress_bar=False),
+        "live": train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "l", spec=CPU,
+                      ref_model=_model(tokenizer), progress_bar=False),
+        "initial-policy": train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "i", spec=CPU,
+                                progress_bar=False),
+    }
+    assert (tmp_path / "i" / "reference.parquet").is_file()
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"]
+    expected = [[row[k] for k in keys] for row in runs["table"].history]
+    assert len(expected) == 2 and expected[0][0] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at first
+    for name in ("live", "initial-policy"):
+        got = [[row[k] for k in keys] for row in runs[name].history]
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_gradient_accumulation_matches_a_big_batch(tmp_path, tokenizer):
+    df = _pairs(8)
+    common = dict(epochs=1, length_grouping=False, checkpoint_every=100, max_grad_norm=None)
+    big = train(_model(tokenizer), tokenizer, df, _cfg(batch_size=4, grad_accum=1, **common), out_dir=tmp_path / "a",
+                spec=CPU, progress_bar=False)
+    acc = train(_model(tokenizer), tokenizer, df, _cfg(batch_size=2, grad_accum=2, **common), out_dir=tmp_path / "b",
+                spec=CPU, progress_bar=False)
+    assert big.steps == acc.steps == 2
+    np.testing.assert_allclose([r["loss"] for r in acc.history], [r["loss"] for r in big.history], rtol=1e-5)
+    a, b = _weights(big), _weights(acc)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_metrics_schedule_and_gradient_checkpointing(tmp_path, tokenizer):
+    df, cfg = _pairs(8), _cfg(epochs=1, batch_size=2, grad_accum=1, schedule="linear", warmup_ratio=0.25,
+                              checkpoint_every=100, sft_weight=0.5)
+    seen = []
+    plain = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "a", spec=CPU, on_step=seen.append,
+                  progress_bar=False)
+    assert plain.steps == 4 and len(seen) == 4 and seen == plain.history
+    for row in plain.history:
+        assert TRL_METRICS <= row.keys() and "nll_loss" in row
+        assert all(np.isfinite(v) for v in row.values())
+        assert row["tokens_per_second"] > 0 and row["grad_norm"] > 0
+    lrs = [row["learning_rate"] for row in plain.history]
+    assert lrs == pytest.approx([0.0, 5e-3, 5e-3 * 2 / 3, 5e-3 / 3])  # 1 warmup step, then linear decay
+    assert [row["epoch"] for row in plain.history] == [0.25, 0.5, 0.75, 1.0]
+    lengths = df.apply(lambda r: 2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids), axis=1)
+    assert plain.tokens == int(lengths.sum())
+
+    checkpointed = train(_model(tokenizer), tokenizer, df, cfg.model_copy(update={"gradient_checkpointing": True}),
+                         out_dir=tmp_path / "b", spec=CPU, progress_bar=False)
+    np.testing.assert_allclose([r["loss"] for r in checkpointed.history], [r["loss"] for r in plain.history],
+                               rtol=1e-5)
+
+
+def test_lora_reference_is_the_model_with_adapters_disabled(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    df, cfg = _pairs(6), _cfg(epochs=1, checkpoint_every=100, learning_rate=5e-2, warmup_ratio=0.0)
+    model = _model(tokenizer, LoraConfig(r=4, alpha=8))
+    result = train(model, tokenizer, df, cfg, out_dir=tmp_path, spec=CPU, progress_bar=False)
+    first = result.history[0]
+    # LoRA's B starts at zero: policy == reference on the first step
+    assert first["rewards/chosen"] == 0.0 and first["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert result.history[-1]["rewards/margins"] != 0.0
+    assert not (tmp_path / "reference.parquet").exists(), "no table computed: adapters-off is the reference"
+    merged = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.tensor([df["prompt_ids"][0] + df["chosen_ids"][0]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "sigmoid_norm", "simpo"])
+def test_every_loss_trains(tmp_path, tokenizer, loss):
+    cfg = _cfg(loss=loss, epochs=1, max_steps=2, checkpoint_every=100,
+               label_smoothing=0.1 if loss in ("robust", "sigmoid_norm") else 0.0)
+    result = train(_model(tokenizer), tokenizer, _pairs(4), cfg, out_dir=tmp_path, spec=CPU, progress_bar=False)
+    assert result.steps == 2 and all(np.isfinite(r["loss"]) for r in result.history)
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer):
+    model = _model(tokenizer)
+
+    def poison(metrics):
+        if metrics["step"] == 2:
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteError, match="optimizer step 3") as err:
+        train(model, tokenizer, _pairs(), _cfg(checkpoint_every=1), out_dir=tmp_path, spec=CPU, on_step=poison,
+              progress_bar=False)
+    assert err.value.step == 3 and "step-000002" in str(err.value)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [1, 2]
+    good = load_file(str(tmp_path / "checkpoints" / "step-000002" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, tokenizer):
+    model, df = _model(tokenizer), _pairs(4)
+    with pytest.raises(TrainError, match="training set is empty"):
+        train(model, tokenizer, df.iloc[:0], _cfg(), out_dir=tmp_path, spec=CPU)
+    with pytest.raises(TrainError, match="missing column"):
+        train(model, tokenizer, df.drop(columns=["chosen_ids"]), _cfg(), out_dir=tmp_path, spec=CPU)
+    ref = compute_reference_logps(model, df.iloc[:2], batch_size=2, spec=CPU)
+    with pytest.raises(TrainError, match="lacks 2 of 4 training pairs"):
+        train(model, tokenizer, df, _cfg(), out_dir=tmp_path, spec=CPU, reference=ref)
+    with pytest.raises(TrainError, match="not both"):
+        train(model, tokenizer, df, _cfg(), out_dir=tmp_path, spec=CPU, reference=ref, ref_model=model)
+    with pytest.raises(TrainError, match="packing"):
+        train(model, tokenizer, df, _cfg(packing=True), out_dir=tmp_path, spec=CPU)
+    with pytest.raises(TrainError, match="duplicated pair_id"):
+        train(model, tokenizer, pd.concat([df, df]), _cfg(), out_dir=tmp_path, spec=CPU)
+    # checkpoints of one run are not resumed by another
+    train(model, tokenizer, df, _cfg(max_steps=1), out_dir=tmp_path / "run", spec=CPU, progress_bar=False)
+    with pytest.raises(TrainError, match="different run"):
+        train(_model(tokenizer), tokenizer, df, _cfg(max_steps=1, beta=0.2), out_dir=tmp_path / "run", spec=CPU)
