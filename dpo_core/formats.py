@@ -314,7 +314,14 @@ def _iter_parquet(path: Path) -> Iterator[RawRecord]:
     except (pa.ArrowInvalid, pa.ArrowException) as exc:
         raise FormatError(f"{path} is not a readable Parquet file: {_first_line(exc)}") from exc
     row = 0
-    for batch in pf.iter_batches(batch_size=1024):
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except pa.ArrowException as exc:  # a corrupt row group
+            raise FormatError(f"cannot read {path} after row {row}: {_first_line(exc)}") from exc
         for value in batch.to_pylist():
             yield RawRecord(str(path), row, record=value)
             row += 1

@@ -307,3 +307,26 @@ def test_auto_detection_of_the_shipped_files(tmp_path):
     with pytest.raises(FormatError, match="cannot detect"):
         detect_file_format(list(iter_file_records(_write_jsonl(tmp_path / "u.jsonl",
                                                                 [{"a": 1}]))), {}, "x")
+
+
+def test_parquet_nulls_and_conversational_columns(tmp_path):
+    df = pd.DataFrame({
+        "prompt": [[{"role": "user", "content": "q"}], None],
+        "chosen": [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "x"}]],
+        "rejected": [[{"role": "assistant", "content": "b"}], [{"role": "assistant", "content": "y"}]],
+    })
+    df.to_parquet(tmp_path / "c.parquet")
+    recs = list(iter_file_records(tmp_path / "c.parquet"))
+    assert to_canonical(recs[0].record, detect_format(recs[0].record)).chosen == "a"
+    with pytest.raises(RecordError, match="missing_field"):
+        to_canonical(recs[1].record, "trl")
+
+
+def test_truncated_gzip_is_a_one_line_error(tmp_path):
+    data = gzip.compress(("".join(json.dumps(TRL) + "\n" for _ in range(200))).encode())
+    (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "fake.jsonl.gz").write_bytes(b"plain text, not gzip")
+    for name in ["t.jsonl.gz", "fake.jsonl.gz"]:
+        with pytest.raises(FormatError, match="cannot read") as err:
+            list(iter_file_records(tmp_path / name))
+        assert "\n" not in str(err.value)
