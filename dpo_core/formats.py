@@ -279,6 +279,24 @@ def _unsurrogate(value: Any) -> Any:
     return value
 
 
+def _refuse_single_object(path: Path, text: str) -> None:
+    """FormatError for a pretty-printed JSON object (e.g. ``{"data": [...]}``), which is neither an array of records
+    nor JSON Lines: read line by line it would only give malformed lines."""
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        json.loads(first)
+        return  # the first line is a whole JSON value: JSON Lines
+    except json.JSONDecodeError:
+        pass
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return  # not one document either: read as lines, each bad line is quarantined with its reason
+    if isinstance(value, dict):
+        raise FormatError(f"{path} holds one JSON object (keys: {sorted(value)[:8]}), not an array of records or "
+                          "JSON Lines; convert it to a list of records")
+
+
 def _iter_json(path: Path) -> Iterator[RawRecord]:
     with _open_bytes(path) as fh:
         data = fh.read()
@@ -286,6 +304,7 @@ def _iter_json(path: Path) -> Iterator[RawRecord]:
         data = data[len(_BOM):]
     text = data.decode("utf-8", "surrogateescape")  # bad bytes are isolated per record below
     if not text.lstrip().startswith("["):
+        _refuse_single_object(path, text)
         # many `.json` files are really JSON Lines
         yield from _iter_jsonl(path)
         return

@@ -330,3 +330,11 @@ def test_truncated_gzip_is_a_one_line_error(tmp_path):
         with pytest.raises(FormatError, match="cannot read") as err:
             list(iter_file_records(tmp_path / name))
         assert "\n" not in str(err.value)
+
+
+def test_a_single_json_object_document_is_a_clear_error(tmp_path):
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [TRL, TRL]}, indent=2))
+    with pytest.raises(FormatError, match="holds one JSON object"):
+        list(iter_file_records(tmp_path / "wrapped.json"))
+    (tmp_path / "one_line.json").write_text(json.dumps(TRL) + "\n")  # one JSON Lines record is fine
+    assert [r.record for r in iter_file_records(tmp_path / "one_line.json")] == [TRL]
