@@ -290,9 +290,18 @@ def save_checkpoint(
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoint folders (incomplete ones older than those go too)."""
-    for _, path in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+    """Keep the newest `keep` complete checkpoints (size check against the manifest); delete every other folder.
+
+    A damaged newer folder therefore never causes the last good checkpoint to be deleted.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    found = list_checkpoints(root)
+    complete = [path for _, path in found if is_complete(path, hashes=False)]
+    kept = set(complete[-keep:])
+    for _, path in found:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
