@@ -49,7 +49,7 @@ from dpo_core.formats import (
 )
 
 __all__ = ["IngestResult", "ingest", "write_pairs", "read_pairs", "in_hashed_eval", "pairs_fingerprint",
-           "CHECK_DESCRIPTIONS"]
+           "report_rows", "CHECK_DESCRIPTIONS"]
 
 # what each quarantine check means (reader, adapter and contract checks)
 CHECK_DESCRIPTIONS: dict[str, str] = {
@@ -321,6 +321,29 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
         "fingerprint": fingerprint,
     }
     return IngestResult(pairs=pairs, report=report, fingerprint=fingerprint, quarantine_path=quarantine_path)
+
+
+def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ingest report flattened to one row per configured split (for a Prefect table artifact / MLflow table):
+    split, read, accepted, quarantined, duplicates_removed, pairs used, left out by max_*_pairs, checks failed."""
+    rows = []
+    for split, rep in report["splits"].items():
+        rows.append({
+            "split": split,
+            "read": rep["read"],
+            "accepted": rep["accepted"],
+            "quarantined": rep["quarantined"],
+            "duplicates_removed": rep["duplicates_removed"],
+            "pairs": report["pairs"].get(split, 0),
+            "left_out_by_max_pairs": report["left_out_by_max_pairs"].get(split, 0),
+            "quarantined_by_check": ", ".join(f"{c} {n}" for c, n in rep["quarantined_by_check"].items()) or "-",
+        })
+    if report.get("eval_split") == "hash":  # the hashed eval split has no sources of its own
+        rows.append({"split": "eval", "read": 0, "accepted": 0, "quarantined": 0, "duplicates_removed": 0,
+                     "pairs": report["pairs"].get("eval", 0),
+                     "left_out_by_max_pairs": report["left_out_by_max_pairs"].get("eval", 0),
+                     "quarantined_by_check": "(hashed from train)"})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------- parquet

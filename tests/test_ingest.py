@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from data_contracts.errors import DataError
-from data_contracts.ingest import in_hashed_eval, ingest, read_pairs, write_pairs
+from data_contracts.ingest import in_hashed_eval, ingest, read_pairs, report_rows, write_pairs
 from data_contracts.pairs import PAIR_COLUMNS, validate_pairs
 from data_contracts.quarantine import read_quarantine
 from dpo_core.config import DataConfig, SourceConfig
@@ -174,6 +174,15 @@ def test_hash_split_is_stable_when_data_is_appended(tmp_path):
     after = dict(zip(second.pairs["pair_id"], second.pairs["split"], strict=True))
     assert all(after[pid] == split for pid, split in before.items())
     assert all((s == "eval") == in_hashed_eval(p, 0.2) for p, s in after.items())
+
+
+def test_report_rows_flatten_the_report_per_split(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40) + [{"prompt": "q", "chosen": "x", "rejected": "x"}])
+    result = ingest(_cfg(str(path), max_train_pairs=10), root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    rows = {r["split"]: r for r in report_rows(result.report)}
+    assert rows["train"]["read"] == 41 and rows["train"]["quarantined_by_check"] == "chosen_equals_rejected 1"
+    assert rows["train"]["pairs"] == 10 and rows["train"]["left_out_by_max_pairs"] == 40 - 10 - rows["eval"]["pairs"]
+    assert rows["train"]["pairs"] + rows["eval"]["pairs"] + rows["train"]["left_out_by_max_pairs"] == 40
 
 
 def test_max_pairs_keep_the_first_n_and_report_the_rest(tmp_path):
