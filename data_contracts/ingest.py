@@ -79,7 +79,7 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "chosen_too_short": "chosen is shorter than data.min_chars",
     "rejected_too_short": "rejected is shorter than data.min_chars",
 }
-_PRIVATE = ["_source", "_file", "_row", "_line", "_record"]
+_PRIVATE = ["_source", "_record"]
 _ARROW_SCHEMA = pa.schema([
     ("pair_id", pa.string()),
     ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -152,7 +152,7 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
     formats: dict[str, str] = {}
     for file, group in itertools.groupby(records, key=lambda r: r.file):
         recs = list(group)
-        fmt: str | None = src.format
+        fmt = src.format
         if fmt == "auto":
             if any(r.record is not None for r in recs):
                 try:
@@ -160,14 +160,14 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
                 except FormatError as exc:
                     raise DataError(f"{where}: {exc}") from exc
             else:
-                fmt = None  # nothing readable: every record is quarantined with its read error below
-        formats[_rel(file, root)] = fmt or "unreadable"
+                fmt = "unreadable"  # nothing readable: every record is quarantined with its read error below
+        formats[_rel(file, root)] = fmt
         for rec in recs:
             if rec.record is None:
                 entries.append(_entry(split, label, rec, [rec.error or "unreadable"], [rec.detail or ""], root))
                 continue
             try:
-                canon = to_canonical(rec.record, fmt or "trl", src.fields)
+                canon = to_canonical(rec.record, fmt, src.fields)
             except RecordError as exc:
                 entries.append(_entry(split, label, rec, [exc.reason], [exc.detail], root))
                 continue
@@ -179,11 +179,8 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
                 "source": label,
                 "meta": json.dumps(json_safe(canon.meta), sort_keys=True, ensure_ascii=False),
                 "split": split,
-                "_source": idx,
-                "_file": rec.file,
-                "_row": rec.row,
-                "_line": rec.line,
-                "_record": rec,
+                "_source": idx,  # which source (for per-source counts)
+                "_record": rec,  # where it came from (for a quarantine entry)
             })
     report = {"name": label, "path": src.path, "formats": formats, "read": len(records),
               "quarantined": len(entries)}
