@@ -238,7 +238,8 @@ class VariantResult:
     step_pairs: list[int]  # pairs in each timed step
     step_tokens: list[int]  # non-padding policy tokens in each timed step (chosen + rejected sequences)
     padded_tokens: list[int]  # tokens including padding in each timed step (what the model actually computed)
-    peak_rss_mb: float
+    peak_rss_mb: float  # whole process, read at its very end
+    train_peak_rss_mb: float | None = None  # high-water mark before any checkpoint write (None: = peak_rss_mb)
     precompute_seconds: float | None = None  # reference log-prob pass (not part of the step times)
     precompute_pairs: int | None = None
     load_seconds: float = 0.0
@@ -276,6 +277,8 @@ class VariantResult:
 def write_result(result: VariantResult, path: Path | None) -> None:
     """Write the JSON record (to `path`, or stdout); peak RSS is read at the very end of the run."""
     result.peak_rss_mb = peak_rss_mb()
+    if result.train_peak_rss_mb is None:
+        result.train_peak_rss_mb = result.peak_rss_mb
     blob = json.dumps(result.to_json(), indent=1)
     if path is None:
         print(blob)
