@@ -15,26 +15,18 @@ def _fmt(value: Any) -> str:
 
 
 def data_report_markdown(pairs: dict[str, Any]) -> str:
-    """The ingest report as a markdown table: per split, rows read/accepted/quarantined/duplicates, and reasons."""
+    """The ingest report as markdown: one row per split (read, accepted, quarantined per check, duplicates)."""
+    from data_contracts.ingest import report_rows
+
     report = pairs.get("report", {})
-    lines = [f"# Data report\n\nfingerprint `{pairs.get('fingerprint')}`, quarantine file "
-             f"`{Path(pairs['path']) / pairs.get('quarantine_file', 'quarantine.jsonl')}`\n"]
-    scalar = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
-    if scalar:
-        lines += ["| field | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in scalar.items()], ""]
-    for name, value in report.items():
-        if isinstance(value, dict):
-            flat = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
-            nested = {k: v for k, v in value.items() if isinstance(v, dict)}
-            lines += [f"## {name}", "", "| field | value |", "|---|---|"]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
-            for k, v in nested.items():
-                lines += [f"| {k}: {kk} | {_fmt(vv)} |" for kk, vv in v.items()] or [f"| {k} | (none) |"]
-            lines.append("")
-    splits = pairs.get("splits", {})
-    if splits:
-        lines += ["## accepted pairs per split", "", "| split | pairs |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in splits.items()]
+    quarantine = Path(pairs["path"]) / pairs.get("quarantine_file", "quarantine.jsonl")
+    lines = [f"# Data report\n\nfingerprint `{pairs.get('fingerprint')}`; quarantine file `{quarantine}`\n"]
+    rows = report_rows(report) if "splits" in report else []
+    if rows:
+        cols = list(rows[0])
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines.append("\nInvariant per split: read = accepted + quarantined + duplicates removed.")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from data_contracts.ingest import read_pairs
 from data_contracts.tokenized import validate_tokenized
 from dpo_core.config import RunConfig
 from dpo_core.models import load_tokenizer
-from dpo_core.templating import tokenize_pairs
+from dpo_core.templating import ChatRenderer, tokenize_pairs
 from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
 
 STAGE = "template"
@@ -35,7 +35,8 @@ def template_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any])
         table, report = tokenize_pairs(
             canonical, tokenizer, cfg.template.max_length, cfg.template.max_prompt_length, cfg.model.system_prompt
         )
-        table = validate_tokenized(table, cfg.template.max_length)
+        header = ChatRenderer(tokenizer, cfg.model.system_prompt).header_ids
+        table = validate_tokenized(table, cfg.template.max_length, generation_header_ids=header)
         out = folder / "tokenized.parquet"
         table.to_parquet(out, index=False)
         report_dict = report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
