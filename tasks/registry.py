@@ -33,8 +33,10 @@ from tasks.tracking import RetryPolicy, RunTracker, _finite_number, tracking_uri
 
 log = logging.getLogger(__name__)
 
-ACCURACY_METRIC = "eval/reward_accuracy"  # held-out preference (implicit reward) accuracy on the main eval set
-WIN_RATE_METRIC = "eval/win_rate"  # the judge's policy-vs-reference win rate from the generation comparison
+# the flat keys tasks.register.gate_metrics produces
+ACCURACY_METRIC = "eval_reward_accuracy"  # held-out preference (implicit reward) accuracy on the main eval set
+WIN_RATE_METRIC = "win_rate"  # the judge's policy-vs-reference win rate from the generation comparison
+METRIC_TAG_PREFIX = "metric."  # every gate metric is a version tag `metric.<key>`
 CANDIDATE, CHAMPION = "candidate", "champion"
 LOGGED_MODEL_NAME = "policy"
 TASK = "llm/v1/chat"
@@ -136,14 +138,14 @@ def _pip_requirements() -> list[str]:
 
 
 def _version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
-    """The eval metrics stored as tags on a version (keys starting with 'eval/')."""
+    """The eval metrics stored as `metric.<key>` tags on a version."""
     out = {}
     for key, value in tags.items():
-        if key.startswith("eval/"):
+        if key.startswith(METRIC_TAG_PREFIX):
             try:
-                out[key] = float(value)
+                out[key[len(METRIC_TAG_PREFIX):]] = float(value)
             except ValueError:
-                continue
+                log.warning("version tag %s=%r is not a number; ignored by the promotion gate", key, value)
     return out
 
 
@@ -256,8 +258,8 @@ def register_policy(cfg: RunConfig, *, run_id: str, model_dir: Path, metrics: Ma
                     win_rate_key: str = WIN_RATE_METRIC, tracker: RunTracker | None = None) -> RegistrationResult:
     """Log + register the policy in `model_dir` under cfg.registry.model_name, then run the promotion gate.
 
-    `metrics`: flat {name: number}; must hold `accuracy_key` (default 'eval/reward_accuracy'), should hold
-    `win_rate_key` (default 'eval/win_rate'); all become version tags. Raises TrackingUnavailable when MLflow stays
+    `metrics`: flat {name: number} (tasks.register.gate_metrics); must hold `accuracy_key` (default
+    'eval_reward_accuracy'), should hold `win_rate_key` (default 'win_rate'); all become version tags `metric.<key>`. Raises TrackingUnavailable when MLflow stays
     unreachable, ValueError/FileNotFoundError on bad input."""
     model_dir = Path(model_dir)
     flat = _check_inputs(model_dir, metrics, fingerprint, config_hash, accuracy_key)
@@ -282,7 +284,7 @@ def register_policy(cfg: RunConfig, *, run_id: str, model_dir: Path, metrics: Ma
         info = log_policy_model(tracker, run_id, model_dir, trust_remote_code=cfg.model.trust_remote_code)
         tags = {TAG_FINGERPRINT: fingerprint, TAG_CONFIG_HASH: config_hash, TAG_EVAL_SET: eval_set,
                 "base_model": cfg.model.name_or_path, "flow_run_id": flow_run_id, "loss": cfg.train.loss,
-                **{k: repr(v) for k, v in flat.items()}}
+                **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in flat.items()}}
 
         def create_version():
             with _mlflow_uris(tracker.uri):  # `models:/m-<id>` sources are resolved through the global URI

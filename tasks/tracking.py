@@ -96,9 +96,14 @@ def tracking_uri(cfg: RunConfig) -> str:
 
 
 def artifact_location(cfg: RunConfig, uri: str) -> str | None:
-    """Artifact root for a new experiment: the state folder for the default store; the server's choice otherwise."""
+    """Artifact root for a new experiment: `artifacts/` beside a SQLite file (the state folder for the default
+    store; MLflow would otherwise write ./mlruns in the current directory); the server's choice otherwise."""
     default_uri, artifacts = default_store(cfg)
-    return artifacts.as_uri() if uri == default_uri else None
+    if uri == default_uri:
+        return artifacts.as_uri()
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+    return None
 
 
 def _quiet_http_retries() -> None:
@@ -444,6 +449,9 @@ class RunTracker:
 
         if not fingerprint:
             raise ValueError("log_dataset needs the data fingerprint (got an empty string)")
+        if not source.strip():
+            log.warning("log_dataset: no data source given; the dataset input is recorded with source 'unspecified'")
+            source = "unspecified"
         # nested columns (prompt: list of messages) are shown as JSON text; MLflow's schema inference needs scalars
         frame = pairs_df.copy()
         for col in frame.columns:

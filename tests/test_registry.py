@@ -67,7 +67,7 @@ def test_bad_inputs_fail_before_mlflow(cfg, tiny_model_dir, tmp_path):
         register_policy(cfg, model_dir=tmp_path, metrics={ACCURACY_METRIC: 0.5}, **kw)
     with pytest.raises(ValueError, match="finite number"):
         register_policy(cfg, model_dir=tiny_model_dir, metrics={ACCURACY_METRIC: float("nan")}, **kw)
-    with pytest.raises(ValueError, match="lack 'eval/reward_accuracy'"):
+    with pytest.raises(ValueError, match="lack 'eval_reward_accuracy'"):
         register_policy(cfg, model_dir=tiny_model_dir, metrics={WIN_RATE_METRIC: 0.5}, **kw)
     assert not (tmp_path / "state" / "mlflow").exists()
 
@@ -93,7 +93,7 @@ def test_register_load_back_promote_and_reuse(cfg, tiny_model_dir):
 
     def register(run_id, config_hash, acc, win):
         return register_policy(cfg, run_id=run_id, model_dir=tiny_model_dir,
-                               metrics={ACCURACY_METRIC: acc, WIN_RATE_METRIC: win, "eval/margin": 0.1},
+                               metrics={ACCURACY_METRIC: acc, WIN_RATE_METRIC: win, "eval_margin": 0.1},
                                fingerprint="fp-data-1", config_hash=config_hash, flow_run_id=f"fr-{config_hash}",
                                tracker=tracker)
 
@@ -104,7 +104,7 @@ def test_register_load_back_promote_and_reuse(cfg, tiny_model_dir):
     mv = client.get_model_version(name, "1")
     assert mv.tags["data_fingerprint"] == "fp-data-1" and mv.tags["config_hash"] == "h1"
     assert mv.tags["base_model"] == cfg.model.name_or_path and mv.tags["flow_run_id"] == "fr-h1"
-    assert float(mv.tags[ACCURACY_METRIC]) == 0.60 and mv.tags[TAG_DECISION] == "promoted"
+    assert float(mv.tags[f"metric.{ACCURACY_METRIC}"]) == 0.60 and mv.tags["metric.eval_margin"] == "0.1" and mv.tags[TAG_DECISION] == "promoted"
     assert mv.run_id == run1
     assert client.get_run(run1).data.tags["registry.promoted"] == "true"
 

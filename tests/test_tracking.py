@@ -18,6 +18,7 @@ from tasks.tracking import (
     RetryPolicy,
     RunTracker,
     TrackingUnavailable,
+    artifact_location,
     flatten_metrics,
     flatten_params,
     tracking_uri,
@@ -70,8 +71,10 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri(cfg) == "http://127.0.0.1:5000"
-    cfg = load_config(overrides={"state_dir": str(tmp_path), "registry.tracking_uri": "sqlite:///x.db"})
-    assert tracking_uri(cfg) == "sqlite:///x.db"
+    cfg = load_config(overrides={"state_dir": str(tmp_path), "registry.tracking_uri": f"sqlite:///{tmp_path}/o.db"})
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path}/o.db"
+    assert artifact_location(cfg, tracking_uri(cfg)) == (tmp_path / "artifacts").resolve().as_uri()
+    assert artifact_location(cfg, "http://127.0.0.1:5000") is None  # the server decides
 
 
 def test_flatten_params_dotted_json_and_cut():
