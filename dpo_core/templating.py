@@ -224,6 +224,8 @@ class ChatRenderer:
         suffixes = []
         for name, response in zip(names, responses, strict=True):
             if not isinstance(response, str):
+                if response is None or response != response:  # None, or NaN from a pandas column
+                    raise PairRenderError(f"{name} is missing (null)")
                 raise PairRenderError(f"{name} is {type(response).__name__}, not a string")
             full = self._render([*messages, {"role": "assistant", "content": response}], False)
             if not full.startswith(prompt_text):
