@@ -246,7 +246,7 @@ def log_policy_model(tracker: RunTracker, run_id: str, model_dir: Path, *, trust
                 pip_requirements=_pip_requirements(),
                 run_id=run_id,
                 model_id=logged.model_id,
-                metadata={"source_dir": str(model_dir)},
+                metadata={"source_dir": str(model_dir.resolve())},
             )
 
     return tracker._call("transformers.log_model", log_it)

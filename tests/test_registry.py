@@ -152,3 +152,28 @@ def test_register_load_back_promote_and_reuse(cfg, tiny_model_dir):
     assert client.get_model_version(name, "2").tags[TAG_DECISION] == "candidate"
     assert len(client.search_model_versions(f"name='{name}'")) == 3
     assert str(client.get_model_version_by_alias(name, CANDIDATE).version) == "3"  # not moved back to the older one
+
+
+@pytest.mark.slow
+def test_real_smollm2_registers_and_chats_through_champion(cfg, smollm2_dir):
+    """The embedded SmolLM2-135M-Instruct (its own chat template) through the chat task and back via @champion."""
+    import mlflow
+
+    tracker = RunTracker(cfg, retry=FAST)
+    run_id = tracker.start_run(cfg, flow_run_id="fr-real", flow_run_name="real", device="cpu")
+    result = register_policy(cfg, run_id=run_id, model_dir=smollm2_dir, metrics={ACCURACY_METRIC: 0.6},
+                             fingerprint="fp", config_hash="h-real", flow_run_id="fr-real", tracker=tracker)
+    assert (result.version, result.promoted) == ("1", True)
+    mlflow.set_tracking_uri(tracker.uri)
+    mlflow.set_registry_uri(tracker.uri)
+    try:
+        chat = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
+        [reply] = chat.predict({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                                "max_tokens": 8})
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    message = reply["choices"][0]["message"]
+    assert message["role"] == "assistant" and message["content"].strip()
+    assert reply["usage"]["prompt_tokens"] > 10  # the chat template wrapped the question (system + user turns)
