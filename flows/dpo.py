@@ -61,12 +61,12 @@ def _configured(task: Any, cfg: RunConfig, stage: str, key: str | None, timeout:
     return task.with_options(**options)
 
 
-def _run(task: Any, stages: dict[str, str], timings: dict[str, float], name: str, **params: Any) -> Any:
+def _run(task: Any, _states: dict[str, str], _times: dict[str, float], _name: str, **params: Any) -> Any:
     """Run one stage, record its final state name (Completed / Cached) and wall time; re-raise its failure."""
     started = time.perf_counter()
     state = task(**params, return_state=True)
-    timings[name] = round(time.perf_counter() - started, 3)
-    stages[name] = state.name
+    _times[_name] = round(time.perf_counter() - started, 3)
+    _states[_name] = state.name
     return state.result()  # raises the stage's own exception when it failed
 
 

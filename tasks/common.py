@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 log = logging.getLogger(__name__)
+
+# transformers' from_pretrained is not thread-safe (it initialises on the meta device and ties weights through
+# process-wide state): evaluate and compare run concurrently in threads, so they load models one at a time.
+MODEL_LOAD_LOCK = threading.Lock()
+
+
+def load_model_locked(path, model_cfg, spec):
+    """`dpo_core.models.load_model` under MODEL_LOAD_LOCK, in eval mode."""
+    from dpo_core.models import load_model
+
+    with MODEL_LOAD_LOCK:
+        return load_model(path, model_cfg, spec).eval()
 
 # Retrying helps with I/O hiccups (a busy filesystem, a tracking server restarting); it never helps with bad data,
 # a bad config or a bug, so only these exception types are retried.

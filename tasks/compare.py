@@ -13,8 +13,9 @@ from data_contracts.ingest import read_pairs
 from dpo_core.config import RunConfig
 from dpo_core.evaluation import compare_generations
 from dpo_core.judges import make_judge
-from dpo_core.models import load_model, load_tokenizer, pick_device
+from dpo_core.models import load_tokenizer, pick_device
 from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.common import MODEL_LOAD_LOCK, load_model_locked
 from tasks.reference import base_model_config
 from tasks.train import policy_dir
 
@@ -23,6 +24,7 @@ STAGE = "compare"
 
 def compare_key(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], trained: dict[str, Any]) -> str:
     inputs = {"eval": cfg.eval.model_dump(mode="json"), "beta": cfg.train.beta,
+              "max_prompt_length": cfg.template.max_prompt_length,
               "system_prompt": cfg.model.system_prompt, "chat_template": cfg.model.chat_template}
     return stage_key(STAGE, inputs, [model, pairs, trained])
 
@@ -34,12 +36,13 @@ def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], 
         canonical = read_pairs(Path(pairs["path"]) / pairs["pairs_file"])
         held_out = canonical[canonical["split"] == "eval"].reset_index(drop=True)
         tokenizer = load_tokenizer(model["model_dir"], cfg.model)
-        policy = load_model(policy_dir(trained), base_model_config(cfg), spec).eval()
-        reference = load_model(model["model_dir"], base_model_config(cfg), spec).eval()
-        judge = make_judge(cfg.eval.judge, device=spec.device)
+        policy = load_model_locked(policy_dir(trained), base_model_config(cfg), spec)
+        reference = load_model_locked(model["model_dir"], base_model_config(cfg), spec)
+        with MODEL_LOAD_LOCK:
+            judge = make_judge(cfg.eval.judge, device=spec.device)
         table, summary = compare_generations(
             policy, reference, tokenizer, held_out, eval_cfg=cfg.eval, beta=cfg.train.beta, judge=judge,
-            spec=spec, system_prompt=cfg.model.system_prompt,
+            spec=spec, system_prompt=cfg.model.system_prompt, max_prompt_length=cfg.template.max_prompt_length,
         )
         table = validate_generations(table)
         out = folder / "generations.parquet"

@@ -12,9 +12,10 @@ from prefect import task
 from data_contracts.evaluation import validate_metrics
 from dpo_core.config import RunConfig
 from dpo_core.evaluation import EvaluationError, evaluate_preferences
-from dpo_core.models import load_model, pick_device
+from dpo_core.models import pick_device
 from dpo_core.reference import read_reference_table
 from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.common import load_model_locked
 from tasks.reference import base_model_config
 from tasks.train import policy_dir
 
@@ -40,7 +41,7 @@ def evaluate_stage(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str,
         spec = pick_device(cfg.model)
         table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])
         ref_table = read_reference_table(Path(reference["path"]) / reference["reference_file"])
-        policy = load_model(policy_dir(trained), base_model_config(cfg), spec).eval()
+        policy = load_model_locked(policy_dir(trained), base_model_config(cfg), spec)
         rows = []
         for name in eval_sets(cfg):
             subset = table[table["split"] == name].reset_index(drop=True)

@@ -110,7 +110,6 @@ def _quiet_http_retries() -> None:
     """MLflow's own HTTP client retries 7 times with backoff (minutes against a dead server) under our retries;
     cap it unless the user set it."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -472,7 +471,7 @@ class RunTracker:
     def log_data_report(self, run_id: str, report: Mapping[str, Any], quarantine_path: Path | str | None) -> None:
         """The ingest report as `data/report.json` and the first 50 quarantined rows as `data/quarantine_sample.jsonl`
         (with the total count as tag `data.quarantined_lines`)."""
-        self._call("log_dict(report)", lambda: self.client.log_dict(run_id, dict(report), "data/report.json"))
+        self._call("log_dict(report)", lambda: self.client.log_dict(run_id, _jsonable(report), "data/report.json"))
         if quarantine_path is None:
             return
         first, total = _head_lines(Path(quarantine_path), QUARANTINE_SAMPLE_LINES)
