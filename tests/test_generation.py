@@ -78,6 +78,17 @@ def test_prompt_is_cut_from_the_left(tokenizer):
     assert cut.prompt_tokens == 10 < full.prompt_tokens
 
 
+def test_peft_wrapped_model_generates_like_its_base(tokenizer):
+    """Fresh LoRA adapters start as a no-op (B = 0): the wrapped model must decode exactly like the base one."""
+    from dpo_core.config import LoraConfig, ModelConfig
+    from dpo_core.models import attach_lora
+
+    base = _untied_model(tokenizer)
+    expected = [g.token_ids for g in generate(base, tokenizer, PROMPTS, max_new_tokens=4, batch_size=3)]
+    wrapped = attach_lora(base, ModelConfig(lora=LoraConfig(r=4, alpha=8)))
+    assert [g.token_ids for g in generate(wrapped, tokenizer, PROMPTS, max_new_tokens=4, batch_size=3)] == expected
+
+
 def test_model_left_in_its_training_mode(tokenizer, tiny_model):
     tiny_model.train()
     generate(tiny_model, tokenizer, PROMPTS[:1], max_new_tokens=1)
