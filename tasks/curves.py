@@ -1,8 +1,8 @@
 """Training curves as one PNG: the four panels the seed tutorial plots (loss, reward accuracy, reward margin, chosen and
 rejected rewards against the optimizer step), done right: labelled axes and units, the raw per-step values drawn
 faint with an exponential moving average on top (DPO's per-batch metrics are noisy with a handful of pairs per step),
-the chance level marked on the accuracy panel and ln 2 (the loss of an untrained sigmoid-DPO policy) on the loss
-panel. Uses matplotlib's Agg backend: no display needed, safe in worker threads.
+the chance level marked on the accuracy panel and, for sigmoid DPO, ln 2 (its loss at zero margin, i.e. at the
+start) on the loss panel. Uses matplotlib's Agg backend: no display needed, safe in worker threads.
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], 
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], *, title: str = "DPO training",
-                         smoothing: float | None = None) -> Figure:
-    """A 2x2 figure of the training history (records with `step` and TRL metric names). Close it after use."""
+                         smoothing: float | None = None, loss_type: str | None = None) -> Figure:
+    """A 2x2 figure of the training history (records with `step` and TRL metric names). Close it after use.
+
+    `loss_type='sigmoid'` adds the ln 2 reference line (the sigmoid-DPO loss at zero margin) to the loss panel."""
     if not history:
         raise ValueError("plot_training_curves needs at least one history record")
     alpha = default_smoothing(len(history)) if smoothing is None else smoothing
@@ -84,8 +86,8 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], *, title: str = "
         if panel_title == "Reward accuracy":
             ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
             ax.set_ylim(-0.05, 1.05)
-        elif panel_title == "Loss":
-            ax.axhline(math.log(2), color="grey", linestyle=":", linewidth=1, label="ln 2 (untrained sigmoid DPO)")
+        elif panel_title == "Loss" and loss_type == "sigmoid":
+            ax.axhline(math.log(2), color="grey", linestyle=":", linewidth=1, label="ln 2 (zero margin)")
         elif panel_title in ("Reward margin", "Implicit rewards"):
             ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
         if not drawn:

@@ -505,8 +505,8 @@ class RunTracker:
         if curves and records:
             from tasks.curves import plot_training_curves
 
-            figure = plot_training_curves(records, title=f"DPO training ({self.cfg.train.loss}, "
-                                                          f"beta={self.cfg.train.beta})")
+            figure = plot_training_curves(records, loss_type=self.cfg.train.loss,
+                                          title=f"DPO training ({self.cfg.train.loss}, beta={self.cfg.train.beta})")
             try:
                 self._call("log_figure", lambda: self.client.log_figure(run_id, figure, "training/curves.png"))
             finally:

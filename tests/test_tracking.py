@@ -281,6 +281,9 @@ def test_ema_and_curves_figure(tmp_path):
     assert all(ax.get_xlabel() == "optimizer step" and ax.get_ylabel() for ax in fig.axes)
     labels = [line.get_label() for line in fig.axes[3].get_lines()]
     assert "chosen (raw)" in labels and "rejected (raw)" in labels and any("EMA" in x for x in labels)
+    sigmoid_fig = plot_training_curves(_history(3), loss_type="sigmoid")
+    assert any("ln 2" in line.get_label() for line in sigmoid_fig.axes[0].get_lines())
+    assert not any("ln 2" in line.get_label() for line in fig.axes[0].get_lines())  # only meaningful for sigmoid DPO
     out = save_training_curves(_history(3), tmp_path / "c" / "curves.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="at least one"):
