@@ -27,10 +27,16 @@ from tasks.tracking import (
 FAST = RetryPolicy(tries=2, base_delay=0.0, max_delay=0.0)
 
 
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    """One SQLite store for the module (creating MLflow's schema takes seconds); each test has its own run."""
+    return tmp_path_factory.mktemp("tracking") / "state"
+
+
 @pytest.fixture()
-def cfg(tmp_path, monkeypatch) -> RunConfig:
+def cfg(state_dir, monkeypatch) -> RunConfig:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return load_config(overrides={"state_dir": str(tmp_path / "state"), "registry.experiment": "dpo-test"})
+    return load_config(overrides={"state_dir": str(state_dir), "registry.experiment": "dpo-test"})
 
 
 @pytest.fixture()
@@ -39,9 +45,10 @@ def tracker(cfg) -> RunTracker:
 
 
 @pytest.fixture()
-def run_id(tracker, cfg) -> str:
-    return tracker.start_run(cfg, flow_run_id="fr-1", flow_run_name="brave-otter", prefect_ui_url="http://ui/fr-1",
-                             device="cpu")
+def run_id(tracker, cfg, request) -> str:
+    flow_run_id = f"fr-{request.node.name}"
+    return tracker.start_run(cfg, flow_run_id=flow_run_id, flow_run_name="brave-otter",
+                             prefect_ui_url=f"http://ui/{flow_run_id}", device="cpu")
 
 
 def _history(n: int, start: int = 1) -> list[dict]:
@@ -94,24 +101,25 @@ def test_flatten_metrics_nested_ci_and_skipped():
     assert sorted(skipped) == ["eval/test/name", "eval/test/ok"]
 
 
-def test_start_run_tags_and_reuse_on_retried_flow_run(tracker, cfg, run_id, tmp_path):
+def test_start_run_tags_and_reuse_on_retried_flow_run(tracker, cfg, run_id, state_dir):
     run = tracker.client.get_run(run_id)
     assert run.info.run_name == "brave-otter"
     tags = run.data.tags
-    assert tags["prefect.flow_run_id"] == "fr-1"
-    assert tags["prefect.flow_run_url"] == "http://ui/fr-1"
+    fr = "fr-test_start_run_tags_and_reuse_on_retried_flow_run"
+    assert tags["prefect.flow_run_id"] == fr
+    assert tags["prefect.flow_run_url"] == f"http://ui/{fr}"
     assert tags["base_model"] == cfg.model.name_or_path
     assert tags["device"] == "cpu"
     assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
     experiment = tracker.client.get_experiment(run.info.experiment_id)
     assert experiment.name == "dpo-test"
-    assert experiment.artifact_location == (tmp_path / "state" / "mlflow" / "artifacts").resolve().as_uri()
+    assert experiment.artifact_location == (state_dir / "mlflow" / "artifacts").resolve().as_uri()
 
     tracker.end_run(run_id, "FAILED")
-    again = tracker.start_run(cfg, flow_run_id="fr-1", flow_run_name="brave-otter", device="cpu")
+    again = tracker.start_run(cfg, flow_run_id=fr, flow_run_name="brave-otter", device="cpu")
     assert again == run_id
     assert tracker.client.get_run(run_id).info.status == "RUNNING"
-    other = tracker.start_run(cfg, flow_run_id="fr-2", flow_run_name="calm-heron", device="cpu")
+    other = tracker.start_run(cfg, flow_run_id=f"{fr}-2", flow_run_name="calm-heron", device="cpu")
     assert other != run_id
     tracker.end_run(run_id, "FINISHED")
     assert tracker.client.get_run(run_id).info.status == "FINISHED"
