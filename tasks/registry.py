@@ -276,6 +276,8 @@ def register_policy(cfg: RunConfig, *, run_id: str, model_dir: Path, metrics: Ma
         log.info("model %s v%s already registered for config %s + data %s; not registering again", reg.name,
                  version, config_hash, fingerprint)
         decision = json.loads(existing.tags.get("promotion.details", "{}") or "{}")
+        tracker.set_tags(run_id, {"registry.model_name": reg.name, "registry.version": version,
+                                  "registry.reused": "true", "registry.champion_version": champion_version or ""})
         return RegistrationResult(reg.name, version, champion_version == version,
                                   champion_version, decision, f"models:/{reg.name}/{version}", reused=True,
                                   metrics=_version_metrics(existing.tags))

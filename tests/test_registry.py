@@ -140,8 +140,10 @@ def test_register_load_back_promote_and_reuse(cfg, tiny_model_dir):
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "3"
 
     # re-registering the same config hash + data fingerprint returns the same version, no new one
-    again = register(run2, "h3", 0.62, 0.55)
+    run3 = tracker.start_run(cfg, flow_run_id="fr-rerun", flow_run_name="cached-rerun", device="cpu")
+    again = register(run3, "h3", 0.62, 0.55)
     assert (again.version, again.reused, again.promoted) == ("3", True, True)
+    assert client.get_run(run3).data.tags["registry.reused"] == "true"
     assert again.decision["promote"] is True
     assert len(client.search_model_versions(f"name='{name}'")) == 3
 
