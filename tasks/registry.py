@@ -1,4 +1,5 @@
-"""MLflow model registry: log the trained policy (transformers flavour, chat task) and register it behind a promotion gate.
+"""MLflow model registry: log the trained policy (transformers flavour, chat task), register it behind a promotion
+gate.
 
     result = register_policy(cfg, run_id=..., model_dir=train_result.model_dir, metrics={...}, fingerprint=...,
                              config_hash=cfg.config_hash(), flow_run_id=...)
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_core.config import RunConfig, stable_hash
-from tasks.tracking import RetryPolicy, RunTracker, _finite_number, tracking_uri
+from tasks.tracking import RetryPolicy, RunTracker, as_number, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def _check_inputs(model_dir: Path, metrics: Mapping[str, Any], fingerprint: str,
             raise ValueError(f"register_policy: {name} must be a non-empty string without quotes, got {value!r}")
     flat: dict[str, float] = {}
     for key, value in metrics.items():
-        number = _finite_number(value)
+        number = as_number(value)
         if number is None or not math.isfinite(number):
             raise ValueError(f"register_policy: metric '{key}' must be a finite number, got {value!r}")
         flat[key] = number
@@ -259,8 +260,8 @@ def register_policy(cfg: RunConfig, *, run_id: str, model_dir: Path, metrics: Ma
     """Log + register the policy in `model_dir` under cfg.registry.model_name, then run the promotion gate.
 
     `metrics`: flat {name: number} (tasks.register.gate_metrics); must hold `accuracy_key` (default
-    'eval_reward_accuracy'), should hold `win_rate_key` (default 'win_rate'); all become version tags `metric.<key>`. Raises TrackingUnavailable when MLflow stays
-    unreachable, ValueError/FileNotFoundError on bad input."""
+    'eval_reward_accuracy'), should hold `win_rate_key` (default 'win_rate'); all become version tags `metric.<key>`.
+    Raises TrackingUnavailable when MLflow stays unreachable, ValueError/FileNotFoundError on bad input."""
     model_dir = Path(model_dir)
     flat = _check_inputs(model_dir, metrics, fingerprint, config_hash, accuracy_key)
     tracker = tracker or RunTracker(cfg, retry=retry, uri=tracking_uri(cfg))

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -47,21 +48,6 @@ PARAMS_PER_BATCH = 100  # MLflow's limit of params + tags per log_batch
 METRICS_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch
 QUARANTINE_SAMPLE_LINES = 50
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-# TRL metric names from the trainer's history that are logged per step (with the `train/` prefix).
-TRAIN_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "grad_norm",
-    "learning_rate",
-    "tokens_per_second",
-    "epoch",
-)
 
 # MLflow error codes that retrying cannot fix: raise them at once.
 _PERMANENT_CODES = frozenset(
@@ -192,17 +178,13 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _finite_number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            import numpy as np
-
-            if isinstance(value, np.generic) and np.issubdtype(type(value), np.number):
-                return float(value)
-        except ImportError:  # pragma: no cover
-            pass
+def as_number(value: Any) -> float | None:
+    """A python/numpy int or float as float (NaN and inf included); None for anything else (bools included)."""
+    if isinstance(value, (bool, np.bool_)):
         return None
-    return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    return None
 
 
 def flatten_metrics(tree: Mapping[str, Any], prefix: str) -> tuple[dict[str, float], list[str]]:
@@ -217,9 +199,9 @@ def flatten_metrics(tree: Mapping[str, Any], prefix: str) -> tuple[dict[str, flo
             sub, sub_skipped = flatten_metrics(value, prefix=f"{name}/")
             metrics.update(sub)
             skipped.extend(sub_skipped)
-        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite_number(v) is not None for v in value):
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(as_number(v) is not None for v in value):
             metrics[f"{name}_low"], metrics[f"{name}_high"] = (float(v) for v in value)
-        elif (number := _finite_number(value)) is not None:
+        elif (number := as_number(value)) is not None:
             metrics[name] = number
         else:
             skipped.append(name)
@@ -231,27 +213,22 @@ def training_metric_rows(history: Sequence[Mapping[str, Any]]) -> list[tuple[str
 
     Raises ValueError when a record has no integer `step` (steps are the x axis; a guess would mislabel curves)."""
     rows: list[tuple[str, float, int]] = []
+    ignored: set[str] = set()
     for i, record in enumerate(history):
         step = record.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            try:
-                import numpy as np
-
-                if isinstance(step, np.integer):
-                    step = int(step)
-                else:
-                    raise TypeError
-            except (ImportError, TypeError):
-                raise ValueError(f"training history record {i} has no integer 'step' (got {step!r})") from None
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+            raise ValueError(f"training history record {i} has no integer 'step' (got {step!r})")
         for key, value in record.items():
             if key == "step":
                 continue
-            number = _finite_number(value)
+            number = as_number(value)
             if number is None:
+                ignored.add(key)
                 continue
-            if key not in TRAIN_METRICS:
-                log.debug("logging extra training metric %s", key)
             rows.append((f"train/{key}", number, int(step)))
+    if ignored:
+        log.warning("training history fields that are not numbers were not logged as metrics: %s",
+                    ", ".join(sorted(ignored)))
     return rows
 
 
@@ -571,7 +548,7 @@ class RunTracker:
         now = int(time.time() * 1000)
         metrics = []
         for stage, value in seconds.items():
-            number = _finite_number(value)
+            number = as_number(value)
             if number is None or number < 0:
                 raise ValueError(f"timing for stage '{stage}' must be a non-negative number, got {value!r}")
             metrics.append(Metric(f"time/{stage}_s", number, now, 0))
