@@ -81,8 +81,8 @@ def promotion_decision(candidate: Mapping[str, float], champion: Mapping[str, fl
     """The promotion gate, as a pure function. Returns {'promote': bool, 'reason': str, 'checks': {...}, ...}.
 
     Promote when there is no champion; otherwise only on the same eval set and when, for accuracy and for win rate,
-    candidate >= champion - tolerance. A metric missing on either side is not compared (said in `reason`);
-    accuracy must be present on the candidate."""
+    candidate >= champion - tolerance. Accuracy must be present on both sides (a champion without it is never
+    replaced automatically); a win rate missing on either side is not compared (said in `reason`)."""
     if accuracy_key not in candidate:
         raise ValueError(f"promotion gate: the candidate's metrics lack '{accuracy_key}' (got {sorted(candidate)})")
     decision: dict[str, Any] = {"tolerance": tolerance, "champion_version": champion_version, "checks": {},
@@ -93,6 +93,10 @@ def promotion_decision(candidate: Mapping[str, float], champion: Mapping[str, fl
         return {**decision, "promote": False,
                 "reason": f"champion v{champion_version} was evaluated on another eval set ({champion_eval_set} != "
                           f"{candidate_eval_set}); not comparable, promote by hand after re-evaluating it"}
+    if accuracy_key not in champion:
+        return {**decision, "promote": False,
+                "reason": f"champion v{champion_version} has no '{accuracy_key}' to compare with; not promoted "
+                          "automatically (move the alias by hand if intended)"}
     notes: list[str] = []
     for key in (accuracy_key, win_rate_key):
         if key not in candidate or key not in champion:

@@ -47,6 +47,8 @@ def test_promotion_gate_rules():
     assert "champion remains v1" in worse_win["reason"]
     no_win = _gate({acc: 0.67}, {acc: 0.66, win: 0.55})
     assert no_win["promote"] is True and f"{win} not compared (missing on the candidate)" in no_win["reason"]
+    no_champion_acc = _gate({acc: 0.9, win: 0.9}, {win: 0.1})
+    assert no_champion_acc["promote"] is False and "has no 'eval_reward_accuracy'" in no_champion_acc["reason"]
     other_set = _gate({acc: 0.9, win: 0.9}, {acc: 0.66, win: 0.55}, eval_sets=("e2", "e1"))
     assert other_set["promote"] is False and "another eval set" in other_set["reason"]
     with pytest.raises(ValueError, match="lack"):
