@@ -28,16 +28,26 @@ def load_model_locked(path, model_cfg, spec):
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 
 
+# OSErrors that say the input is wrong, not that the machine hiccupped: retrying them only delays the error.
+PERMANENT_OS_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                                                        PermissionError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an I/O-type failure a retry can fix; False for bad data, a bad config, a missing file or a bug."""
+    from data_contracts.errors import ContractError, DataError
+
+    if isinstance(exc, (DataError, ContractError, ValueError, *PERMANENT_OS_ERRORS)):
+        return False
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
 def retry_transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry only when the failure was an I/O-type error, not bad data or a bug."""
+    """Prefect `retry_condition_fn`: retry only when the failure was transient (see `is_transient`)."""
     try:
         state.result()
-    except TRANSIENT_ERRORS as exc:
-        from data_contracts.errors import DataError
-
-        return not isinstance(exc, DataError)
-    except BaseException:
-        return False
+    except BaseException as exc:  # noqa: BLE001 - classifying, not handling
+        return is_transient(exc)
     return False
 
 
