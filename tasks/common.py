@@ -54,16 +54,27 @@ def retry_transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
 class Progress:
     """A Prefect progress artifact updated at most every `every_s` seconds (a no-op outside a Prefect run)."""
 
-    def __init__(self, key: str, description: str, every_s: float = 5.0) -> None:
+    def __init__(self, key: str, description: str, every_s: float = 5.0, bar_unit: str | None = None) -> None:
         self.every_s = every_s
         self._last = 0.0
         self._id = None
+        self._bar = None
+        self._bar_unit = bar_unit
+        self._description = description
         try:
             self._id = create_progress_artifact(progress=0.0, key=key, description=description)
         except Exception as exc:  # outside a flow run, or the API is momentarily unreachable: progress is optional
             log.debug("no progress artifact: %s", exc)
 
     def update(self, done: int, total: int, force: bool = False) -> None:
+        if self._bar_unit is not None:  # a terminal progress bar as well (stderr)
+            from tqdm.auto import tqdm
+
+            if self._bar is None:
+                self._bar = tqdm(total=total, desc=self._description, unit=self._bar_unit, dynamic_ncols=True)
+            self._bar.update(done - self._bar.n)
+            if done >= total:
+                self._bar.close()
         now = time.monotonic()
         if self._id is None or (not force and now - self._last < self.every_s and done < total):
             return

@@ -39,7 +39,7 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
         table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])
         ref_model = load_model(model["model_dir"], base_model_config(cfg), spec)
         ref_model.eval()
-        progress = Progress("reference-precompute", f"reference log-probs over {len(table)} pairs")
+        progress = Progress("reference-precompute", f"reference log-probs ({len(table)} pairs)", bar_unit="pair")
         logps = compute_reference_logps(
             ref_model,
             table,
