@@ -210,7 +210,8 @@ def attach_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    assert cfg.lora is not None
+    if cfg.lora is None:
+        raise ModelLoadError("attach_lora needs a model.lora section (r, alpha, dropout, target_modules)")
     lcfg = PeftLoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,

@@ -1,0 +1,85 @@
+"""Model and tokenizer loading: the embedded SmolLM2, local folders, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpo_core.config import LoraConfig, ModelConfig
+from dpo_core.models import (
+    ModelLoadError,
+    attach_lora,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model_path,
+)
+
+
+def test_embedded_model_is_materialised_once_and_loads(smollm2_dir, monkeypatch):
+    monkeypatch.setenv("DPO_MODEL_CACHE", str(smollm2_dir.parent))
+    assert resolve_model_path(ModelConfig(), smollm2_dir.parent) == smollm2_dir  # cached: no second conversion
+    model = load_model(smollm2_dir, ModelConfig())
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_cpu_device_is_float32_without_autocast():
+    spec = pick_device(ModelConfig(device="cpu", dtype="bfloat16"))
+    assert spec.device.type == "cpu" and spec.dtype == torch.float32 and spec.autocast_dtype is None
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        pick_device(ModelConfig(device="cuda"))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("./no/such/folder", "not an existing folder"),
+    ("not-a-model", "not an existing folder"),
+    ("some-org/some-model", "hub is offline"),
+])
+def test_unknown_model_names_are_clear_errors(name, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=message):
+        resolve_model_path(ModelConfig(name_or_path=name))
+
+
+def test_folder_without_config_or_tokenizer_is_a_clear_error(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_path(ModelConfig(name_or_path=str(tmp_path)))
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    (weights_only / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no usable tokenizer"):
+        load_tokenizer(weights_only, ModelConfig())
+
+
+def test_tokenizer_without_chat_template_needs_one_configured(tmp_path, tiny_model_dir):
+    folder = tmp_path / "no-template"
+    folder.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "chat_template.jinja":
+            (folder / f.name).write_bytes(f.read_bytes())
+    cfg_file = folder / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_file.read_text())
+    tok_cfg.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(tok_cfg))
+    with pytest.raises(ModelLoadError, match="no chat template"):
+        load_tokenizer(folder, ModelConfig())
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    tok = load_tokenizer(folder, ModelConfig(chat_template=template))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<user>hi</s>"
+
+
+def test_lora_wraps_the_model_and_trains_only_adapters(tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(r=4, alpha=8))
+    model = load_model(tiny_model_dir, cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with pytest.raises(ModelLoadError, match="model.lora section"):
+        attach_lora(model, ModelConfig())  # no lora section configured
