@@ -51,7 +51,7 @@ class BenchSettings:
     learning_rate: float = 1e-5
     seed: int = 42
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    seed_loop_pairs: int = 6  # pairs (= optimizer steps) the seed loop trains per run; the first is warm-up
+    seed_loop_pairs: int = 0  # pairs (= optimizer steps) the seed loop trains; 0: all n_pairs, like the others
 
     @property
     def n_pairs(self) -> int:
@@ -86,8 +86,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     )
     if s.steps < 2:
         raise BenchError(f"--steps must be >= 2 (the first step is warm-up and not timed), got {s.steps}")
-    if s.seed_loop_pairs < 2:
-        raise BenchError(f"--seed-loop-pairs must be >= 2 (the first is warm-up), got {s.seed_loop_pairs}")
+    if s.seed_loop_pairs == 1 or s.seed_loop_pairs < 0:
+        raise BenchError(f"--seed-loop-pairs must be 0 (all pairs) or >= 2 (the first is warm-up), got {s.seed_loop_pairs}")
     if s.threads < 1:
         raise BenchError(f"--threads must be >= 1, got {s.threads}")
     return s

@@ -222,7 +222,7 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
           f"prompt fits {s.max_prompt_length} tokens, max_length {s.max_length}; every variant trains exactly the same "
           "token ids (TRL's own tokenization is checked to be identical).",
           f"- {s.steps} optimizer steps of {s.batch_size} pairs (one epoch) per run; the seed loop: "
-          f"{s.seed_loop_pairs} steps of 1 pair (its method). The first step of every run is warm-up and not "
+          f"{s.seed_loop_pairs or s.n_pairs} steps of 1 pair (its method). The first step of every run is warm-up and not "
           f"timed. {run.rounds} rounds, variants interleaved, each run in a fresh process.", "",
           "## Results (medians over rounds)", "",
           "| variant | pairs/s | trained tokens/s | step s | padding | peak RSS training (MiB) | peak RSS process "

@@ -111,7 +111,7 @@ def run(s: BenchSettings) -> VariantResult:
     path = model_dir()
     tokenizer = load_tokenizer(path)
     data = load_bench_data(tokenizer, s, s.n_pairs)
-    n = min(s.seed_loop_pairs, len(data.raw))
+    n = min(s.seed_loop_pairs or s.n_pairs, len(data.raw))
     t0 = time.perf_counter()
     policy = load_policy(path)
     reference = load_policy(path)  # align-anything loads a second full copy
