@@ -11,12 +11,19 @@ uninterrupted run's final weights bit for bit.
 Reference log-probs come from, in this order: the precomputed ``reference`` table; a live frozen ``ref_model``;
 the policy itself with its LoRA adapters disabled (peft; no second copy); nothing for the reference-free
 ``simpo``. Otherwise the initial policy's table is computed once before training (``out_dir/reference.parquet``).
+
+Data parallel (``train.strategy: ddp``, started by torchrun, see ``dpo_core.distributed``): ``batch_size`` and
+``grad_accum`` stay global, each rank trains on a strided shard of every micro-batch through
+``DistributedDataParallel``, metrics are all-reduced exactly, and only rank 0 writes history, checkpoints and the
+final model. Every rank holds the full AdamW state (identical after each synchronised step), so a checkpoint does not
+depend on the world size and resumes on any number of processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -31,12 +38,15 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo_core.batching import PairBatch, collate_pairs, length_grouped_batches, pair_length
-from dpo_core.checkpoints import is_peft_model, remove_stale_tmp, resume_latest, save_checkpoint, write_atomic_dir
+from dpo_core.checkpoints import checkpoint_dir, is_peft_model, remove_stale_tmp, resume_latest, save_checkpoint
+from dpo_core.checkpoints import write_atomic_dir
 from dpo_core.config import TrainConfig, stable_hash
+from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distributed_reference_logps, resolve_strategy
+from dpo_core.distributed import broadcast_object, current, shard
 from dpo_core.logprobs import sequence_logps, split_pair_logps
-from dpo_core.losses import preference_loss, sft_nll
+from dpo_core.losses import SMOOTHING_LOSSES, preference_loss, sft_nll
 from dpo_core.models import DeviceSpec
-from dpo_core.reference import compute_reference_logps, read_reference_table, write_reference_table
+from dpo_core.reference import read_reference_table, write_reference_table
 
 __all__ = ["TrainError", "NonFiniteError", "TrainingInterrupted", "TrainResult", "train", "total_steps"]
 
@@ -108,6 +118,7 @@ def train(
     started = time.perf_counter()
     out_dir, ckpt_root = Path(out_dir), Path(out_dir) / "checkpoints"
     rows = _check_inputs(tokenized_df, cfg, tokenizer)
+    ctx = _check_world(cfg, spec)
     n_steps = total_steps(len(rows), cfg)
     reference_fn = _reference_source(model, rows, cfg, spec, out_dir, reference, ref_model)
     fingerprint = _run_fingerprint(rows, cfg)
@@ -120,7 +131,8 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = _make_scheduler(optimizer, cfg, n_steps)
 
-    remove_stale_tmp(ckpt_root)
+    if ctx.is_main:
+        remove_stale_tmp(ckpt_root)
     ckpt = resume_latest(ckpt_root, model, optimizer, scheduler, spec.device)
     start = ckpt.step if ckpt else 0
     history: list[dict[str, Any]] = ckpt.state["history"] if ckpt else []
@@ -128,19 +140,26 @@ def train(
     if ckpt and ckpt.state.get("fingerprint") != fingerprint:
         raise TrainError(f"checkpoints in {ckpt_root} belong to a different run (data or train config differ); "
                          "use a new out_dir or delete them")
-    _write_history(out_dir, history)
+    if ctx.is_main:
+        _write_history(out_dir, history)
     last_ckpt = ckpt.path if ckpt else None
+    score = _scorer(model, cfg, spec, ctx)
 
     plan = _DataPlan(rows, cfg)
-    bar = tqdm(total=n_steps, initial=start, desc="dpo", unit="step", disable=not progress_bar)
+    bar = tqdm(total=n_steps, initial=start, desc="dpo", unit="step", disable=not progress_bar or not ctx.is_main)
     for step in range(start + 1, n_steps + 1):
         t0 = time.perf_counter()
         stats = _Stats()
         micro_batches = plan.step_batches(step)
         pairs_in_step = sum(len(indices) for indices in micro_batches)
-        for indices in micro_batches:
-            batch = collate_pairs([rows[i] for i in indices], tokenizer.pad_token_id).to(spec.device)
-            _forward_backward(model, batch, reference_fn(batch), cfg, spec, stats, pairs_in_step, step, last_ckpt)
+        for i, indices in enumerate(micro_batches):
+            mine = shard(indices, ctx)  # all of `indices` in a single process
+            # a rank left without a pair (uneven last batch) joins the gradient all-reduce with a zero-weight pass
+            weight = ctx.world / pairs_in_step if mine else 0.0  # DDP averages over ranks: scale back to a sum
+            batch = collate_pairs([rows[j] for j in (mine or indices[:1])], tokenizer.pad_token_id).to(spec.device)
+            with score.sync(last=i == len(micro_batches) - 1):
+                _forward_backward(score, batch, reference_fn(batch), cfg, stats, weight, step, last_ckpt)
+        stats.reduce(ctx, spec.device)
         grad_norm = _clip(params, cfg.max_grad_norm)
         if not math.isfinite(grad_norm):
             raise NonFiniteError(step, "gradient norm", last_ckpt)
@@ -153,15 +172,19 @@ def train(
         metrics = stats.metrics(step=step, n_steps=n_steps, per_epoch=plan.per_epoch,
                                 grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0)
         history.append(metrics)
-        _append_history(out_dir, metrics)
+        if ctx.is_main:
+            _append_history(out_dir, metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
 
         stopping = stop_after_steps is not None and step - start >= stop_after_steps and step < n_steps
         if step % cfg.checkpoint_every == 0 or step == n_steps or stopping:
             state = {"history": history, "tokens": tokens, "fingerprint": fingerprint, "total_steps": n_steps}
-            last_ckpt = save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        state=state, keep=cfg.keep_checkpoints)
+            if ctx.is_main:  # DDP: weights and AdamW state are identical on every rank
+                save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                                keep=cfg.keep_checkpoints)
+            ctx.barrier()
+            last_ckpt = checkpoint_dir(ckpt_root, step)
         if on_step is not None:  # after the checkpoint: a callback that raises loses nothing already saved
             on_step(metrics)
         if stopping:
@@ -169,7 +192,10 @@ def train(
             raise TrainingInterrupted(step)
     bar.close()
 
-    model_dir = _save_final(model, tokenizer, out_dir / "final")
+    model_dir = out_dir / "final"
+    if ctx.is_main:
+        _save_final(model, tokenizer, model_dir)
+    ctx.barrier()
     return TrainResult(model_dir=model_dir, steps=n_steps, history=history, resumed_from_step=ckpt.step if ckpt else None,
                        tokens=tokens, seconds=time.perf_counter() - started)
 
@@ -183,6 +209,15 @@ class _Stats:
     def __init__(self) -> None:
         self.pairs, self.tokens = 0, 0
         self.sums = dict.fromkeys(("loss", "nll", "chosen", "rejected", "correct", "logps_c", "logps_r"), 0.0)
+
+    def reduce(self, ctx: Dist, device: torch.device) -> None:
+        """Sum pairs, tokens and per-pair sums over all ranks (exact means: total sum / total pairs)."""
+        if not ctx.enabled:
+            return
+        keys = list(self.sums)
+        totals = all_reduce_sums([self.pairs, self.tokens, *(self.sums[k] for k in keys)], ctx, device)
+        self.pairs, self.tokens = int(round(totals[0])), int(round(totals[1]))
+        self.sums = dict(zip(keys, totals[2:]))
 
     def add(self, batch: PairBatch, losses, nll, out, chosen_logps, rejected_logps) -> None:
         self.pairs += batch.n_pairs
@@ -216,11 +251,52 @@ class _Stats:
         return out
 
 
-def _forward_backward(model, batch: PairBatch, ref, cfg: TrainConfig, spec: DeviceSpec, stats: _Stats,
-                      pairs_in_step: int, step: int, last_ckpt: Path | None) -> None:
-    """Policy forward on the concatenated batch, loss, backward of this micro-batch's share of the step's mean."""
-    with spec.autocast():
-        logps, counts = sequence_logps(model, batch, chunk_size=cfg.logprob_chunk_size)
+class _Scorer(torch.nn.Module):
+    """``sequence_logps`` of the policy as a module forward, so that ``DistributedDataParallel`` can wrap it
+    (DDP synchronises gradients of what runs through its ``forward``; ``sequence_logps`` calls the decoder and
+    the LM head separately). Score a ``PairBatch`` with ``logps``; ``sync(last=...)`` skips the all-reduce on all but the
+    last micro-batch of an optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec) -> None:
+        super().__init__()
+        self.model, self.chunk_size, self.spec = model, cfg.logprob_chunk_size, spec
+        self.ddp: torch.nn.Module | None = None
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        batch = PairBatch(input_ids, attention_mask, response_mask, pair_ids=[])
+        with self.spec.autocast():
+            return sequence_logps(self.model, batch, chunk_size=self.chunk_size)
+
+    def logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logps Float[2B], token counts Long[2B]) of ``batch``, through DDP when distributed."""
+        runner = self.ddp if self.ddp is not None else self
+        return runner(batch.input_ids, batch.attention_mask, batch.response_mask)
+
+    def sync(self, last: bool):
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
+
+def _scorer(model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, ctx: Dist) -> _Scorer:
+    scorer = _Scorer(model, cfg, spec)
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [spec.device.index] if spec.is_cuda else None
+        # buffers (rotary tables) are constants: no per-forward broadcast (the keyword was renamed in torch 2.13)
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync_buffers = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+        scorer.ddp = DistributedDataParallel(scorer, device_ids=ids, **no_sync_buffers)
+    return scorer
+
+
+def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, stats: _Stats, weight: float,
+                      step: int, last_ckpt: Path | None) -> None:
+    """Policy forward on the concatenated batch, loss, backward of ``weight * sum of losses``.
+
+    ``weight`` is ``world / pairs in the step`` (DDP averages gradients over ranks, so the result is the step's
+    mean), or 0 for a padding pass that only keeps a rank in the all-reduce (then nothing is counted in ``stats``).
+    """
+    logps, counts = score.logps(batch)
     chosen, rejected = split_pair_logps(logps)
     chosen_tokens, rejected_tokens = split_pair_logps(counts)
     out = preference_loss(cfg.loss, chosen, rejected, ref[0], ref[1], beta=cfg.beta,
@@ -232,8 +308,9 @@ def _forward_backward(model, batch: PairBatch, ref, cfg: TrainConfig, spec: Devi
         losses = losses + cfg.sft_weight * nll
     if not bool(torch.isfinite(losses).all()):
         raise NonFiniteError(step, "loss", last_ckpt)
-    (losses.sum() / pairs_in_step).backward()
-    stats.add(batch, losses, nll, out, chosen, rejected)
+    (losses.sum() * weight).backward()
+    if weight:
+        stats.add(batch, losses, nll, out, chosen, rejected)
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -291,9 +368,6 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
     if cfg.packing:
         raise TrainError("train.packing=true is not supported by this trainer (padding-free packing is not "
                          "implemented); set train.packing=false")
-    if cfg.strategy in ("ddp", "fsdp") or cfg.processes > 1:
-        raise TrainError(f"train.strategy={cfg.strategy!r} / processes={cfg.processes}: this trainer runs in one "
-                         "process on one device; use strategy 'auto' or 'single' with processes=1")
     rows = []
     for row in tokenized_df[list(_NEEDED)].to_dict("records"):
         rows.append({"pair_id": str(row["pair_id"]),
@@ -301,11 +375,32 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
     return rows
 
 
+def _check_world(cfg: TrainConfig, spec: DeviceSpec) -> Dist:
+    """This process's rank/world; the strategy must match how the processes were started."""
+    try:
+        strategy = resolve_strategy(cfg.strategy, cfg.processes)
+    except DistributedError as exc:
+        raise TrainError(str(exc)) from None
+    if strategy == "fsdp":
+        raise TrainError("train.strategy='fsdp' is not implemented by this trainer (FSDP needs CUDA and sharded "
+                         "checkpointing); use 'ddp', which keeps a full model copy per GPU")
+    ctx = current()
+    if ctx.world != cfg.processes:
+        how = ("start it with tasks.launch / torchrun --nproc_per_node" if ctx.world == 1
+               else "set train.processes to the torchrun world size")
+        raise TrainError(f"train.processes={cfg.processes} but this run has {ctx.world} process(es); {how}")
+    if ctx.enabled and spec.is_cuda and spec.device.index != ctx.local_rank:
+        raise TrainError(f"rank {ctx.rank} must train on cuda:{ctx.local_rank}, got {spec.device}; "
+                         "use dpo_core.distributed.device_for")
+    return ctx
+
+
 def _run_fingerprint(rows: list[dict], cfg: TrainConfig) -> str:
     """Identifies a run (data + settings that change the result), so checkpoints of another run are not resumed."""
     data = [(r["pair_id"], len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
+    # strategy/processes are left out: the global batch is the same on any world size (resume on another one)
     settings = cfg.model_dump(mode="json", exclude={"checkpoint_every", "keep_checkpoints", "reference_batch_size",
-                                                    "logprob_chunk_size"})
+                                                    "logprob_chunk_size", "strategy", "processes"})
     return stable_hash({"data": data, "train": settings})
 
 
@@ -397,18 +492,21 @@ def _live_reference(ref: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, di
 
 def _initial_policy_table(model, rows: list[dict], cfg: TrainConfig, spec: DeviceSpec, out_dir: Path) -> pd.DataFrame:
     """With no reference given, the reference is the policy before training: score it once, cache the table."""
-    path = out_dir / "reference.parquet"
-    if path.is_file():
-        cached = read_reference_table(path)
+    path, ctx = out_dir / "reference.parquet", current()
+    usable = False
+    if ctx.is_main and path.is_file():
         try:
-            _reference_by_pair(cached, rows)
-            return cached
+            _reference_by_pair(read_reference_table(path), rows)
+            usable = True
         except TrainError as exc:
             log.warning("recomputing %s: %s", path, exc)
+    if broadcast_object(usable, ctx):  # rank 0 decides, so no rank reads a file another one is about to rewrite
+        return read_reference_table(path)
     log.info("no reference given: scoring %d pairs with the initial policy as the reference", len(rows))
-    table = compute_reference_logps(model, pd.DataFrame(rows), batch_size=cfg.reference_batch_size, spec=spec,
-                                    chunk_size=cfg.logprob_chunk_size)
-    write_reference_table(table, path)
+    table = distributed_reference_logps(model, pd.DataFrame(rows), batch_size=cfg.reference_batch_size, spec=spec,
+                                        ctx=ctx, chunk_size=cfg.logprob_chunk_size)
+    if ctx.is_main:
+        write_reference_table(table, path)
     return table
 
 

@@ -1,0 +1,161 @@
+"""Run a training job on several processes with torchrun and stream what the ranks print into the Prefect logs.
+
+``launch_training(job, processes)`` writes the job file, runs
+
+    python -m torch.distributed.run --standalone --nproc_per_node N --tee 3 -m dpo_core.train_main JOB.json
+
+and reads every output line as it comes: torchrun prefixes rank r's lines with ``[default<r>]:``; rank 0's
+``DPO_PROGRESS {json}`` lines become ``on_progress(metrics)`` calls, everything else goes to the logger. If a rank
+dies, torchrun stops the others and names the first failure ("Root Cause"); ``RankFailedError`` then says which
+rank it was, its exit code and its last lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dpo_core.train_main import PROGRESS_PREFIX, RESULT_FILE, TrainJob, read_result
+
+__all__ = ["RankFailedError", "torchrun_command", "launch_training"]
+
+JOB_FILE = "train_job.json"
+_RANK_LINE = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")
+_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+_LAST_LINES = 20
+
+
+class RankFailedError(RuntimeError):
+    """A training rank died: ``rank`` (None if torchrun itself failed), ``exit_code`` and ``last_lines``."""
+
+    def __init__(self, rank: int | None, exit_code: int, last_lines: list[str], world: int) -> None:
+        self.rank, self.exit_code, self.last_lines = rank, exit_code, last_lines
+        who = f"rank {rank} of {world}" if rank is not None else f"torchrun ({world} processes)"
+        tail = "\n".join(f"    {line}" for line in last_lines) or "    (no output)"
+        super().__init__(f"distributed training failed: {who} exited with code {exit_code}; its last lines:\n{tail}")
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow/task run, this module's logger otherwise."""
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            pass
+    except ImportError:  # pragma: no cover - prefect is a dependency of tasks/
+        pass
+    return logging.getLogger(__name__)
+
+
+def torchrun_command(job_path: Path, processes: int) -> list[str]:
+    """The torchrun command line for ``processes`` ranks on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "--tee=3", "-m", "dpo_core.train_main", str(job_path)]
+
+
+def launch_training(
+    job: TrainJob,
+    processes: int,
+    *,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Run ``job`` on ``processes`` ranks; return rank 0's result record (see ``dpo_core.train_main.run_job``).
+
+    Raises ``RankFailedError`` naming the rank that died and its last lines; ``TimeoutError`` after ``timeout_s``
+    (torchrun and its ranks are stopped).
+    """
+    if processes < 2:
+        raise ValueError(f"launch_training is for 2 or more processes, got {processes}; call train() directly")
+    if job.train.processes != processes:
+        raise ValueError(f"job.train.processes={job.train.processes} but {processes} processes were requested")
+    log = logger or _logger()
+    out_dir = Path(job.out_dir)
+    job_path = job.write(out_dir / JOB_FILE)
+    (out_dir / RESULT_FILE).unlink(missing_ok=True)  # never read a previous attempt's result
+    cmd = torchrun_command(job_path, processes)
+    log.info("launching %d training processes: %s", processes, " ".join(cmd))
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    tails: dict[int | None, collections.deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=_LAST_LINES))
+    launcher_lines: list[str] = []  # torchrun's own output (holds the failure summary)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            start_new_session=True)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _kill_group(proc)
+
+    timer = threading.Timer(timeout_s, expire) if timeout_s else None
+    if timer is not None:
+        timer.start()
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            match = _RANK_LINE.match(line)
+            if match is None:
+                launcher_lines.append(line)
+                tails[None].append(line)
+                log.info("[torchrun] %s", line)
+                continue
+            rank, text = int(match.group(1)), match.group(2)
+            tails[rank].append(text)
+            if rank == 0 and text.startswith(PROGRESS_PREFIX):
+                if on_progress is not None:
+                    on_progress(json.loads(text[len(PROGRESS_PREFIX):]))
+                continue
+            log.info("[rank %d] %s", rank, text)
+        code = proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if expired.is_set():
+        raise TimeoutError(f"distributed training did not finish within {timeout_s} s; its processes were stopped")
+    if code != 0:
+        rank, rank_code = _failed_rank("\n".join(launcher_lines), tails)
+        raise RankFailedError(rank, rank_code if rank_code is not None else code, list(tails[rank]), processes)
+    return read_result(out_dir)
+
+
+def _failed_rank(launcher_output: str, tails: dict[int | None, Any]) -> tuple[int | None, int | None]:
+    """(rank, exit code) of torchrun's "Root Cause" entry; else the first rank that printed a traceback."""
+    match = _ROOT_CAUSE.search(launcher_output)
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    for rank in sorted(r for r in tails if r is not None):
+        if any(line.startswith("Traceback") for line in tails[rank]):
+            return rank, None
+    return None, None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop torchrun and its ranks (they share the session this launcher started)."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
