@@ -1,0 +1,173 @@
+"""Data-parallel training on CPU: 2 gloo processes started by torchrun (through tasks.launch) against 1 process.
+
+The training set has 9 pairs and batch_size 4, so every epoch ends with a 1-pair micro-batch: rank 1 gets no pair
+there (it joins the all-reduce with a zero-weight pass) and nothing may be counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo_core.config import ModelConfig, TrainConfig
+from dpo_core.distributed import SINGLE, Dist, DistributedError, all_reduce_sums, resolve_strategy, shard
+from dpo_core.models import DeviceSpec, tiny_llama
+from dpo_core.train_main import FAIL_AFTER_STEP_ENV, FAIL_RANK_ENV, TrainJob, run_job
+from dpo_core.trainer import TrainError, train
+from tasks.launch import RankFailedError, launch_training, torchrun_command
+
+CPU = DeviceSpec(torch.device("cpu"), torch.float32, None, "eager")
+N_PAIRS, STEPS = 9, 6  # 2 epochs of ceil(9 / 4) = 3 steps
+CURVE = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+         "logps/rejected", "grad_norm")
+
+
+def _pairs(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    ids = lambda k: rng.integers(20, 2000, size=k).tolist()  # noqa: E731
+    return pd.DataFrame([
+        {"pair_id": f"p{i}", "split": "train" if i < n else "eval", "prompt_ids": ids(int(rng.integers(3, 12))),
+         "chosen_ids": ids(int(rng.integers(2, 14))), "rejected_ids": ids(int(rng.integers(2, 14))),
+         "prompt_truncated": False, "chosen_truncated": False, "rejected_truncated": False}
+        for i in range(n + 1)  # one eval row: the job must train on the train split only
+    ])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("dist-data")
+    tiny_llama(tokenizer, seed=0, hidden_size=32).save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
+    _pairs(N_PAIRS).to_parquet(root / "tokenized.parquet")
+    return root
+
+
+def _job(data, out, processes: int, **kw) -> TrainJob:
+    cfg = TrainConfig(learning_rate=5e-3, batch_size=4, grad_accum=1, epochs=2, warmup_ratio=0.2, checkpoint_every=2,
+                      keep_checkpoints=2, seed=3, beta=0.5, mega_batch_mult=2, processes=processes)
+    model = ModelConfig(name_or_path=str(data / "model"), device="cpu", attn_implementation="eager")
+    return TrainJob(model_dir=str(data / "model"), model=model, tokenized=str(data / "tokenized.parquet"),
+                    train=cfg, out_dir=str(out), **kw)
+
+
+def _history(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    return out, run_job(_job(data, out, 1))
+
+
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    progress: list[dict] = []
+    record = launch_training(_job(data, out, 2), 2, on_progress=progress.append)
+    return out, record, progress
+
+
+def test_two_gloo_processes_give_the_loss_curve_of_one_process(one_process, two_processes):
+    (out1, rec1), (out2, rec2, progress) = one_process, two_processes
+    assert rec1["world_size"] == 1 and rec2["world_size"] == 2
+    assert rec1["status"] == rec2["status"] == "complete" and rec1["steps"] == rec2["steps"] == STEPS
+    assert [m["step"] for m in progress] == list(range(1, STEPS + 1))  # rank 0's progress reached the launcher
+    h1, h2 = _history(out1), _history(out2)
+    assert len(h1) == len(h2) == STEPS
+    for a, b in zip(h1, h2):
+        np.testing.assert_allclose([b[k] for k in CURVE], [a[k] for k in CURVE], rtol=1e-5, atol=1e-6)
+        assert a["learning_rate"] == b["learning_rate"] and a["epoch"] == b["epoch"]
+    assert h1[-1]["loss"] < h1[0]["loss"]  # it trained
+    # the rank left without a pair in each epoch's last 1-pair batch added nothing: same token count, no duplicates
+    assert rec1["tokens"] == rec2["tokens"]
+    w1, w2 = _weights(out1), _weights(out2)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_split_across_ranks_is_the_single_process_table(one_process, two_processes):
+    # no reference table in the job: the trainer scores the initial policy, split across the 2 ranks and gathered
+    t1 = pd.read_parquet(one_process[0] / "reference.parquet")
+    t2 = pd.read_parquet(two_processes[0] / "reference.parquet")
+    assert list(t2["pair_id"]) == [f"p{i}" for i in range(N_PAIRS)] == list(t1["pair_id"])
+    assert t2.dtypes.to_dict() == t1.dtypes.to_dict()
+    assert (t2[["chosen_tokens", "rejected_tokens"]] == t1[["chosen_tokens", "rejected_tokens"]]).all().all()
+    np.testing.assert_allclose(t2[["chosen_logps", "rejected_logps"]], t1[["chosen_logps", "rejected_logps"]],
+                               rtol=1e-6)
+
+
+def test_a_dead_rank_is_named_and_the_relaunch_resumes_to_the_same_weights(data, tmp_path, two_processes):
+    out = tmp_path / "killed"
+    job = _job(data, out, 2)
+    # rank 1 dies after step 3; the newest checkpoint is step 2; torchrun stops rank 0
+    with pytest.raises(RankFailedError) as info:
+        launch_training(job, 2, env={FAIL_AFTER_STEP_ENV: "3", FAIL_RANK_ENV: "1"})
+    err = info.value
+    assert err.rank == 1 and err.exit_code == 1
+    assert "rank 1 of 2" in str(err) and "InjectedRankFailure" in str(err)
+    assert any("injected failure on rank 1 after step 3" in line for line in err.last_lines)
+
+    record = launch_training(job, 2)
+    assert record["status"] == "complete" and record["resumed_from_step"] == 2
+    assert [row["step"] for row in _history(out)] == list(range(1, STEPS + 1))
+    reference = _weights(two_processes[0])
+    for name, tensor in _weights(out).items():
+        assert torch.equal(tensor, reference[name]), name  # bit-identical to the uninterrupted 2-process run
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(data, tmp_path, two_processes):
+    out = tmp_path / "two-then-one"
+    stopped = launch_training(_job(data, out, 2, stop_after_steps=2), 2)
+    assert stopped == {"world_size": 2, "status": "interrupted", "steps": 2}
+    assert not (out / "final").exists()
+
+    record = run_job(_job(data, out, 1))  # same run on another world size: the global batch did not change
+    assert record["resumed_from_step"] == 2 and record["world_size"] == 1
+    np.testing.assert_allclose([r["loss"] for r in _history(out)], [r["loss"] for r in _history(two_processes[0])],
+                               rtol=1e-5)
+    reference = _weights(two_processes[0])
+    for name, tensor in _weights(out).items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-5)
+
+
+def test_shards_split_unevenly_and_never_duplicate():
+    for world in (2, 3):
+        for n in (1, 4, 5):
+            parts = [shard(list(range(n)), Dist(rank=r, world=world)) for r in range(world)]
+            assert sorted(i for part in parts for i in part) == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert shard([7, 8, 9], SINGLE) == [7, 8, 9]
+    assert all_reduce_sums([1, 2.5], SINGLE) == [1.0, 2.5]
+
+
+def test_strategy_resolution_and_clear_errors(tmp_path, tokenizer):
+    assert resolve_strategy("auto", 1) == "single" and resolve_strategy("auto", 4) == "ddp"
+    assert resolve_strategy("ddp", 2) == "ddp"
+    with pytest.raises(DistributedError, match="'single' cannot run 2 processes"):
+        resolve_strategy("single", 2)
+
+    model, df = tiny_llama(tokenizer, seed=0, hidden_size=32), _pairs(4)
+    cases = [(dict(processes=2), "train.processes=2 but this run has 1 process"),
+             (dict(strategy="single", processes=2), "'single' cannot run 2 processes"),
+             (dict(strategy="fsdp"), "'fsdp' is not implemented")]
+    for kw, message in cases:
+        with pytest.raises(TrainError, match=message):
+            train(model, tokenizer, df, TrainConfig(**kw), out_dir=tmp_path, spec=CPU, progress_bar=False)
+    with pytest.raises(ValueError, match="2 or more processes"):
+        launch_training(_job(tmp_path, tmp_path, 1), 1)
+    with pytest.raises(ValueError, match="job.train.processes=1 but 2"):
+        launch_training(_job(tmp_path, tmp_path, 1), 2)
+    assert torchrun_command(tmp_path / "job.json", 2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
+                                                                "--nproc_per_node=2", "--tee=3"]
