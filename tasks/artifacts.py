@@ -161,10 +161,17 @@ def build_artifact(
             return done
         if final.exists():  # a folder without a manifest is not ours to trust
             shutil.rmtree(final)
+        for stale in final.parent.glob(f".{key}.tmp-*"):  # left by a killed run; we hold the key's lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = work_dir or final.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        fields = fill(tmp)
+        try:
+            fields = fill(tmp)
+        except BaseException:
+            if work_dir is None:  # a failed build keeps nothing half-written (a work_dir keeps its checkpoints)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if "content_hash" not in fields:
             raise ValueError(f"stage {stage} returned a manifest without content_hash")
         manifest = {
