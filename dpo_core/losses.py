@@ -21,6 +21,7 @@ __all__ = [
     "LossError",
     "LossOutput",
     "LOSS_TYPES",
+    "SMOOTHING_LOSSES",
     "dpo_sigmoid_loss",
     "robust_dpo_loss",
     "ipo_loss",
@@ -191,7 +192,7 @@ def simpo_loss(
 
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
-_SMOOTHING = ("sigmoid", "robust", "sigmoid_norm", "simpo")
+SMOOTHING_LOSSES = ("sigmoid", "robust", "sigmoid_norm", "simpo")  # losses that use label_smoothing
 
 
 def preference_loss(
@@ -216,7 +217,7 @@ def preference_loss(
         raise LossError(f"unknown loss type {loss_type!r}; expected one of {list(LOSS_TYPES)}")
     if beta <= 0:
         raise LossError(f"beta must be > 0, got {beta}")
-    if label_smoothing and loss_type not in _SMOOTHING:
+    if label_smoothing and loss_type not in SMOOTHING_LOSSES:
         raise LossError(f"label_smoothing={label_smoothing} has no meaning for loss {loss_type!r}; set it to 0")
     policy = (policy_chosen_logps, policy_rejected_logps)
     if loss_type == "simpo":

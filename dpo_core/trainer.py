@@ -365,6 +365,9 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
         raise TrainError(f"{len(duplicated)} duplicated pair_id(s) in the training set, e.g. {duplicated[:3]}")
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise TrainError("the tokenizer has no pad token id; load it with dpo_core.models.load_tokenizer")
+    if cfg.label_smoothing and cfg.loss not in SMOOTHING_LOSSES:
+        raise TrainError(f"train.label_smoothing={cfg.label_smoothing} has no meaning for loss {cfg.loss!r} "
+                         f"(only {list(SMOOTHING_LOSSES)}); set it to 0")
     if cfg.packing:
         raise TrainError("train.packing=true is not supported by this trainer (padding-free packing is not "
                          "implemented); set train.packing=false")
