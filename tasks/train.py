@@ -12,11 +12,14 @@ import pandas as pd
 from prefect import task
 
 from dpo_core.config import RunConfig
+from dpo_core.distributed import resolve_strategy
 from dpo_core.models import load_model, load_tokenizer, pick_device
 from dpo_core.reference import read_reference_table
-from dpo_core.trainer import train
+from dpo_core.train_main import TrainJob
+from dpo_core.trainer import TrainResult, train
 from tasks.artifacts import artifact_dir, build_artifact, file_sha256, prefect_cache_key, stage_key
 from tasks.common import Progress
+from tasks.launch import launch_training
 from tasks.reference import base_model_config
 
 STAGE = "train"
@@ -50,6 +53,9 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
     key = train_key(cfg, model, tokenized, reference)
 
     def fill(folder: Path) -> dict[str, Any]:
+        if resolve_strategy(cfg.train.strategy, cfg.train.processes) != "single":
+            result = _train_distributed(cfg, model, tokenized, reference, folder)
+            return _finish(folder, key, result)
         spec = pick_device(cfg.model)
         table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])
         train_rows = table[table["split"] == "train"].reset_index(drop=True)
@@ -74,30 +80,54 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
             reference=ref_table, ref_model=ref_model, on_step=on_step, progress_bar=True,
         )
         progress.update(result.steps, result.steps, force=True)
-        # the final model is kept; intermediate checkpoints (weights + optimizer) are only for resuming
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        model_subdir = Path(result.model_dir).relative_to(folder)
-        weights = sorted((folder / model_subdir).glob("*.safetensors"))
-        final_metrics = result.history[-1] if result.history else {}
-        with open(folder / "history.jsonl", "w") as f:  # the whole run's history, resumed parts included
-            for row in result.history:
-                f.write(json.dumps(row, default=float) + "\n")
-        (folder / "train_result.json").write_text(
-            json.dumps({"steps": result.steps, "resumed_from_step": result.resumed_from_step,
-                        "tokens": result.tokens, "seconds": result.seconds}, indent=1)
-        )
-        return {
-            "content_hash": file_sha256(weights[0])[:16] if weights else key,
-            "model_subdir": str(model_subdir),
-            "history_file": "history.jsonl",
-            "steps": result.steps,
-            "resumed_from_step": result.resumed_from_step,
-            "tokens": result.tokens,
-            "train_seconds": result.seconds,
-            "final_metrics": {k: v for k, v in final_metrics.items() if isinstance(v, (int, float))},
-        }
+        return _finish(folder, key, result)
 
     return build_artifact(cfg, STAGE, key, fill, work_dir=work_dir(cfg, key))
+
+
+def _train_distributed(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any],
+                       folder: Path) -> TrainResult:
+    """train.processes ranks under torchrun (tasks.launch); their output and progress stream into this run."""
+    job = TrainJob(
+        model_dir=str(model["model_dir"]), model=cfg.model,
+        tokenized=str(Path(tokenized["path"]) / tokenized["tokenized_file"]), split="train",
+        reference=str(Path(reference["path"]) / reference["reference_file"]) if cfg.train.precompute_reference else None,
+        ref_model_dir=str(model["model_dir"]) if not cfg.train.precompute_reference and cfg.model.lora is None else None,
+        train=cfg.train, out_dir=str(folder),
+    )  # DPO_FAIL_AFTER_STEP reaches the ranks through the environment (rank 0 fails)
+    progress = Progress("training", f"DPO training on {cfg.train.processes} processes")
+    record = launch_training(job, cfg.train.processes, timeout_s=cfg.timeouts.train,
+                             on_progress=lambda m: progress.update(int(m["step"]), int(m["total_steps"])))
+    progress.update(record["steps"], record["steps"], force=True)
+    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
+    return TrainResult(model_dir=Path(record["model_dir"]), steps=record["steps"], history=history,
+                       resumed_from_step=record["resumed_from_step"], tokens=record["tokens"], seconds=record["seconds"])
+
+
+def _finish(folder: Path, key: str, result: TrainResult) -> dict[str, Any]:
+    """Drop the resume-only checkpoints, write history and result files; the stage manifest."""
+    # the final model is kept; intermediate checkpoints (weights + optimizer) are only for resuming
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    model_subdir = Path(result.model_dir).relative_to(folder)
+    weights = sorted((folder / model_subdir).glob("*.safetensors"))
+    final_metrics = result.history[-1] if result.history else {}
+    with open(folder / "history.jsonl", "w") as f:  # the whole run's history, resumed parts included
+        for row in result.history:
+            f.write(json.dumps(row, default=float) + "\n")
+    (folder / "train_result.json").write_text(
+        json.dumps({"steps": result.steps, "resumed_from_step": result.resumed_from_step,
+                    "tokens": result.tokens, "seconds": result.seconds}, indent=1)
+    )
+    return {
+        "content_hash": file_sha256(weights[0])[:16] if weights else key,
+        "model_subdir": str(model_subdir),
+        "history_file": "history.jsonl",
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
+        "tokens": result.tokens,
+        "train_seconds": result.seconds,
+        "final_metrics": {k: v for k, v in final_metrics.items() if isinstance(v, (int, float))},
+    }
 
 
 def policy_dir(train_manifest: dict[str, Any]) -> Path:

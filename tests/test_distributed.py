@@ -171,3 +171,36 @@ def test_strategy_resolution_and_clear_errors(tmp_path, tokenizer):
         launch_training(_job(tmp_path, tmp_path, 1), 2)
     assert torchrun_command(tmp_path / "job.json", 2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
                                                                 "--nproc_per_node=2", "--tee=3"]
+
+
+class _RecordedProgress:
+    """Stands in for tasks.common.Progress (whose Prefect artifact would start a temporary server outside a run)."""
+
+    updates: list[tuple[int, int]] = []
+
+    def __init__(self, key: str, description: str) -> None:
+        self.key = key
+
+    def update(self, done: int, total: int, force: bool = False) -> None:
+        self.updates.append((done, total))
+
+
+def test_the_train_stage_launches_torchrun_when_processes_is_two(data, tmp_path, one_process, monkeypatch):
+    from dpo_core.config import RunConfig
+    from tasks import train as train_task
+    from tasks.train import policy_dir, read_history, train_stage
+
+    monkeypatch.setattr(train_task, "Progress", _RecordedProgress)
+
+    job = _job(data, tmp_path, 2)
+    cfg = RunConfig(model=job.model, train=job.train.model_copy(update={"max_steps": 2}), state_dir=str(tmp_path))
+    model = {"content_hash": "tiny", "model_dir": str(data / "model")}
+    tokenized = {"content_hash": "pairs", "path": str(data), "tokenized_file": "tokenized.parquet"}
+    reference = {"content_hash": "ref", "path": str(one_process[0]), "reference_file": "reference.parquet"}
+    manifest = train_stage.fn(cfg, model, tokenized, reference)  # the task body, outside a flow run
+    assert manifest["steps"] == 2 and manifest["resumed_from_step"] is None
+    assert _RecordedProgress.updates == [(1, 2), (2, 2), (2, 2)]  # rank 0's steps, then the final forced update
+    assert [row["step"] for row in read_history(manifest)] == [1, 2]
+    assert (policy_dir(manifest) / "model.safetensors").is_file()
+    assert not (tmp_path / "artifacts" / "train" / manifest["key"] / "checkpoints").exists()
+    np.testing.assert_allclose(read_history(manifest)[1]["loss"], _history(one_process[0])[1]["loss"], rtol=1e-5)
