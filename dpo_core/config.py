@@ -116,7 +116,7 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs when set
-    batch_size: int = Field(4, gt=0)  # pairs per micro-batch
+    batch_size: int = Field(4, gt=0)  # pairs per micro-batch, global: split across `processes` ranks
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     seed: int = 42
