@@ -24,7 +24,7 @@ TIMING = {"tokens_per_second"}
 
 def _pairs(n: int = 10, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    ids = lambda k: rng.integers(20, 2000, size=k).tolist()  # noqa: E731
+    ids = lambda k: rng.integers(20, 2048, size=k).tolist()  # noqa: E731
     return pd.DataFrame([
         {"pair_id": f"p{i}", "split": "train", "prompt_ids": ids(int(rng.integers(3, 12))),
          "chosen_ids": ids(int(rng.integers(2, 14))), "rejected_ids": ids(int(rng.integers(2, 14))),
@@ -39,8 +39,18 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+class _SmallVocab:
+    """The synthetic pairs use ids < 2048: a 2048-token vocabulary keeps checkpoints small and the tests fast."""
+
+    def __init__(self, tokenizer) -> None:
+        self.pad_token_id, self.eos_token_id, self.bos_token_id = 0, 1, 1
+
+    def __len__(self) -> int:
+        return 2048
+
+
 def _model(tokenizer, lora: LoraConfig | None = None):
-    model = tiny_llama(tokenizer, seed=0, hidden_size=32)
+    model = tiny_llama(_SmallVocab(tokenizer), seed=0, hidden_size=32)
     return attach_lora(model, ModelConfig(lora=lora)) if lora else model
 
 
