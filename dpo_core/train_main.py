@@ -1,10 +1,14 @@
 """The per-rank entry point that torchrun starts: ``python -m dpo_core.train_main JOB.json``.
 
+Two kinds of job: ``TrainJob`` (DPO training) and ``ReferenceJob`` (the reference log-prob precompute, split across
+the ranks and gathered into one table by ``dpo_core.distributed.distributed_reference_logps``).
+
 A job is a small JSON file the train task writes (``TrainJob``): the model folder and its ``ModelConfig``, the
 tokenized pairs (Parquet), the reference table (Parquet, optional), the ``TrainConfig`` and the output folder.
 Every rank loads the model and data itself, joins the process group (gloo on CPU, NCCL on CUDA) and calls
 ``dpo_core.trainer.train``; rank 0 prints one ``DPO_PROGRESS {json}`` line per optimizer step (the launcher turns
-them into Prefect progress) and finally writes ``out_dir/train_main_result.json``.
+them into Prefect progress) and finally writes ``out_dir/train_main_result.json`` (a reference job: next to its
+table).
 
 Run with one process (no torchrun) it trains in this process, exactly like calling ``train`` directly.
 """
@@ -15,19 +19,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from dpo_core.config import ModelConfig, TrainConfig
-from dpo_core.distributed import Dist, destroy_process_group, device_for, init_process_group
+from dpo_core.distributed import Dist, destroy_process_group, device_for, distributed_reference_logps
+from dpo_core.distributed import init_process_group
 from dpo_core.models import load_model, load_tokenizer, pick_device
-from dpo_core.reference import read_reference_table
+from dpo_core.reference import read_reference_table, write_reference_table
 from dpo_core.trainer import TrainingInterrupted, train
 
-__all__ = ["TrainJob", "RESULT_FILE", "PROGRESS_PREFIX", "run_job", "read_result", "main"]
+__all__ = ["TrainJob", "ReferenceJob", "RESULT_FILE", "PROGRESS_PREFIX", "run_job", "run_reference_job",
+           "read_job", "read_result", "main"]
 
 RESULT_FILE = "train_main_result.json"
 PROGRESS_PREFIX = "DPO_PROGRESS "
@@ -40,11 +46,20 @@ class InjectedRankFailure(RuntimeError):
     """Raised by the fault-injection hook; only tests set DPO_FAIL_AFTER_STEP / DPO_FAIL_RANK."""
 
 
-class TrainJob(BaseModel):
-    """What one training run needs, as the train task writes it (paths absolute)."""
-
+class _Job(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    def write(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=1))
+        return path
+
+
+class TrainJob(_Job):
+    """What one training run needs, as the train task writes it (paths absolute)."""
+
+    kind: Literal["train"] = "train"
     model_dir: str
     model: ModelConfig
     tokenized: str  # Parquet of tokenize_pairs output
@@ -55,18 +70,42 @@ class TrainJob(BaseModel):
     out_dir: str
     stop_after_steps: int | None = None
 
-    def write(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=1))
-        return path
+    @property
+    def processes(self) -> int:
+        return self.train.processes
 
-    @classmethod
-    def read(cls, path: Path) -> "TrainJob":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training job file {path} does not exist")
-        return cls.model_validate_json(path.read_text())
+    @property
+    def result_dir(self) -> Path:
+        return Path(self.out_dir)
+
+
+class ReferenceJob(_Job):
+    """The reference precompute over every row of ``tokenized``, written to ``out_file`` (Parquet)."""
+
+    kind: Literal["reference"] = "reference"
+    model_dir: str
+    model: ModelConfig  # the reference model's config (no LoRA: the reference is the base model)
+    tokenized: str
+    out_file: str
+    batch_size: int = Field(8, gt=0)
+    chunk_size: int = Field(1024, gt=0)
+    processes: int = Field(1, gt=0)
+
+    @property
+    def result_dir(self) -> Path:
+        return Path(self.out_file).parent
+
+
+class _AnyJob(BaseModel):
+    job: Union[TrainJob, ReferenceJob] = Field(discriminator="kind")
+
+
+def read_job(path: Path) -> TrainJob | ReferenceJob:
+    """A job file written by ``TrainJob.write`` / ``ReferenceJob.write``; a clear error if missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job file {path} does not exist")
+    return _AnyJob.model_validate_json('{"job": ' + path.read_text() + "}").job
 
 
 def _progress_printer(ctx: Dist):
@@ -113,12 +152,47 @@ def run_job(job: TrainJob) -> dict[str, Any]:
         except TrainingInterrupted as exc:
             record.update(status="interrupted", steps=exc.step)
         if ctx.is_main:
-            tmp = out_dir / f".{RESULT_FILE}.tmp"
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, out_dir / RESULT_FILE)
+            _write_result(out_dir, record)
         return record
     finally:
         destroy_process_group()
+
+
+def run_reference_job(job: ReferenceJob) -> dict[str, Any]:
+    """Score every pair with the reference model, rows split across the ranks; rank 0 writes the whole table.
+
+    Returns (and rank 0 writes next to the table) ``{status, rows, world_size, out_file}``. Rank 0 prints
+    ``DPO_PROGRESS {"done": d, "total": t}`` with its own share scaled to the whole table.
+    """
+    spec = pick_device(job.model)
+    ctx = init_process_group(spec)
+    try:
+        spec = device_for(spec, ctx)
+        model = load_model(job.model_dir, job.model, spec).eval()
+        table = pd.read_parquet(job.tokenized)
+
+        def progress(done: int, total: int) -> None:
+            if ctx.is_main:
+                info = {"done": min(done * ctx.world, len(table)), "total": len(table)}
+                print(PROGRESS_PREFIX + json.dumps(info), flush=True)
+
+        logps = distributed_reference_logps(model, table, batch_size=job.batch_size, spec=spec, ctx=ctx,
+                                            chunk_size=job.chunk_size, progress=progress)
+        record = {"status": "complete", "rows": len(logps), "world_size": ctx.world, "out_file": job.out_file}
+        if ctx.is_main:
+            write_reference_table(logps, job.out_file)
+            _write_result(job.result_dir, record)
+        ctx.barrier()
+        return record
+    finally:
+        destroy_process_group()
+
+
+def _write_result(folder: Path, record: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, folder / RESULT_FILE)
 
 
 def read_result(out_dir: Path) -> dict[str, Any]:
@@ -134,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m dpo_core.train_main JOB.json  (normally started by torchrun via tasks.launch)",
               file=sys.stderr)
         return 2
-    run_job(TrainJob.read(Path(args[0])))
+    job = read_job(Path(args[0]))
+    if isinstance(job, ReferenceJob):
+        run_reference_job(job)
+    else:
+        run_job(job)
     return 0
 
 

@@ -1,11 +1,11 @@
-"""Run a training job on several processes with torchrun and stream what the ranks print into the Prefect logs.
+"""Run a training (or reference) job on several processes with torchrun; stream the ranks' output into Prefect.
 
-``launch_training(job, processes)`` writes the job file, runs
+``launch_training(job, processes)`` (``launch_reference`` likewise) writes the job file, runs
 
     python -m torch.distributed.run --standalone --nproc_per_node N --tee 3 -m dpo_core.train_main JOB.json
 
 and reads every output line as it comes: torchrun prefixes rank r's lines with ``[default<r>]:``; rank 0's
-``DPO_PROGRESS {json}`` lines become ``on_progress(metrics)`` calls, everything else goes to the logger. If a rank
+``DPO_PROGRESS {json}`` lines become ``on_progress(dict)`` calls, everything else goes to the logger. If a rank
 dies, torchrun stops the others and names the first failure ("Root Cause"); ``RankFailedError`` then says which
 rank it was, its exit code and its last lines.
 """
@@ -24,11 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpo_core.train_main import PROGRESS_PREFIX, RESULT_FILE, TrainJob, read_result
+from dpo_core.train_main import PROGRESS_PREFIX, RESULT_FILE, ReferenceJob, TrainJob, read_result
 
-__all__ = ["RankFailedError", "torchrun_command", "launch_training"]
+__all__ = ["RankFailedError", "torchrun_command", "launch_training", "launch_reference"]
 
 JOB_FILE = "train_job.json"
+REFERENCE_JOB_FILE = "reference_job.json"
 _RANK_LINE = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")
 _ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
 _LAST_LINES = 20
@@ -41,7 +42,7 @@ class RankFailedError(RuntimeError):
         self.rank, self.exit_code, self.last_lines = rank, exit_code, last_lines
         who = f"rank {rank} of {world}" if rank is not None else f"torchrun ({world} processes)"
         tail = "\n".join(f"    {line}" for line in last_lines) or "    (no output)"
-        super().__init__(f"distributed training failed: {who} exited with code {exit_code}; its last lines:\n{tail}")
+        super().__init__(f"distributed run failed: {who} exited with code {exit_code}; its last lines:\n{tail}")
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -76,19 +77,40 @@ def launch_training(
 ) -> dict[str, Any]:
     """Run ``job`` on ``processes`` ranks; return rank 0's result record (see ``dpo_core.train_main.run_job``).
 
-    Raises ``RankFailedError`` naming the rank that died and its last lines; ``TimeoutError`` after ``timeout_s``
+    ``on_progress`` gets each optimizer step's metrics (TRL names, ``step``, ``total_steps``). Raises
+    ``RankFailedError`` naming the rank that died and its last lines; ``TimeoutError`` after ``timeout_s``
     (torchrun and its ranks are stopped).
     """
-    if processes < 2:
-        raise ValueError(f"launch_training is for 2 or more processes, got {processes}; call train() directly")
     if job.train.processes != processes:
         raise ValueError(f"job.train.processes={job.train.processes} but {processes} processes were requested")
+    return _launch(job, job.result_dir / JOB_FILE, processes, on_progress, logger, env, timeout_s)
+
+
+def launch_reference(
+    job: ReferenceJob,
+    *,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """The reference precompute on ``job.processes`` ranks (rows split, one table gathered and written by rank 0).
+
+    ``on_progress`` gets ``{"done": pairs, "total": pairs}`` (rank 0's share scaled to the whole table).
+    """
+    return _launch(job, job.result_dir / REFERENCE_JOB_FILE, job.processes, on_progress, logger, env, timeout_s)
+
+
+def _launch(job: TrainJob | ReferenceJob, job_file: Path, processes: int, on_progress, logger, env,
+            timeout_s) -> dict[str, Any]:
+    if processes < 2:
+        raise ValueError(f"torchrun launches are for 2 or more processes, got {processes}; run in this process")
     log = logger or _logger()
-    out_dir = Path(job.out_dir)
-    job_path = job.write(out_dir / JOB_FILE)
+    out_dir = job.result_dir
+    job_path = job.write(job_file)
     (out_dir / RESULT_FILE).unlink(missing_ok=True)  # never read a previous attempt's result
     cmd = torchrun_command(job_path, processes)
-    log.info("launching %d training processes: %s", processes, " ".join(cmd))
+    log.info("launching %d %s processes: %s", processes, job.kind, " ".join(cmd))
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     tails: dict[int | None, collections.deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=_LAST_LINES))
     launcher_lines: list[str] = []  # torchrun's own output (holds the failure summary)

@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 from dpo_core.config import ModelConfig, TrainConfig
 from dpo_core.distributed import SINGLE, Dist, DistributedError, all_reduce_sums, resolve_strategy, shard
 from dpo_core.models import DeviceSpec, tiny_llama
-from dpo_core.train_main import FAIL_AFTER_STEP_ENV, FAIL_RANK_ENV, TrainJob, run_job
+from dpo_core.models import load_model, pick_device
+from dpo_core.reference import compute_reference_logps, read_reference_table
+from dpo_core.train_main import FAIL_AFTER_STEP_ENV, FAIL_RANK_ENV, ReferenceJob, TrainJob, read_job, run_job
 from dpo_core.trainer import TrainError, train
-from tasks.launch import RankFailedError, launch_training, torchrun_command
+from tasks.launch import RankFailedError, launch_reference, launch_training, torchrun_command
 
 CPU = DeviceSpec(torch.device("cpu"), torch.float32, None, "eager")
 N_PAIRS, STEPS = 9, 6  # 2 epochs of ceil(9 / 4) = 3 steps
@@ -106,6 +108,25 @@ def test_reference_split_across_ranks_is_the_single_process_table(one_process, t
     assert (t2[["chosen_tokens", "rejected_tokens"]] == t1[["chosen_tokens", "rejected_tokens"]]).all().all()
     np.testing.assert_allclose(t2[["chosen_logps", "rejected_logps"]], t1[["chosen_logps", "rejected_logps"]],
                                rtol=1e-6)
+
+
+def test_the_reference_precompute_on_two_ranks_gathers_the_whole_table(data, tmp_path):
+    model_cfg = ModelConfig(name_or_path=str(data / "model"), device="cpu", attn_implementation="eager")
+    out_file = tmp_path / "reference" / "reference.parquet"
+    job = ReferenceJob(model_dir=str(data / "model"), model=model_cfg, tokenized=str(data / "tokenized.parquet"),
+                       out_file=str(out_file), batch_size=3, processes=2)
+    progress: list[dict] = []
+    record = launch_reference(job, on_progress=progress.append)
+    assert record == {"status": "complete", "rows": N_PAIRS + 1, "world_size": 2, "out_file": str(out_file)}
+    assert progress[-1] == {"done": N_PAIRS + 1, "total": N_PAIRS + 1}
+    assert isinstance(read_job(out_file.parent / "reference_job.json"), ReferenceJob)
+
+    tokenized = pd.read_parquet(data / "tokenized.parquet")
+    alone = compute_reference_logps(load_model(data / "model", model_cfg, pick_device(model_cfg)), tokenized,
+                                    batch_size=3, spec=CPU)
+    gathered = read_reference_table(out_file)
+    assert list(gathered["pair_id"]) == list(tokenized["pair_id"])  # every split, in the input order
+    pd.testing.assert_frame_equal(gathered, alone, rtol=1e-6)
 
 
 def test_a_dead_rank_is_named_and_the_relaunch_resumes_to_the_same_weights(data, tmp_path, two_processes):
