@@ -92,6 +92,31 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, tokenizer, lora):
     assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [4, 6]  # every 2 steps and at the end, keep_checkpoints=2
 
 
+def test_crash_between_checkpoints_replays_from_the_last_one(tmp_path, tokenizer):
+    """A crash after step 5 (last checkpoint: step 4) loses step 5; the resumed run redoes it identically."""
+    df, cfg = _pairs(), _cfg()
+    ref = compute_reference_logps(_model(tokenizer), df, batch_size=4, spec=CPU)
+    straight = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "a", spec=CPU, reference=ref,
+                     progress_bar=False)
+
+    def crash(metrics):
+        if metrics["step"] == 5:
+            raise KeyboardInterrupt("simulated kill after step 5")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref, on_step=crash,
+              progress_bar=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [2, 4]
+    resumed = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
+                    progress_bar=False)
+    assert resumed.resumed_from_step == 4
+    assert _strip(resumed.history) == _strip(straight.history)
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)), "the lost step 5 is not recorded twice"
+
+
 def test_precomputed_reference_equals_live_reference_model(tmp_path, tokenizer):
     df, cfg = _pairs(8), _cfg(epochs=1, checkpoint_every=100)
     table = compute_reference_logps(_model(tokenizer), df, batch_size=3, spec=CPU)
