@@ -11,6 +11,9 @@ and each chunk uses a *selective* log-softmax (the gathered logit minus the logs
 full ``[positions, vocab]`` log-softmax. With gradients on, each chunk is recomputed in the backward pass
 (activation checkpointing), so at most one chunk of logits is alive at a time: logits for prompt tokens are never
 computed at all.
+
+A packed batch (``dpo_core.batching.pack_pairs``: all sequences in one row, position ids restarting per sequence)
+is scored the same way; sums then go to the sequence each token belongs to instead of to its row.
 """
 
 from __future__ import annotations
@@ -73,11 +76,18 @@ def sequence_logps(
     if bool(mask[:, 0].any()):
         raise LogprobError("a response token at position 0 has no context to be predicted from; rows need a prompt")
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
+    if batch.is_packed:  # no attention mask: transformers derives the block-diagonal mask from the position ids
+        inputs = {"position_ids": batch.position_ids}
+    else:
+        inputs = {"attention_mask": batch.attention_mask}
+    hidden = decoder(input_ids=batch.input_ids, use_cache=False, **inputs)[0]
 
     rows, prev = mask[:, 1:].nonzero(as_tuple=True)  # the token at prev + 1 is a response token of row `rows`
     states = hidden[rows, prev]  # [N, H]: the hidden states that predict response tokens
     targets = batch.input_ids[rows, prev + 1]
+    # the sequence each response token belongs to (its own row unless packed; a prompt precedes it either way)
+    owner = batch.sequence_ids[rows, prev + 1] if batch.is_packed else rows
+    n_sequences = batch.n_sequences
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     recompute = torch.is_grad_enabled() and states.requires_grad
     pieces = []
@@ -85,8 +95,8 @@ def sequence_logps(
         args = (head, states[start : start + chunk_size], targets[start : start + chunk_size], softcap)
         pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if recompute else _token_logps(*args))
     token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
-    logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device).index_add(0, rows, token_logps)
-    return logps, mask.sum(dim=1)
+    logps = torch.zeros(n_sequences, dtype=torch.float32, device=mask.device).index_add(0, owner, token_logps)
+    return logps, torch.bincount(owner, minlength=n_sequences)
 
 
 def split_pair_logps(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

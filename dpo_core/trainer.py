@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dpo_core.batching import PairBatch, collate_pairs, length_grouped_batches, pair_length
+from dpo_core.batching import PairBatch, collate_pairs, length_grouped_batches, pack_pairs, pair_length
 from dpo_core.checkpoints import checkpoint_dir, is_peft_model, remove_stale_tmp, resume_latest, save_checkpoint
 from dpo_core.checkpoints import write_atomic_dir
 from dpo_core.config import TrainConfig, stable_hash
@@ -156,7 +156,7 @@ def train(
             mine = shard(indices, ctx)  # all of `indices` in a single process
             # a rank left without a pair (uneven last batch) joins the gradient all-reduce with a zero-weight pass
             weight = ctx.world / pairs_in_step if mine else 0.0  # DDP averages over ranks: scale back to a sum
-            batch = collate_pairs([rows[j] for j in (mine or indices[:1])], tokenizer.pad_token_id).to(spec.device)
+            batch = _collate([rows[j] for j in (mine or indices[:1])], cfg, tokenizer).to(spec.device)
             with score.sync(last=i == len(micro_batches) - 1):
                 _forward_backward(score, batch, reference_fn(batch), cfg, stats, weight, step, last_ckpt)
         stats.reduce(ctx, spec.device)
@@ -262,15 +262,16 @@ class _Scorer(torch.nn.Module):
         self.model, self.chunk_size, self.spec = model, cfg.logprob_chunk_size, spec
         self.ddp: torch.nn.Module | None = None
 
-    def forward(self, input_ids, attention_mask, response_mask):
-        batch = PairBatch(input_ids, attention_mask, response_mask, pair_ids=[])
+    def forward(self, input_ids, attention_mask, response_mask, position_ids=None, sequence_ids=None):
+        batch = PairBatch(input_ids, attention_mask, response_mask, [], position_ids, sequence_ids)
         with self.spec.autocast():
             return sequence_logps(self.model, batch, chunk_size=self.chunk_size)
 
     def logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(logps Float[2B], token counts Long[2B]) of ``batch``, through DDP when distributed."""
         runner = self.ddp if self.ddp is not None else self
-        return runner(batch.input_ids, batch.attention_mask, batch.response_mask)
+        return runner(batch.input_ids, batch.attention_mask, batch.response_mask, batch.position_ids,
+                      batch.sequence_ids)
 
     def sync(self, last: bool):
         return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -311,6 +312,11 @@ def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, s
     (losses.sum() * weight).backward()
     if weight:
         stats.add(batch, losses, nll, out, chosen, rejected)
+
+
+def _collate(rows: list[dict], cfg: TrainConfig, tokenizer: Any) -> PairBatch:
+    """Right-padded rows, or with ``train.packing`` one padding-free row (pays off with flash_attention_2)."""
+    return pack_pairs(rows) if cfg.packing else collate_pairs(rows, tokenizer.pad_token_id)
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -368,9 +374,6 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
     if cfg.label_smoothing and cfg.loss not in SMOOTHING_LOSSES:
         raise TrainError(f"train.label_smoothing={cfg.label_smoothing} has no meaning for loss {cfg.loss!r} "
                          f"(only {list(SMOOTHING_LOSSES)}); set it to 0")
-    if cfg.packing:
-        raise TrainError("train.packing=true is not supported by this trainer (padding-free packing is not "
-                         "implemented); set train.packing=false")
     rows = []
     for row in tokenized_df[list(_NEEDED)].to_dict("records"):
         rows.append({"pair_id": str(row["pair_id"]),

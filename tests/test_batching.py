@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_core.batching import BatchingError, collate_pairs, length_grouped_batches, pair_length
+from dpo_core.batching import BatchingError, collate_pairs, length_grouped_batches, pack_pairs, pair_length
 
 PAD = 0
 
@@ -44,6 +44,18 @@ def test_collate_concatenates_chosen_then_rejected_right_padded():
     assert batch.n_tokens == 5 + 5 + 4 + 3
     moved = batch.to("cpu")
     assert torch.equal(moved.input_ids, batch.input_ids) and moved.pair_ids == batch.pair_ids
+
+
+def test_pack_pairs_puts_every_sequence_in_one_row():
+    batch = pack_pairs(_rows())
+    assert batch.is_packed and batch.n_pairs == 2 and batch.n_sequences == 4
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 5, 6, 7, 10, 11, 16, 17]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]
+    assert batch.sequence_ids.tolist() == [[0] * 5 + [1] * 5 + [2] * 4 + [3] * 3]
+    assert batch.response_mask.int().tolist() == [[0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 1, 0, 1, 1]]
+    assert batch.n_tokens == 17 and batch.attention_mask.min() == 1
+    assert batch.to("cpu").position_ids.tolist() == batch.position_ids.tolist()
+    assert not collate_pairs(_rows(), PAD).is_packed and collate_pairs(_rows(), PAD).n_sequences == 4
 
 
 def test_pair_length_is_the_longer_row():

@@ -98,3 +98,21 @@ def test_split_and_errors(tiny_model, tokenizer):
     batch.response_mask[:, 0] = False
     with pytest.raises(LogprobError, match="LM head"):
         sequence_logps(torch.nn.Linear(2, 2), batch)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_batch_scores_like_the_padded_one(tokenizer, tokenized, attn):
+    from dpo_core.batching import pack_pairs
+    from dpo_core.models import tiny_llama
+
+    model = tiny_llama(tokenizer, seed=1)
+    model.config._attn_implementation = attn
+    rows = tokenized.to_dict("records")
+    packed = pack_pairs(rows)
+    assert packed.input_ids.shape[0] == 1 and packed.is_packed
+    assert packed.input_ids.shape[1] == packed.n_tokens == int(collate_pairs(rows, 0).attention_mask.sum())
+    with torch.no_grad():
+        padded_logps, padded_counts = sequence_logps(model, collate_pairs(rows, tokenizer.pad_token_id))
+        packed_logps, packed_counts = sequence_logps(model, packed, chunk_size=5)
+    torch.testing.assert_close(packed_logps, padded_logps, atol=1e-5, rtol=1e-5)
+    assert packed_counts.tolist() == padded_counts.tolist()
