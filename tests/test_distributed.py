@@ -129,7 +129,7 @@ def test_the_reference_precompute_on_two_ranks_gathers_the_whole_table(data, tmp
     pd.testing.assert_frame_equal(gathered, alone, rtol=1e-6)
 
 
-def test_a_dead_rank_is_named_and_the_relaunch_resumes_to_the_same_weights(data, tmp_path, two_processes):
+def test_a_dead_rank_is_named_and_the_run_resumes_on_two_or_one_processes(data, tmp_path, two_processes):
     out = tmp_path / "killed"
     job = _job(data, out, 2)
     # rank 1 dies after step 3; the newest checkpoint is step 2; torchrun stops rank 0
@@ -139,28 +139,30 @@ def test_a_dead_rank_is_named_and_the_relaunch_resumes_to_the_same_weights(data,
     assert err.rank == 1 and err.exit_code == 1
     assert "rank 1 of 2" in str(err) and "InjectedRankFailure" in str(err)
     assert any("injected failure on rank 1 after step 3" in line for line in err.last_lines)
+    assert not (out / "final").exists()
+    shutil.copytree(out, tmp_path / "then-one")
 
-    record = launch_training(job, 2)
+    record = launch_training(job, 2)  # relaunch on 2 processes
     assert record["status"] == "complete" and record["resumed_from_step"] == 2
     assert [row["step"] for row in _history(out)] == list(range(1, STEPS + 1))
     reference = _weights(two_processes[0])
     for name, tensor in _weights(out).items():
         assert torch.equal(tensor, reference[name]), name  # bit-identical to the uninterrupted 2-process run
 
-
-def test_a_two_process_checkpoint_resumes_on_one_process(data, tmp_path, two_processes):
-    out = tmp_path / "two-then-one"
-    stopped = launch_training(_job(data, out, 2, stop_after_steps=2), 2)
-    assert stopped == {"world_size": 2, "status": "interrupted", "steps": 2}
-    assert not (out / "final").exists()
-
-    record = run_job(_job(data, out, 1))  # same run on another world size: the global batch did not change
+    # the same checkpoint on 1 process: the global batch does not depend on the world size
+    record = run_job(_job(data, tmp_path / "then-one", 1))
     assert record["resumed_from_step"] == 2 and record["world_size"] == 1
-    np.testing.assert_allclose([r["loss"] for r in _history(out)], [r["loss"] for r in _history(two_processes[0])],
-                               rtol=1e-5)
-    reference = _weights(two_processes[0])
-    for name, tensor in _weights(out).items():
+    np.testing.assert_allclose([r["loss"] for r in _history(tmp_path / "then-one")],
+                               [r["loss"] for r in _history(two_processes[0])], rtol=1e-5)
+    for name, tensor in _weights(tmp_path / "then-one").items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-5)
+
+
+def test_stop_after_steps_is_recorded_as_interrupted(data, tmp_path):
+    record = run_job(_job(data, tmp_path, 1, stop_after_steps=2))
+    assert record == {"world_size": 1, "status": "interrupted", "steps": 2}
+    assert json.loads((tmp_path / "train_main_result.json").read_text()) == record
+    assert not (tmp_path / "final").exists()
 
 
 def test_shards_split_unevenly_and_never_duplicate():
