@@ -112,7 +112,8 @@ def _launch(job: TrainJob | ReferenceJob, job_file: Path, processes: int, on_pro
     cmd = torchrun_command(job_path, processes)
     log.info("launching %d %s processes: %s", processes, job.kind, " ".join(cmd))
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    tails: dict[int | None, collections.deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=_LAST_LINES))
+    tails: dict[int | None, collections.deque[str]] = collections.defaultdict(
+        lambda: collections.deque(maxlen=_LAST_LINES))
     launcher_lines: list[str] = []  # torchrun's own output (holds the failure summary)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                             start_new_session=True)

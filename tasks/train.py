@@ -89,11 +89,12 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
 def _train_distributed(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any],
                        folder: Path) -> TrainResult:
     """train.processes ranks under torchrun (tasks.launch); their output and progress stream into this run."""
+    precomputed, live = cfg.train.precompute_reference, not cfg.train.precompute_reference and cfg.model.lora is None
     job = TrainJob(
         model_dir=str(model["model_dir"]), model=cfg.model,
         tokenized=str(Path(tokenized["path"]) / tokenized["tokenized_file"]), split="train",
-        reference=str(Path(reference["path"]) / reference["reference_file"]) if cfg.train.precompute_reference else None,
-        ref_model_dir=str(model["model_dir"]) if not cfg.train.precompute_reference and cfg.model.lora is None else None,
+        reference=str(Path(reference["path"]) / reference["reference_file"]) if precomputed else None,
+        ref_model_dir=str(model["model_dir"]) if live else None,  # LoRA: the policy with adapters disabled
         train=cfg.train, out_dir=str(folder),
     )  # DPO_FAIL_AFTER_STEP reaches the ranks through the environment (rank 0 fails)
     progress = Progress("training", f"DPO training on {cfg.train.processes} processes")
@@ -102,7 +103,8 @@ def _train_distributed(cfg: RunConfig, model: dict[str, Any], tokenized: dict[st
     progress.update(record["steps"], record["steps"], force=True)
     history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
     return TrainResult(model_dir=Path(record["model_dir"]), steps=record["steps"], history=history,
-                       resumed_from_step=record["resumed_from_step"], tokens=record["tokens"], seconds=record["seconds"])
+                       resumed_from_step=record["resumed_from_step"], tokens=record["tokens"],
+                       seconds=record["seconds"])
 
 
 def _finish(folder: Path, key: str, result: TrainResult) -> dict[str, Any]:
