@@ -254,8 +254,8 @@ class _Stats:
 class _Scorer(torch.nn.Module):
     """``sequence_logps`` of the policy as a module forward, so that ``DistributedDataParallel`` can wrap it
     (DDP synchronises gradients of what runs through its ``forward``; ``sequence_logps`` calls the decoder and
-    the LM head separately). Score a ``PairBatch`` with ``logps``; ``sync(last=...)`` skips the all-reduce on all but the
-    last micro-batch of an optimizer step."""
+    the LM head separately). Score a ``PairBatch`` with ``logps``; ``sync(last=...)`` skips the all-reduce on all
+    but the last micro-batch of an optimizer step."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec) -> None:
         super().__init__()
