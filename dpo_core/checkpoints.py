@@ -333,7 +333,9 @@ def newest_checkpoint(root: Path, device: torch.device | str = "cpu") -> Checkpo
     return None
 
 
-def apply_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def apply_checkpoint(
+    ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> None:
     """Load weights, optimizer, scheduler and RNG states from `ckpt` (a CheckpointCorruptError if they do not fit)."""
     load_model_tensors(model, ckpt.model)
     try:

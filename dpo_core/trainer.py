@@ -63,7 +63,7 @@ class NonFiniteError(FloatingPointError):
 
     def __init__(self, step: int, what: str, last_checkpoint: Path | None = None) -> None:
         self.step = step
-        kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else "; no checkpoint was written yet"
+        kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else "; no checkpoint yet"
         super().__init__(f"non-finite {what} at optimizer step {step}{kept}")
 
 
@@ -196,8 +196,9 @@ def train(
     if ctx.is_main:
         _save_final(model, tokenizer, model_dir)
     ctx.barrier()
-    return TrainResult(model_dir=model_dir, steps=n_steps, history=history, resumed_from_step=ckpt.step if ckpt else None,
-                       tokens=tokens, seconds=time.perf_counter() - started)
+    return TrainResult(model_dir=model_dir, steps=n_steps, history=history,
+                       resumed_from_step=ckpt.step if ckpt else None, tokens=tokens,
+                       seconds=time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------------------------ one optimizer step
@@ -487,7 +488,8 @@ def _live_reference(ref: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, di
         was_training = ref.training
         ref.eval()
         try:
-            with torch.no_grad(), spec.autocast(), (ref.disable_adapter() if disable_adapters else contextlib.nullcontext()):
+            adapters_off = ref.disable_adapter() if disable_adapters else contextlib.nullcontext()
+            with torch.no_grad(), spec.autocast(), adapters_off:
                 logps, _ = sequence_logps(ref, batch, chunk_size=cfg.logprob_chunk_size)
         finally:
             ref.train(was_training)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,8 +13,8 @@ from dpo_core.models import load_model, load_tokenizer, pick_device
 from dpo_core.reference import compute_reference_logps
 from dpo_core.templating import tokenize_pairs
 from dpo_core.trainer import train
-from tests.conftest import REPO
 
+REPO = Path(__file__).resolve().parents[1]
 N_PAIRS = 4  # one batch; ~8 pairs x 128 tokens took ~100 s per step on a loaded 2-core machine
 
 

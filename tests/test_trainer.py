@@ -89,7 +89,7 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, tokenizer, lora):
         assert torch.equal(a[name], b[name]), name
     lines = (tmp_path / "b" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
-    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [4, 6]  # every 2 steps and at the end, keep_checkpoints=2
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [4, 6]  # every 2 steps + end, keep 2
 
 
 def test_crash_between_checkpoints_replays_from_the_last_one(tmp_path, tokenizer):
