@@ -14,7 +14,7 @@ from prefect import task
 from data_contracts.reference import validate_reference
 from dpo_core.config import RunConfig
 from dpo_core.models import load_model, pick_device
-from dpo_core.reference import compute_reference_logps, write_reference_table
+from dpo_core.reference import compute_reference_logps, read_reference_table, write_reference_table
 from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
 from tasks.common import Progress
 
@@ -36,21 +36,33 @@ def reference_key(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, An
 def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]) -> dict[str, Any]:
     def fill(folder: Path) -> dict[str, Any]:
         spec = pick_device(cfg.model)
-        table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])
-        ref_model = load_model(model["model_dir"], base_model_config(cfg), spec)
-        ref_model.eval()
+        tokenized_file = Path(tokenized["path"]) / tokenized["tokenized_file"]
+        table = pd.read_parquet(tokenized_file)
+        out = folder / "reference.parquet"
         progress = Progress("reference-precompute", f"reference log-probs ({len(table)} pairs)", bar_unit="pair")
-        logps = compute_reference_logps(
-            ref_model,
-            table,
-            batch_size=cfg.train.reference_batch_size,
-            spec=spec,
-            chunk_size=cfg.train.logprob_chunk_size,
-            progress=progress.update,
-        )
+        if cfg.train.processes > 1:  # rows split across torchrun ranks, one table gathered by rank 0
+            from dpo_core.train_main import ReferenceJob
+            from tasks.launch import launch_reference
+
+            job = ReferenceJob(model_dir=str(model["model_dir"]), model=base_model_config(cfg),
+                               tokenized=str(tokenized_file), out_file=str(out),
+                               batch_size=cfg.train.reference_batch_size, chunk_size=cfg.train.logprob_chunk_size,
+                               processes=cfg.train.processes)
+            launch_reference(job, on_progress=lambda p: progress.update(int(p["done"]), int(p["total"])))
+            logps = read_reference_table(out)
+        else:
+            ref_model = load_model(model["model_dir"], base_model_config(cfg), spec)
+            ref_model.eval()
+            logps = compute_reference_logps(
+                ref_model,
+                table,
+                batch_size=cfg.train.reference_batch_size,
+                spec=spec,
+                chunk_size=cfg.train.logprob_chunk_size,
+                progress=progress.update,
+            )
         progress.update(len(table), len(table), force=True)
         logps = validate_reference(logps, table)
-        out = folder / "reference.parquet"
         write_reference_table(logps, out)
         return {"content_hash": file_sha256(out)[:16], "reference_file": "reference.parquet", "rows": len(logps)}
 
