@@ -234,7 +234,7 @@ class VariantResult:
     variant: str
     params: int
     live_reference: bool
-    step_seconds: list[float]  # per timed optimizer step
+    step_seconds: list[float]  # per timed optimizer step, wall clock
     step_pairs: list[int]  # pairs in each timed step
     step_tokens: list[int]  # non-padding policy tokens in each timed step (chosen + rejected sequences)
     padded_tokens: list[int]  # tokens including padding in each timed step (what the model actually computed)
@@ -246,6 +246,13 @@ class VariantResult:
     threads: int = 1
     notes: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)  # per-step metrics as the variant reports them
+    step_cpu_seconds: list[float] = field(default_factory=list)  # per timed step, CPU time of the process
+
+    @property
+    def tokens_per_cpu_second(self) -> float:
+        """Trained tokens per CPU-second: less sensitive than wall time to other load on a shared machine."""
+        cpu = sum(self.step_cpu_seconds)
+        return sum(self.step_tokens) / cpu if cpu > 0 else float("nan")
 
     @property
     def seconds(self) -> float:
@@ -270,6 +277,7 @@ class VariantResult:
             pairs_per_second=self.pairs_per_second,
             tokens_per_second=self.tokens_per_second,
             flops_per_second=self.model_flops() / self.seconds,
+            tokens_per_cpu_second=self.tokens_per_cpu_second,
         )
         return d
 
@@ -287,6 +295,21 @@ def write_result(result: VariantResult, path: Path | None) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(blob)
         os.replace(tmp, path)
+
+
+def now() -> tuple[float, float]:
+    """(wall clock, this process's CPU time over all its threads), both in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def step_intervals(
+    ends: list[tuple[float, float]], minus: list[tuple[float, float]] | None = None
+) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds between consecutive step ends, each less `minus[i]` (time that is not the step's)."""
+    minus = minus or [(0.0, 0.0)] * (len(ends) - 1)
+    wall = [b[0] - a[0] - m[0] for a, b, m in zip(ends, ends[1:], minus)]
+    cpu = [b[1] - a[1] - m[1] for a, b, m in zip(ends, ends[1:], minus)]
+    return wall, cpu
 
 
 class StepTimer:

@@ -28,9 +28,11 @@ from bench.common import (
     load_policy,
     load_tokenizer,
     model_dir,
+    now,
     peak_rss_mb,
     set_threads,
     settings_from_args,
+    step_intervals,
     write_result,
 )
 
@@ -79,7 +81,7 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
 
     # count each training batch's tokens, and time the checkpoint writes so they can be taken out of the steps
     batches: list[tuple[int, int, int]] = []  # (pairs, non-padding tokens, padded tokens)
-    ckpt_seconds: dict[int, float] = {}
+    ckpt_seconds: dict[int, tuple[float, float]] = {}
     rss_before_save: list[float] = []
     original_collate, original_save = trainer_mod.collate_pairs, trainer_mod.save_checkpoint
 
@@ -90,18 +92,19 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
 
     def timed_save(root, step, **kw):
         rss_before_save.append(peak_rss_mb())
-        t = time.perf_counter()
+        t = now()
         out = original_save(root, step, **kw)
-        ckpt_seconds[step] = time.perf_counter() - t
+        done = now()
+        ckpt_seconds[step] = (done[0] - t[0], done[1] - t[1])
         return out
 
-    step_ends: list[float] = []
+    step_ends: list[tuple[float, float]] = []
     trainer_mod.collate_pairs, trainer_mod.save_checkpoint = counting_collate, timed_save
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ours-") as out_dir:
             result = trainer_mod.train(
                 model, tokenizer, data.tokenized, cfg, out_dir=Path(out_dir), spec=spec, reference=reference,
-                ref_model=ref_model, on_step=lambda m: step_ends.append(time.perf_counter()), progress_bar=False,
+                ref_model=ref_model, on_step=lambda m: step_ends.append(now()), progress_bar=False,
             )  # fmt: skip
     finally:
         trainer_mod.collate_pairs, trainer_mod.save_checkpoint = original_collate, original_save
@@ -111,7 +114,8 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
             f"expected {s.steps} steps of one batch each; got {result.steps} steps, {len(step_ends)} callbacks, "
             f"{len(batches)} batches"
         )
-    intervals = [b - a - ckpt_seconds.get(step, 0.0) for step, (a, b) in enumerate(zip(step_ends, step_ends[1:]), 2)]
+    # the interval ending at step k holds step k's checkpoint write, if any: take it out
+    intervals, cpu = step_intervals(step_ends, [ckpt_seconds.get(k, (0.0, 0.0)) for k in range(2, s.steps + 1)])
     first = result.history[0]
     warmup = batches[0][1] / first["tokens_per_second"] if first.get("tokens_per_second") else float("nan")
     return VariantResult(
@@ -119,6 +123,7 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
         params=count_params(model),
         live_reference=not precompute,
         step_seconds=intervals,
+        step_cpu_seconds=cpu,
         step_pairs=[b[0] for b in batches[1:]],
         step_tokens=[b[1] for b in batches[1:]],
         padded_tokens=[b[2] for b in batches[1:]],
@@ -128,8 +133,10 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
         precompute_pairs=len(data.tokenized) if precompute else None,
         load_seconds=load_seconds,
         threads=s.threads,
-        notes=[f"warm-up step {warmup:.2f}s not timed", f"final checkpoint write {sum(ckpt_seconds.values()):.2f}s "
-               "excluded"],
+        notes=[
+            f"warm-up step {warmup:.2f}s not timed",
+            f"final checkpoint write {sum(w for w, _ in ckpt_seconds.values()):.2f}s excluded",
+        ],
         history=result.history,
     )
 

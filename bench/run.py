@@ -153,6 +153,7 @@ def summarize(run: Run) -> dict[str, dict[str, float]]:
         out[name] = {
             "pairs_per_second": _median([r["pairs_per_second"] for r in res]),
             "tokens_per_second": _median([r["tokens_per_second"] for r in res]),
+            "tokens_per_cpu_second": _median([r.get("tokens_per_cpu_second", float("nan")) for r in res]),
             "step_seconds": _median([s for r in res for s in r["step_seconds"]]),
             "padding": 1 - tokens / padded if padded else float("nan"),
             "train_peak_rss_mb": _median([r["train_peak_rss_mb"] for r in res]),
@@ -173,6 +174,8 @@ def _target_rows(run: Run, summary: dict) -> list[str]:
         ("peak RSS (training) vs TRL (precomputed ref)", "ours_precompute", "trl_precompute", "train_peak_rss_mb",
          0.8, "<="),
         ("pairs/s vs the seed loop", "ours_precompute", "seed_loop", "pairs_per_second", 2.0, ">="),
+        ("tokens per CPU-second vs TRL (precomputed ref)", "ours_precompute", "trl_precompute",
+         "tokens_per_cpu_second", None, ""),
         ("tokens/s vs TRL (both live reference)", "ours_live", "trl_live", "tokens_per_second", None, ""),
         ("peak RSS (training) vs TRL (both live reference)", "ours_live", "trl_live", "train_peak_rss_mb", None, ""),
         ("pairs/s vs the seed loop (both live reference)", "ours_live", "seed_loop", "pairs_per_second", None, ""),
@@ -225,21 +228,21 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
           f"{s.seed_loop_pairs or s.n_pairs} steps of 1 pair (its method). The first step of every run is warm-up and not "
           f"timed. {run.rounds} rounds, variants interleaved, each run in a fresh process.", "",
           "## Results (medians over rounds)", "",
-          "| variant | pairs/s | trained tokens/s | step s | padding | peak RSS training (MiB) | peak RSS process "
-          "(MiB) | model GFLOP/s | of matmul peak | reference precompute |",
-          "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "| variant | pairs/s | trained tokens/s | tokens per CPU-s | step s | padding | peak RSS training (MiB) | "
+          "peak RSS process (MiB) | model GFLOP/s | of matmul peak | reference precompute |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, v in VARIANTS.items():
         if name not in summary:
             fails = [o.error for o in run.outcomes if o.variant == name and o.error]
             if fails:
-                L.append(f"| {v.label} | FAILED: {fails[0]} | | | | | | | | |")
+                L.append(f"| {v.label} | FAILED: {fails[0]} | | | | | | | | | |")
             continue
         m = summary[name]
         pre = (f"{m['precompute_seconds']:.1f} s for {m['precompute_pairs']:.0f} pairs "
                f"({m['precompute_pairs'] / m['precompute_seconds']:.2f} pairs/s)"
                if m["precompute_seconds"] == m["precompute_seconds"] else "-")  # fmt: skip
         L.append(f"| {v.label} | {m['pairs_per_second']:.3f} | {m['tokens_per_second']:.1f} | "
-                 f"{m['step_seconds']:.1f} | {m['padding']:.0%} | {m['train_peak_rss_mb']:,.0f} | "
+                 f"{m['tokens_per_cpu_second']:.1f} | {m['step_seconds']:.1f} | {m['padding']:.0%} | {m['train_peak_rss_mb']:,.0f} | "
                  f"{m['peak_rss_mb']:,.0f} | {m['gflops']:.1f} | {m['mfu']:.1%} | {pre} |")  # fmt: skip
     failed = [o for o in run.outcomes if o.error]
     if failed:
@@ -268,12 +271,14 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
           "(prompt included, as both are run through the model): the same count for every variant, since they train "
           "the same token ids. *Padding* is the share of padded positions in the tensors actually computed.",
           "- **Model FLOP/s** = (6 x N x trained tokens [+ 2 x N x trained tokens with a live reference forward]) / "
-          "time, N = 134,515,008 parameters (tied embedding counted once). It is the same useful work for every "
+          "wall time, N = 134,515,008 parameters (tied embedding counted once). It is the same useful work for every "
           "variant, whatever each computes on top (padding, LM head on prompt positions); **of matmul peak** divides "
           "it by the median fp32 GEMM peak measured in the same run.",
           "- **Time** is the wall-clock between consecutive optimizer-step ends (data collation, forward, backward, "
           "clipping, optimizer), first step excluded; our final checkpoint write is excluded (TRL runs with "
-          "`save_strategy=\"no\"`). The reference precompute is reported apart, not in the step times.",
+          "`save_strategy=\"no\"`). The reference precompute is reported apart, not in the step times. "
+          "*Tokens per CPU-second* divides by the process's CPU time (all threads) over the same steps instead: it "
+          "moves less than wall time when other jobs share the cores, so it is a cross-check of the wall ratios.",
           "- **Peak RSS** is `ru_maxrss` of the variant's own process: *training* = the high-water mark before any "
           "checkpoint write (for TRL and the seed loop, which write none: the process peak). Both include loading "
           "the model(s).",

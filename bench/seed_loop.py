@@ -39,8 +39,10 @@ from bench.common import (
     load_policy,
     load_tokenizer,
     model_dir,
+    now,
     set_threads,
     settings_from_args,
+    step_intervals,
     write_result,
 )
 
@@ -122,7 +124,7 @@ def run(s: BenchSettings) -> VariantResult:
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(0.1 * n)), n)
-    step_ends = [time.perf_counter()]  # wall-clock at each step end: preprocessing, forward, backward, optimizer
+    step_ends = [now()]  # wall-clock at each step end: preprocessing, forward, backward, optimizer
     step_pairs, step_tokens, padded, history = [], [], [], []
     for i in range(n):
         row = data.tokenized.iloc[i]
@@ -143,7 +145,7 @@ def run(s: BenchSettings) -> VariantResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         gc.collect()  # align-anything's torch_gc() after every step
-        step_ends.append(time.perf_counter())
+        step_ends.append(now())
         step_pairs.append(1)
         step_tokens.append(int(batch["attention_mask"].sum()))
         padded.append(int(batch["input_ids"].numel()))
@@ -154,12 +156,13 @@ def run(s: BenchSettings) -> VariantResult:
                 "rewards/rejected": float(out["worse_sample_reward"].mean()),
             }
         )
-    intervals = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    intervals, cpu = step_intervals(step_ends)
     return VariantResult(
         variant="seed_loop",
         params=count_params(policy),
         live_reference=True,
         step_seconds=intervals[1:],
+        step_cpu_seconds=cpu[1:],
         step_pairs=step_pairs[1:],
         step_tokens=step_tokens[1:],
         padded_tokens=padded[1:],

@@ -32,8 +32,10 @@ from bench.common import (
     load_policy,
     load_tokenizer,
     model_dir,
+    now,
     set_threads,
     settings_from_args,
+    step_intervals,
     write_result,
 )
 
@@ -124,14 +126,14 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
             counts.append((int(out["attention_mask"].sum()), int(out["attention_mask"].numel())))
             return out
 
-    step_ends: list[float] = []
+    step_ends: list[tuple[float, float]] = []
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            step_ends.append(time.perf_counter())
+            step_ends.append(now())
 
         def on_step_end(self, args, state, control, **kw):
-            step_ends.append(time.perf_counter())
+            step_ends.append(now())
 
     precompute_seconds: list[float] = []
     original = DPOTrainer._precompute_ref_logps
@@ -164,7 +166,7 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
 
     if len(step_ends) != s.steps + 1:
         raise BenchError(f"TRL ran {len(step_ends) - 1} optimizer steps, expected {s.steps}")
-    intervals = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    intervals, cpu = step_intervals(step_ends)
     batches = counts[: s.steps]
     if len(batches) != s.steps:
         raise BenchError(f"counted {len(batches)} TRL training batches, expected {s.steps}")
@@ -173,6 +175,7 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
         params=count_params(model),
         live_reference=not precompute,
         step_seconds=intervals[1:],
+        step_cpu_seconds=cpu[1:],
         step_pairs=[s.batch_size] * (s.steps - 1),
         step_tokens=[c[0] for c in batches[1:]],
         padded_tokens=[c[1] for c in batches[1:]],
