@@ -117,6 +117,23 @@ def run_all(s: BenchSettings, variants: list[str], rounds: int, work: Path, time
     return run
 
 
+def load_dir(s: BenchSettings, work: Path) -> Run:
+    """Rebuild a Run from the per-run JSON files a (possibly interrupted) invocation left in `work`."""
+    rounds = sorted({int(p.stem.rsplit("-r", 1)[1]) for p in work.glob("*-r*.json")})
+    run = Run(settings=s, rounds=len(rounds))
+    for r in rounds:
+        peak = work / f"peak-r{r}.json"
+        if peak.is_file():
+            run.peaks.append(json.loads(peak.read_text()))
+        for name in VARIANTS:
+            out, log = work / f"{name}-r{r}.json", work / f"{name}-r{r}.log"
+            if out.is_file():
+                run.outcomes.append(Outcome(name, r, json.loads(out.read_text()), float("nan")))
+            elif log.is_file():
+                run.outcomes.append(Outcome(name, r, None, float("nan"), f"no result: {_tail(log)}"))
+    return run
+
+
 # ----------------------------------------------------------------------------------------------------- reporting
 
 
@@ -133,7 +150,8 @@ def _per_round_ratio(run: Run, num: str, den: str, key: str) -> list[float]:
     for o in run.outcomes:
         if o.result is not None:
             by_round.setdefault(o.round, {})[o.variant] = o.result
-    return [r[num][key] / r[den][key] for r in by_round.values() if num in r and den in r and r[den][key]]
+    return [r[num][key] / r[den][key] for r in by_round.values()
+            if num in r and den in r and r[num].get(key) and r[den].get(key)]  # fmt: skip
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -183,7 +201,7 @@ def _target_rows(run: Run, summary: dict) -> list[str]:
     for label, num, den, key, target, op in specs:
         ratios = _per_round_ratio(run, num, den, key)
         if not ratios:
-            rows.append(f"| {label} | {target or '-'} | not measured ({num} or {den} missing) | - |")
+            rows.append(f"| {label} | {f'{op} {target}x' if target else '-'} | not measured ({num} or {den} missing) | - |")
             continue
         med = _median(ratios)
         of_medians = summary[num][key] / summary[den][key]
@@ -313,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="per-run JSON and logs (default: .dpo_state/bench/<time>)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per variant run")
     parser.add_argument("--no-parity", action="store_true")
+    parser.add_argument("--from-dir", type=Path, default=None,
+                        help="only render the report from the JSON files of an earlier (interrupted) run's work dir")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -321,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     s = settings_from_args(args)
+    if args.from_dir is not None:
+        if not args.from_dir.is_dir():
+            parser.error(f"--from-dir {args.from_dir} is not a folder")
+        run = load_dir(s, args.from_dir)
+        args.out.write_text(render(run, f"python -m bench.run (rendered --from-dir {args.from_dir})",
+                                   _old_notes(args.out)))
+        return 0
     work = args.work_dir or REPO / ".dpo_state" / "bench" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = run_all(s, variants, args.rounds, work, args.timeout, parity=not args.no_parity)
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
