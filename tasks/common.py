@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -61,6 +62,7 @@ class Progress:
         self._bar = None
         self._bar_unit = bar_unit
         self._description = description
+        self._sender: threading.Thread | None = None
         try:
             self._id = create_progress_artifact(progress=0.0, key=key, description=description)
         except Exception as exc:  # outside a flow run, or the API is momentarily unreachable: progress is optional
@@ -79,7 +81,18 @@ class Progress:
         if self._id is None or (not force and now - self._last < self.every_s and done < total):
             return
         self._last = now
+        if self._sender is not None and self._sender.is_alive():
+            if not force:
+                return  # the API is slow or down (its client retries for ~1 min): skip, never make the work wait
+            self._sender.join(timeout=2.0)  # keep the final update after the one in flight when that is quick
+        # sent from a thread: an unreachable Prefect server must not stall training (found by tests/faults)
+        context = contextvars.copy_context()  # the run's Prefect settings and client context
+        self._sender = threading.Thread(target=context.run, args=(self._send, 100.0 * done / max(total, 1)),
+                                        name="prefect-progress", daemon=True)
+        self._sender.start()
+
+    def _send(self, progress: float) -> None:
         try:
-            update_progress_artifact(artifact_id=self._id, progress=100.0 * done / max(total, 1))
+            update_progress_artifact(artifact_id=self._id, progress=progress)
         except Exception as exc:
             log.debug("progress update failed: %s", exc)
