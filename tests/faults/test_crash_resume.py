@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from faultkit import FlowRunner, free_port, make_runner, wait_for
+from faultkit import FlowRunner, free_port, make_runner, read_log, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -77,6 +77,15 @@ def flow_run_state(api_url: str, log: str) -> str:
         return json.loads(resp.read())["state_type"]
 
 
+def latest_artifact_data(api_url: str, key: str):
+    body = json.dumps({"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).encode()
+    request = urllib.request.Request(f"{api_url}/artifacts/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        found = json.loads(resp.read())
+    return found[0]["data"] if found else None
+
+
 # ------------------------------------------------------------------------------------------- uninterrupted baseline
 
 
@@ -127,6 +136,8 @@ def test_overlapping_runs_train_once_and_share_the_artifact(uninterrupted):
 
     assert file_sha256(uninterrupted.weights)[:16] == uninterrupted.weights_hash
     assert tmp_leftovers(uninterrupted.runner.state) == []
+    # progress artifacts (sent from a background thread so a dead API never stalls training) still arrive
+    assert latest_artifact_data(uninterrupted.runner.server.api_url, "training") == 100.0
 
 
 # ------------------------------------------------------------------------------------------------- SIGKILL anywhere
@@ -242,7 +253,12 @@ def test_prefect_server_restart_during_training(prefect_server, uninterrupted):
     runner.wait_paused(proc, "after-ckpt-1")
     prefect_server.stop()
     assert not prefect_server.healthy()
-    runner.release("after-ckpt-1")  # training goes on with the server down
+    runner.release("after-ckpt-1")  # training goes on with the server down ...
+    trained_before = len(complete_artifacts(runner.state, "train"))
+    wait_for(lambda: len(complete_artifacts(runner.state, "train")) > trained_before, 240,
+             "training to finish while the server is down", proc)
+    time.sleep(3)  # ... and the run reports the train task's final state to the dead server
+    assert proc.poll() is None, read_log(proc)[-4000:]
     prefect_server.start()
     rc, log, summary = runner.finish(proc)
     assert rc == 0, log[-4000:]
