@@ -123,7 +123,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     length_grouping: bool = True
     mega_batch_mult: int = Field(8, gt=0)
-    packing: bool = False  # padding-free packing; CUDA + flash attention only
+    packing: bool = False  # padding-free packing: works with any attention; saves work only with flash_attention_2
     checkpoint_every: int = Field(8, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     precompute_reference: bool = True  # False: a live frozen reference model (for comparison/benchmarks)
