@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,6 +125,8 @@ class RetryPolicy:
     tries: int = 4
     base_delay: float = 1.0
     max_delay: float = 8.0
+    # injectable so tests can record the backoff without patching time.sleep for every thread in the process
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.tries < 1:
@@ -152,7 +154,7 @@ class RetryPolicy:
                     ) from exc
                 log.warning("MLflow %s failed (attempt %d/%d, retrying in %.1fs): %s", what, attempt + 1,
                             self.tries, delays[attempt], first_line)
-                time.sleep(delays[attempt])
+                self.sleep(delays[attempt])
         raise AssertionError("unreachable")  # pragma: no cover
 
 

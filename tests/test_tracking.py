@@ -242,8 +242,7 @@ def test_unreachable_server_retries_then_names_the_uri(cfg, monkeypatch):
     uri = f"http://127.0.0.1:{_closed_port()}"
     cfg.registry.tracking_uri = uri
     sleeps: list[float] = []
-    monkeypatch.setattr("tasks.tracking.time.sleep", sleeps.append)
-    tracker = RunTracker(cfg, retry=RetryPolicy(tries=4, base_delay=1.0, max_delay=3.0))
+    tracker = RunTracker(cfg, retry=RetryPolicy(tries=4, base_delay=1.0, max_delay=3.0, sleep=sleeps.append))
     t0 = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=uri) as info:
         tracker.start_run(cfg, flow_run_id="fr-x", flow_run_name="x", device="cpu")
