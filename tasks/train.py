@@ -83,7 +83,11 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
         progress.update(result.steps, result.steps, force=True)
         return _finish(folder, key, result)
 
-    return build_artifact(cfg, STAGE, key, fill, work_dir=work_dir(cfg, key))
+    manifest = build_artifact(cfg, STAGE, key, fill, work_dir=work_dir(cfg, key))
+    # intermediate checkpoints (weights + optimizer) are only for resuming: dropped once the artifact is in place, so
+    # a crash while the artifact is being finished still resumes from the last step instead of training again
+    shutil.rmtree(Path(manifest["path"]) / "checkpoints", ignore_errors=True)
+    return manifest
 
 
 def _train_distributed(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any],
@@ -108,9 +112,7 @@ def _train_distributed(cfg: RunConfig, model: dict[str, Any], tokenized: dict[st
 
 
 def _finish(folder: Path, key: str, result: TrainResult) -> dict[str, Any]:
-    """Drop the resume-only checkpoints, write history and result files; the stage manifest."""
-    # the final model is kept; intermediate checkpoints (weights + optimizer) are only for resuming
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    """Write history and result files; the stage manifest (the checkpoints go once the artifact is in place)."""
     model_subdir = Path(result.model_dir).relative_to(folder)
     weights = sorted((folder / model_subdir).glob("*.safetensors"))
     final_metrics = result.history[-1] if result.history else {}
