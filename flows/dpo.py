@@ -45,6 +45,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 
 from dpo_core.config import RunConfig, load_config  # noqa: E402
 from tasks.artifacts import needs_refresh  # noqa: E402
+from tasks.common import preload_for_threads  # noqa: E402
 from tasks.compare import compare_key, compare_stage  # noqa: E402
 from tasks.evaluate import evaluate_key, evaluate_stage  # noqa: E402
 from tasks.ingest import ingest_key, ingest_stage  # noqa: E402
@@ -112,6 +113,7 @@ def dpo(
 
     # evaluation and the generation comparison are independent: run them concurrently
     started = time.perf_counter()
+    preload_for_threads(cfg.eval.judge.kind if cfg.eval.n_generations > 0 else None)
     evaluate = _configured(evaluate_stage, cfg, "evaluate", evaluate_key(cfg, trained, tokenized, reference),
                            t.evaluate)
     eval_future = evaluate.submit(cfg=cfg, trained=trained, tokenized=tokenized, reference=reference)

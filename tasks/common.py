@@ -24,6 +24,23 @@ def load_model_locked(path, model_cfg, spec):
     with MODEL_LOAD_LOCK:
         return load_model(path, model_cfg, spec).eval()
 
+
+def preload_for_threads(judge_kind: str | None = None) -> None:
+    """Import what concurrently running stages import, once, in the calling thread.
+
+    transformers resolves its classes lazily; two threads doing that first import at once can make one of them fail
+    with `ImportError: cannot import name 'AutoModelForCausalLM' from 'transformers'` (Python hands a partially
+    initialised module to one thread to break an import-lock cycle). It shows when training was reused, so nothing
+    imported these before evaluate and compare start side by side (found by tests/faults).
+    """
+    import transformers
+
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig", "PreTrainedModel"):
+        getattr(transformers, name)
+    if judge_kind == "embedding":
+        import sentence_transformers  # noqa: F401
+
+
 # Retrying helps with I/O hiccups (a busy filesystem, a tracking server restarting); it never helps with bad data,
 # a bad config or a bug, so only these exception types are retried.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
