@@ -11,6 +11,8 @@ branches. Each is switched on by an environment variable and is a no-op otherwis
                              after-ckpt-N       checkpoint step N complete (between two checkpoint writes)
                              in-ckpt-N          checkpoint step N's files written, its COMPLETE manifest not yet
                              train              inside the train stage's key lock, before training starts
+                             train-finished     training done, final model saved, the train artifact not yet
+                                                renamed into place
                              register           MLflow run started, before the model is logged and registered
     DPO_FAULT_ENOSPC       make one write fail with OSError(ENOSPC) ("No space left on device"):
                              ckpt-N             the model weights of checkpoint step N
@@ -137,6 +139,16 @@ def install() -> None:
         return train_fn(*args, **kwargs)
 
     train_task.train = train_hook
+
+    finish = train_task._finish
+
+    @functools.wraps(finish)
+    def finish_hook(*args, **kwargs):
+        out = finish(*args, **kwargs)
+        pause("train-finished")
+        return out
+
+    train_task._finish = finish_hook
 
     key_lock = artifacts.key_lock
 

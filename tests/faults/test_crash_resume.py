@@ -178,14 +178,20 @@ def test_sigkill_at_every_stage_then_rerun_gives_the_uninterrupted_model(
     assert complete_checkpoints(state) == [1, 2]
     assert list(checkpoint_root(state).glob(".tmp-step-000003-*")), "expected step 3's half-written folder"
 
-    # 5. during registration (the MLflow run is open, the model not yet logged)
+    # 5. training finished (final model saved), the artifact not yet renamed into place: the checkpoints are kept
+    runner.kill_at("train-finished")
+    assert complete_artifacts(state, "train") == []
+    assert complete_checkpoints(state) == [3, 4]  # step 3 rewritten: the re-run resumed from step 2
+
+    # 6. during registration (the MLflow run is open, the model not yet logged)
     runner.kill_at("register")
     manifest = train_manifest(state)
-    assert manifest["resumed_from_step"] == 2  # the half-written step 3 was never used
+    assert manifest["resumed_from_step"] == 4  # nothing trained twice
     assert manifest["steps"] == 4
+    assert not (Path(manifest["path"]) / "checkpoints").exists()  # resume-only files dropped once in place
     assert manifest["content_hash"] == uninterrupted.weights_hash
 
-    # 6. MLflow down: registration fails after its retries, naming the URI; every compute stage is Cached
+    # 7. MLflow down: registration fails after its retries, naming the URI; every compute stage is Cached
     dead = f"http://127.0.0.1:{free_port()}"
     rc, log, _ = runner.run(f"registry.tracking_uri={dead}")
     assert rc != 0
@@ -194,12 +200,12 @@ def test_sigkill_at_every_stage_then_rerun_gives_the_uninterrupted_model(
     assert all(states.get(s) == "Cached" for s in (*UPSTREAM, "train", "evaluate", "compare")), states
     assert states.get("register") == "Failed", states
 
-    # 7. everything back: the flow completes from the cache and registers the same weights
+    # 8. everything back: the flow completes from the cache and registers the same weights
     rc, log, summary = runner.run()
     assert rc == 0, log[-4000:]
     assert all(summary["stages"][s] == "Cached" for s in (*UPSTREAM, "train", "evaluate", "compare")), summary
     assert summary["registration"]["version"] is not None
-    assert summary["train"]["resumed_from_step"] == 2
+    assert summary["train"]["resumed_from_step"] == 4
     history = [json.loads(x) for x in (Path(manifest["path"]) / "history.jsonl").read_text().splitlines()]
     assert [row["step"] for row in history] == [1, 2, 3, 4]
     logged = sorted((tmp_path / "kills" / "mlflow" / "artifacts").glob("models/*/artifacts/model/model.safetensors"))
