@@ -9,7 +9,6 @@ model.safetensors) equals the one of two overlapping, uninterrupted runs of the 
 from __future__ import annotations
 
 import json
-import signal
 import time
 import urllib.request
 from dataclasses import dataclass
