@@ -159,8 +159,13 @@ def dpo(
 
 def _print_summary(summary: dict[str, Any]) -> None:
     print("\n== dpo flow finished ==")
+    timings = summary["timings_s"]
     for stage, state in summary["stages"].items():
-        print(f"  {stage:<12} {state:<10} {summary['timings_s'].get(stage, 0):8.1f} s")
+        if stage in ("evaluate", "compare"):  # they run concurrently: one wall time for both
+            print(f"  {stage:<12} {state:<10} {timings.get('evaluate_compare', 0):8.1f} s (evaluate + compare)")
+        else:
+            print(f"  {stage:<12} {state:<10} {timings.get(stage, 0):8.1f} s")
+    print(f"  {'total':<23} {sum(timings.values()):8.1f} s")
     for row in summary["metrics"]:
         print(
             f"  eval[{row.get('eval_set')}]: reward accuracy {row.get('reward_accuracy', float('nan')):.3f} "
