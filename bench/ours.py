@@ -37,10 +37,11 @@ from bench.common import (
 )
 
 
-def train_config(s: BenchSettings):
+def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False):
     from dpo_core.config import TrainConfig
 
     return TrainConfig(
+        gradient_checkpointing=gradient_checkpointing,
         loss="sigmoid",
         beta=s.beta,
         learning_rate=s.learning_rate,
@@ -53,7 +54,7 @@ def train_config(s: BenchSettings):
     )
 
 
-def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
+def run(s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = False) -> VariantResult:
     import dpo_core.trainer as trainer_mod
     from dpo_core.batching import PairBatch
     from dpo_core.models import DeviceSpec
@@ -69,7 +70,7 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
     ref_model = None if precompute else load_policy(path)
     load_seconds = time.perf_counter() - t0
     spec = DeviceSpec(device=torch.device("cpu"), dtype=torch.float32, autocast_dtype=None, attn_implementation="sdpa")
-    cfg = train_config(s)
+    cfg = train_config(s, gradient_checkpointing=gradient_checkpointing)
 
     reference, precompute_seconds = None, None
     if precompute:
@@ -119,7 +120,7 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
     first = result.history[0]
     warmup = batches[0][1] / first["tokens_per_second"] if first.get("tokens_per_second") else float("nan")
     return VariantResult(
-        variant="ours_precompute" if precompute else "ours_live",
+        variant=("ours_precompute" if precompute else "ours_live") + ("_gc" if gradient_checkpointing else ""),
         params=count_params(model),
         live_reference=not precompute,
         step_seconds=intervals,
@@ -147,9 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--precompute", action="store_true", help="precomputed reference table (the default path)")
     mode.add_argument("--live", action="store_true", help="a live frozen reference model")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="TrainConfig.gradient_checkpointing")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    write_result(run(settings_from_args(args), precompute=args.precompute), args.json)
+    result = run(settings_from_args(args), precompute=args.precompute, gradient_checkpointing=args.gradient_checkpointing)
+    write_result(result, args.json)
 
 
 if __name__ == "__main__":

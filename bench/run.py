@@ -42,8 +42,11 @@ VARIANTS: dict[str, Variant] = {
         Variant("trl_precompute", "bench.trl_dpo", ("--precompute",), "TRL DPOTrainer, precompute_ref_log_probs=True"),
         Variant("trl_live", "bench.trl_dpo", ("--live",), "TRL DPOTrainer, live reference model"),
         Variant("seed_loop", "bench.seed_loop", (), "seed tutorial loop (align-anything method, batch 1)"),
+        Variant("ours_precompute_gc", "bench.ours", ("--precompute", "--gradient-checkpointing"),
+                "this project, precomputed reference, gradient checkpointing (optional)"),
     )
 }
+DEFAULT_VARIANTS = ("ours_precompute", "ours_live", "trl_precompute", "trl_live", "seed_loop")
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 
 
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_args(parser)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--work-dir", type=Path, default=None, help="per-run JSON and logs (default: .dpo_state/bench/<time>)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per variant run")
     parser.add_argument("--no-parity", action="store_true")
