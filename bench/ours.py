@@ -37,11 +37,12 @@ from bench.common import (
 )
 
 
-def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False):
+def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, packing: bool = False):
     from dpo_core.config import TrainConfig
 
     return TrainConfig(
         gradient_checkpointing=gradient_checkpointing,
+        packing=packing,
         loss="sigmoid",
         beta=s.beta,
         learning_rate=s.learning_rate,
@@ -54,7 +55,9 @@ def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False):
     )
 
 
-def run(s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = False) -> VariantResult:
+def run(
+    s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = False, packing: bool = False
+) -> VariantResult:
     import dpo_core.trainer as trainer_mod
     from dpo_core.batching import PairBatch
     from dpo_core.models import DeviceSpec
@@ -70,7 +73,7 @@ def run(s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = Fa
     ref_model = None if precompute else load_policy(path)
     load_seconds = time.perf_counter() - t0
     spec = DeviceSpec(device=torch.device("cpu"), dtype=torch.float32, autocast_dtype=None, attn_implementation="sdpa")
-    cfg = train_config(s, gradient_checkpointing=gradient_checkpointing)
+    cfg = train_config(s, gradient_checkpointing=gradient_checkpointing, packing=packing)
 
     reference, precompute_seconds = None, None
     if precompute:
@@ -84,10 +87,10 @@ def run(s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = Fa
     batches: list[tuple[int, int, int]] = []  # (pairs, non-padding tokens, padded tokens)
     ckpt_seconds: dict[int, tuple[float, float]] = {}
     rss_before_save: list[float] = []
-    original_collate, original_save = trainer_mod.collate_pairs, trainer_mod.save_checkpoint
+    original_collate, original_save = trainer_mod._collate, trainer_mod.save_checkpoint
 
-    def counting_collate(rows, pad_id) -> PairBatch:
-        b = original_collate(rows, pad_id)
+    def counting_collate(rows, cfg, tokenizer) -> PairBatch:
+        b = original_collate(rows, cfg, tokenizer)
         batches.append((b.n_pairs, b.n_tokens, int(b.input_ids.numel())))
         return b
 
@@ -100,7 +103,7 @@ def run(s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = Fa
         return out
 
     step_ends: list[tuple[float, float]] = []
-    trainer_mod.collate_pairs, trainer_mod.save_checkpoint = counting_collate, timed_save
+    trainer_mod._collate, trainer_mod.save_checkpoint = counting_collate, timed_save
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ours-") as out_dir:
             result = trainer_mod.train(
@@ -108,7 +111,7 @@ def run(s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = Fa
                 ref_model=ref_model, on_step=lambda m: step_ends.append(now()), progress_bar=False,
             )  # fmt: skip
     finally:
-        trainer_mod.collate_pairs, trainer_mod.save_checkpoint = original_collate, original_save
+        trainer_mod._collate, trainer_mod.save_checkpoint = original_collate, original_save
 
     if result.steps != s.steps or len(step_ends) != s.steps or len(batches) != s.steps:
         raise BenchError(
@@ -120,7 +123,8 @@ def run(s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = Fa
     first = result.history[0]
     warmup = batches[0][1] / first["tokens_per_second"] if first.get("tokens_per_second") else float("nan")
     return VariantResult(
-        variant=("ours_precompute" if precompute else "ours_live") + ("_gc" if gradient_checkpointing else ""),
+        variant=("ours_precompute" if precompute else "ours_live") + ("_gc" if gradient_checkpointing else "")
+        + ("_packed" if packing else ""),
         params=count_params(model),
         live_reference=not precompute,
         step_seconds=intervals,
@@ -149,9 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--precompute", action="store_true", help="precomputed reference table (the default path)")
     mode.add_argument("--live", action="store_true", help="a live frozen reference model")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TrainConfig.gradient_checkpointing")
+    parser.add_argument("--packing", action="store_true", help="TrainConfig.packing (padding-free rows)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    result = run(settings_from_args(args), precompute=args.precompute, gradient_checkpointing=args.gradient_checkpointing)
+    result = run(settings_from_args(args), precompute=args.precompute,
+                 gradient_checkpointing=args.gradient_checkpointing, packing=args.packing)  # fmt: skip
     write_result(result, args.json)
 
 

@@ -44,6 +44,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("seed_loop", "bench.seed_loop", (), "seed tutorial loop (align-anything method, batch 1)"),
         Variant("ours_precompute_gc", "bench.ours", ("--precompute", "--gradient-checkpointing"),
                 "this project, precomputed reference, gradient checkpointing (optional)"),
+        Variant("ours_precompute_packed", "bench.ours", ("--precompute", "--packing"),
+                "this project, precomputed reference, padding-free packing (optional)"),
     )
 }
 DEFAULT_VARIANTS = ("ours_precompute", "ours_live", "trl_precompute", "trl_live", "seed_loop")
