@@ -43,7 +43,7 @@ class BenchError(RuntimeError):
 class BenchSettings:
     """The settings every variant shares (the issue: same beta, batch size, max length, learning rate, fp32)."""
 
-    steps: int = 4  # optimizer steps per run; the first is warm-up and is not timed
+    steps: int = 3  # optimizer steps per run; the first is warm-up and is not timed
     batch_size: int = 4  # pairs per optimizer step (the seed loop always uses 1, its method)
     max_length: int = 192
     max_prompt_length: int = 96
@@ -51,7 +51,7 @@ class BenchSettings:
     learning_rate: float = 1e-5
     seed: int = 42
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    seed_loop_pairs: int = 0  # pairs (= optimizer steps) the seed loop trains; 0: all n_pairs, like the others
+    seed_loop_pairs: int = 6  # pairs (= optimizer steps) the seed loop trains; 0: all n_pairs, like the others
 
     @property
     def n_pairs(self) -> int:
