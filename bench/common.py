@@ -87,7 +87,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if s.steps < 2:
         raise BenchError(f"--steps must be >= 2 (the first step is warm-up and not timed), got {s.steps}")
     if s.seed_loop_pairs == 1 or s.seed_loop_pairs < 0:
-        raise BenchError(f"--seed-loop-pairs must be 0 (all pairs) or >= 2 (the first is warm-up), got {s.seed_loop_pairs}")
+        raise BenchError(
+            f"--seed-loop-pairs must be 0 (all pairs) or >= 2 (the first is warm-up), got {s.seed_loop_pairs}"
+        )
     if s.threads < 1:
         raise BenchError(f"--threads must be >= 1, got {s.threads}")
     return s

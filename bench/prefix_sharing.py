@@ -118,10 +118,11 @@ def time_both(threads: int, rounds: int) -> dict:
     rows = load_bench_data(tok, s, s.n_pairs).tokenized.to_dict("records")
     model = load_policy(path).train()
     order = length_grouped_batches([pair_length(r) for r in rows], s.batch_size, seed=s.seed)
+    pad = tok.pad_token_id
     layouts = {
-        "two rows per pair (engine)": lambda idx: sequence_logps(model, collate_pairs([rows[i] for i in idx], tok.pad_token_id))[0],
-        "shared prompt (prototype)": lambda idx: shared_logps(model, collate_shared([rows[i] for i in idx], tok.pad_token_id)),
-    }  # fmt: skip
+        "two rows per pair (engine)": lambda idx: sequence_logps(model, collate_pairs([rows[i] for i in idx], pad))[0],
+        "shared prompt (prototype)": lambda idx: shared_logps(model, collate_shared([rows[i] for i in idx], pad)),
+    }
     secs = {k: [] for k in layouts}
     for f in layouts.values():  # warm-up
         f(order[0]).sum().backward()

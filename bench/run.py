@@ -217,7 +217,8 @@ def _target_rows(run: Run, summary: dict) -> list[str]:
     for label, num, den, key, target, op in specs:
         ratios = _per_round_ratio(run, num, den, key)
         if not ratios:
-            rows.append(f"| {label} | {f'{op} {target}x' if target else '-'} | not measured ({num} or {den} missing) | - |")
+            wanted = f"{op} {target}x" if target else "-"
+            rows.append(f"| {label} | {wanted} | not measured ({num} or {den} missing) | - |")
             continue
         med = _median(ratios)
         of_medians = summary[num][key] / summary[den][key]
@@ -264,8 +265,8 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
           f"prompt fits {s.max_prompt_length} tokens, max_length {s.max_length}; every variant trains exactly the same "
           "token ids (TRL's own tokenization is checked to be identical).",
           f"- {s.steps} optimizer steps of {s.batch_size} pairs (one epoch) per run; the seed loop: "
-          f"{s.seed_loop_pairs or s.n_pairs} steps of 1 pair (its method). The first step of every run is warm-up and not "
-          f"timed. {run.rounds} rounds, variants interleaved, each run in a fresh process.", "",
+          f"{s.seed_loop_pairs or s.n_pairs} steps of 1 pair (its method). The first step of every run is warm-up "
+          f"and not timed. {run.rounds} rounds, variants interleaved, each run in a fresh process.", "",
           "## Results (medians over rounds)", "",
           "| variant | pairs/s | trained tokens/s | tokens per CPU-s | step s | padding | peak RSS training (MiB) | "
           "peak RSS process (MiB) | model GFLOP/s | of matmul peak | reference precompute |",
@@ -281,7 +282,8 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
                f"({m['precompute_pairs'] / m['precompute_seconds']:.2f} pairs/s)"
                if m["precompute_seconds"] == m["precompute_seconds"] else "-")  # fmt: skip
         L.append(f"| {v.label} | {m['pairs_per_second']:.3f} | {m['tokens_per_second']:.1f} | "
-                 f"{m['tokens_per_cpu_second']:.1f} | {m['step_seconds']:.1f} | {m['padding']:.0%} | {m['train_peak_rss_mb']:,.0f} | "
+                 f"{m['tokens_per_cpu_second']:.1f} | {m['step_seconds']:.1f} | {m['padding']:.0%} | "
+                 f"{m['train_peak_rss_mb']:,.0f} | "
                  f"{m['peak_rss_mb']:,.0f} | {m['gflops']:.1f} | {m['mfu']:.1%} | {pre} |")  # fmt: skip
     failed = [o for o in run.outcomes if o.error]
     if failed:
@@ -302,9 +304,9 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
     if run.parity is None:
         L.append("Not run in this invocation (`--no-parity`).")
     else:
-        L += [f"{'Passed' if run.parity['ok'] else 'FAILED'} ({_fmt(run.parity['seconds'], 0)} s): tiny random Llama with "
-              "the SmolLM2 tokenizer, 4 benchmark pairs, float32. `python -m bench.parity --model smollm2` runs the "
-              "same check on the embedded model.", "", "```", *run.parity["table"], "```"]  # fmt: skip
+        L += [f"{'Passed' if run.parity['ok'] else 'FAILED'} ({_fmt(run.parity['seconds'], 0)} s): tiny random Llama "
+              "with the SmolLM2 tokenizer, 4 benchmark pairs, float32. `python -m bench.parity --model smollm2` runs "
+              "the same check on the embedded model.", "", "```", *run.parity["table"], "```"]  # fmt: skip
     L += ["", "## Method", "",
           "- **Trained tokens** are the non-padding tokens of the chosen and the rejected sequence of every pair "
           "(prompt included, as both are run through the model): the same count for every variant, since they train "
@@ -349,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}")
-    parser.add_argument("--work-dir", type=Path, default=None, help="per-run JSON and logs (default: .dpo_state/bench/<time>)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="per-run JSON and logs (default: .dpo_state/bench/<time>)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per variant run")
     parser.add_argument("--no-parity", action="store_true")
     parser.add_argument("--from-dir", type=Path, default=None,
