@@ -239,7 +239,7 @@ class VariantResult:
     step_seconds: list[float]  # per timed optimizer step, wall clock
     step_pairs: list[int]  # pairs in each timed step
     step_tokens: list[int]  # non-padding policy tokens in each timed step (chosen + rejected sequences)
-    padded_tokens: list[int]  # tokens including padding in each timed step (what the model actually computed)
+    padded_tokens: list[int]  # positions including padding in each timed step (the tensors actually computed)
     peak_rss_mb: float  # whole process, read at its very end
     train_peak_rss_mb: float | None = None  # high-water mark before any checkpoint write (None: = peak_rss_mb)
     precompute_seconds: float | None = None  # reference log-prob pass (not part of the step times)
@@ -249,6 +249,13 @@ class VariantResult:
     notes: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)  # per-step metrics as the variant reports them
     step_cpu_seconds: list[float] = field(default_factory=list)  # per timed step, CPU time of the process
+    # non-padding positions the policy computed per timed step; empty = step_tokens (two rows per pair). Fewer with
+    # a shared prompt (one row prompt + chosen + rejected per pair): the prompt is computed once, trained for both
+    step_positions: list[int] = field(default_factory=list)
+
+    @property
+    def positions(self) -> int:
+        return sum(self.step_positions) if self.step_positions else sum(self.step_tokens)
 
     @property
     def tokens_per_cpu_second(self) -> float:
@@ -269,9 +276,16 @@ class VariantResult:
         return sum(self.step_tokens) / self.seconds
 
     def model_flops(self) -> float:
-        """Model FLOPs of the timed steps: 6 N per trained token, + 2 N per token for a live reference forward."""
+        """Useful model FLOPs of the timed steps: 6 N per trained token, + 2 N per token for a live reference
+        forward (the same for every variant: they train the same tokens)."""
         per_token = 6 + (2 if self.live_reference else 0)
         return per_token * self.params * sum(self.step_tokens)
+
+    def computed_flops(self) -> float:
+        """FLOPs the variant actually spent on non-padding positions (6 N per computed position, + 2 N with a live
+        reference): below ``model_flops`` when prompts are shared; what the matmul-peak fraction is taken of."""
+        per_token = 6 + (2 if self.live_reference else 0)
+        return per_token * self.params * self.positions
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -279,6 +293,7 @@ class VariantResult:
             pairs_per_second=self.pairs_per_second,
             tokens_per_second=self.tokens_per_second,
             flops_per_second=self.model_flops() / self.seconds,
+            computed_flops_per_second=self.computed_flops() / self.seconds,
             tokens_per_cpu_second=self.tokens_per_cpu_second,
         )
         return d

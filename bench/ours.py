@@ -37,12 +37,12 @@ from bench.common import (
 )
 
 
-def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, packing: bool = False):
+def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, layout: str = "auto"):
     from dpo_core.config import TrainConfig
 
     return TrainConfig(
         gradient_checkpointing=gradient_checkpointing,
-        packing=packing,
+        batch_layout=layout,
         loss="sigmoid",
         beta=s.beta,
         learning_rate=s.learning_rate,
@@ -56,7 +56,7 @@ def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, pack
 
 
 def run(
-    s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = False, packing: bool = False
+    s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = False, layout: str = "auto"
 ) -> VariantResult:
     import dpo_core.trainer as trainer_mod
     from dpo_core.batching import PairBatch
@@ -73,25 +73,28 @@ def run(
     ref_model = None if precompute else load_policy(path)
     load_seconds = time.perf_counter() - t0
     spec = DeviceSpec(device=torch.device("cpu"), dtype=torch.float32, autocast_dtype=None, attn_implementation="sdpa")
-    cfg = train_config(s, gradient_checkpointing=gradient_checkpointing, packing=packing)
+    cfg = train_config(s, gradient_checkpointing=gradient_checkpointing, layout=layout)
 
     reference, precompute_seconds = None, None
     if precompute:
         t0 = time.perf_counter()
         reference = compute_reference_logps(
-            model, data.tokenized, batch_size=cfg.reference_batch_size, spec=spec, chunk_size=cfg.logprob_chunk_size
+            model, data.tokenized, batch_size=cfg.reference_batch_size, spec=spec, chunk_size=cfg.logprob_chunk_size,
+            layout=layout,
         )
         precompute_seconds = time.perf_counter() - t0
 
     # count each training batch's tokens, and time the checkpoint writes so they can be taken out of the steps
-    batches: list[tuple[int, int, int]] = []  # (pairs, non-padding tokens, padded tokens)
+    # (pairs, trained tokens of the 2B sequences, non-padding positions computed, positions incl. padding)
+    batches: list[tuple[int, int, int, int]] = []
     ckpt_seconds: dict[int, tuple[float, float]] = {}
     rss_before_save: list[float] = []
     original_collate, original_save = trainer_mod._collate, trainer_mod.save_checkpoint
 
-    def counting_collate(rows, cfg, tokenizer) -> PairBatch:
-        b = original_collate(rows, cfg, tokenizer)
-        batches.append((b.n_pairs, b.n_tokens, int(b.input_ids.numel())))
+    def counting_collate(rows, layout, tokenizer) -> PairBatch:
+        b = original_collate(rows, layout, tokenizer)
+        batches.append((b.n_pairs, b.n_sequence_tokens, b.n_tokens, int(b.input_ids.numel())))
+        layouts.add(b.layout)
         return b
 
     def timed_save(root, step, **kw):
@@ -102,6 +105,7 @@ def run(
         ckpt_seconds[step] = (done[0] - t[0], done[1] - t[1])
         return out
 
+    layouts: set[str] = set()
     step_ends: list[tuple[float, float]] = []
     trainer_mod._collate, trainer_mod.save_checkpoint = counting_collate, timed_save
     try:
@@ -124,14 +128,15 @@ def run(
     warmup = batches[0][1] / first["tokens_per_second"] if first.get("tokens_per_second") else float("nan")
     return VariantResult(
         variant=("ours_precompute" if precompute else "ours_live") + ("_gc" if gradient_checkpointing else "")
-        + ("_packed" if packing else ""),
+        + ("" if layout == "auto" else f"_{layout}"),
         params=count_params(model),
         live_reference=not precompute,
         step_seconds=intervals,
         step_cpu_seconds=cpu,
         step_pairs=[b[0] for b in batches[1:]],
         step_tokens=[b[1] for b in batches[1:]],
-        padded_tokens=[b[2] for b in batches[1:]],
+        step_positions=[b[2] for b in batches[1:]],
+        padded_tokens=[b[3] for b in batches[1:]],
         peak_rss_mb=0.0,
         train_peak_rss_mb=rss_before_save[0] if rss_before_save else None,
         precompute_seconds=precompute_seconds,
@@ -140,6 +145,7 @@ def run(
         threads=s.threads,
         notes=[
             f"warm-up step {warmup:.2f}s not timed",
+            f"batch layout: {', '.join(sorted(layouts))}",
             f"final checkpoint write {sum(w for w, _ in ckpt_seconds.values()):.2f}s excluded",
         ],
         history=result.history,
@@ -153,11 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--precompute", action="store_true", help="precomputed reference table (the default path)")
     mode.add_argument("--live", action="store_true", help="a live frozen reference model")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TrainConfig.gradient_checkpointing")
-    parser.add_argument("--packing", action="store_true", help="TrainConfig.packing (padding-free rows)")
+    parser.add_argument("--layout", default="auto", choices=["auto", "padded", "packed", "shared_prompt"],
+                        help="TrainConfig.batch_layout (auto: one shared-prompt row per pair with SDPA)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(settings_from_args(args), precompute=args.precompute,
-                 gradient_checkpointing=args.gradient_checkpointing, packing=args.packing)  # fmt: skip
+                 gradient_checkpointing=args.gradient_checkpointing, layout=args.layout)  # fmt: skip
     write_result(result, args.json)
 
 

@@ -37,18 +37,21 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("ours_precompute", "bench.ours", ("--precompute",), "this project, precomputed reference (default)"),
+        Variant("ours_precompute", "bench.ours", ("--precompute",),
+                "this project, precomputed reference (default: shared-prompt rows)"),
+        Variant("ours_precompute_padded", "bench.ours", ("--precompute", "--layout", "padded"),
+                "this project, precomputed reference, two padded rows per pair (the layout TRL uses)"),
         Variant("ours_live", "bench.ours", ("--live",), "this project, live reference model"),
         Variant("trl_precompute", "bench.trl_dpo", ("--precompute",), "TRL DPOTrainer, precompute_ref_log_probs=True"),
         Variant("trl_live", "bench.trl_dpo", ("--live",), "TRL DPOTrainer, live reference model"),
         Variant("seed_loop", "bench.seed_loop", (), "seed tutorial loop (align-anything method, batch 1)"),
         Variant("ours_precompute_gc", "bench.ours", ("--precompute", "--gradient-checkpointing"),
                 "this project, precomputed reference, gradient checkpointing (optional)"),
-        Variant("ours_precompute_packed", "bench.ours", ("--precompute", "--packing"),
+        Variant("ours_precompute_packed", "bench.ours", ("--precompute", "--layout", "packed"),
                 "this project, precomputed reference, padding-free packing (optional)"),
     )
 }
-DEFAULT_VARIANTS = ("ours_precompute", "ours_live", "trl_precompute", "trl_live", "seed_loop")
+DEFAULT_VARIANTS = ("ours_precompute", "ours_precompute_padded", "ours_live", "trl_precompute", "trl_live", "seed_loop")
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 
 
@@ -183,17 +186,21 @@ def summarize(run: Run) -> dict[str, dict[str, float]]:
             continue
         tokens = sum(sum(r["step_tokens"]) for r in res)
         padded = sum(sum(r["padded_tokens"]) for r in res)
+        positions = sum(sum(r.get("step_positions") or r["step_tokens"]) for r in res)
         flops = _median([r["flops_per_second"] for r in res])
+        computed = _median([r.get("computed_flops_per_second", r["flops_per_second"]) for r in res])
         out[name] = {
             "pairs_per_second": _median([r["pairs_per_second"] for r in res]),
             "tokens_per_second": _median([r["tokens_per_second"] for r in res]),
             "tokens_per_cpu_second": _median([r.get("tokens_per_cpu_second", float("nan")) for r in res]),
             "step_seconds": _median([s for r in res for s in r["step_seconds"]]),
-            "padding": 1 - tokens / padded if padded else float("nan"),
+            "padding": 1 - positions / padded if padded else float("nan"),
+            "computed_share": positions / tokens if tokens else float("nan"),
             "train_peak_rss_mb": _median([r["train_peak_rss_mb"] for r in res]),
             "peak_rss_mb": _median([r["peak_rss_mb"] for r in res]),
             "gflops": flops / 1e9,
-            "mfu": flops / peak if peak == peak and peak > 0 else float("nan"),
+            "computed_gflops": computed / 1e9,
+            "mfu": computed / peak if peak == peak and peak > 0 else float("nan"),
             "precompute_seconds": _median([r["precompute_seconds"] for r in res if r["precompute_seconds"]]),
             "precompute_pairs": _median([r["precompute_pairs"] for r in res if r["precompute_pairs"]]),
             "runs": len(res),
@@ -268,23 +275,24 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
           f"{s.seed_loop_pairs or s.n_pairs} steps of 1 pair (its method). The first step of every run is warm-up "
           f"and not timed. {run.rounds} rounds, variants interleaved, each run in a fresh process.", "",
           "## Results (medians over rounds)", "",
-          "| variant | pairs/s | trained tokens/s | tokens per CPU-s | step s | padding | peak RSS training (MiB) | "
-          "peak RSS process (MiB) | model GFLOP/s | of matmul peak | reference precompute |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "| variant | pairs/s | trained tokens/s | tokens per CPU-s | step s | positions computed per trained token | "
+          "padding | peak RSS training (MiB) | peak RSS process (MiB) | model GFLOP/s (useful) | computed GFLOP/s | "
+          "computed of matmul peak | reference precompute |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, v in VARIANTS.items():
         if name not in summary:
             fails = [o.error for o in run.outcomes if o.variant == name and o.error]
             if fails:
-                L.append(f"| {v.label} | FAILED: {fails[0]} | | | | | | | | | |")
+                L.append(f"| {v.label} | FAILED: {fails[0]} | | | | | | | | | | | |")
             continue
         m = summary[name]
         pre = (f"{m['precompute_seconds']:.1f} s for {m['precompute_pairs']:.0f} pairs "
                f"({m['precompute_pairs'] / m['precompute_seconds']:.2f} pairs/s)"
                if m["precompute_seconds"] == m["precompute_seconds"] else "-")  # fmt: skip
         L.append(f"| {v.label} | {m['pairs_per_second']:.3f} | {m['tokens_per_second']:.1f} | "
-                 f"{m['tokens_per_cpu_second']:.1f} | {m['step_seconds']:.1f} | {m['padding']:.0%} | "
-                 f"{m['train_peak_rss_mb']:,.0f} | "
-                 f"{m['peak_rss_mb']:,.0f} | {m['gflops']:.1f} | {m['mfu']:.1%} | {pre} |")  # fmt: skip
+                 f"{m['tokens_per_cpu_second']:.1f} | {m['step_seconds']:.1f} | {m['computed_share']:.2f} | "
+                 f"{m['padding']:.0%} | {m['train_peak_rss_mb']:,.0f} | {m['peak_rss_mb']:,.0f} | {m['gflops']:.1f} | "
+                 f"{m['computed_gflops']:.1f} | {m['mfu']:.1%} | {pre} |")  # fmt: skip
     failed = [o for o in run.outcomes if o.error]
     if failed:
         L += ["", "Failed runs: " + "; ".join(f"{o.variant} round {o.round}: {o.error}" for o in failed)]
@@ -309,12 +317,17 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
               "the same check on the embedded model.", "", "```", *run.parity["table"], "```"]  # fmt: skip
     L += ["", "## Method", "",
           "- **Trained tokens** are the non-padding tokens of the chosen and the rejected sequence of every pair "
-          "(prompt included, as both are run through the model): the same count for every variant, since they train "
-          "the same token ids. *Padding* is the share of padded positions in the tensors actually computed.",
-          "- **Model FLOP/s** = (6 x N x trained tokens [+ 2 x N x trained tokens with a live reference forward]) / "
-          "wall time, N = 134,515,008 parameters (tied embedding counted once). It is the same useful work for every "
-          "variant, whatever each computes on top (padding, LM head on prompt positions); **of matmul peak** divides "
-          "it by the median fp32 GEMM peak measured in the same run.",
+          "(prompt included, counted once per sequence): the same count for every variant, since they train the same "
+          "token ids. *Positions computed per trained token*: the non-padding positions the policy forward actually "
+          "runs, per trained token: 1.00 for two rows per pair (TRL, the seed loop, `ours_precompute_padded`), below "
+          "1 for our default shared-prompt rows (`prompt + chosen + rejected` in one row, 4-D mask, the prompt "
+          "computed once and trained for both responses; log-probs equal to the two-row layout, see "
+          "`tests/test_logprobs.py`). *Padding* is the share of padded positions in the tensors computed.",
+          "- **Model FLOP/s (useful)** = (6 x N x trained tokens [+ 2 x N x trained tokens with a live reference "
+          "forward]) / wall time, N = 134,515,008 parameters (tied embedding counted once): the same useful work for "
+          "every variant. **Computed FLOP/s** counts 6 N (+2 N) per non-padding position actually computed instead "
+          "(lower than the useful figure when prompts are shared), and **computed of matmul peak** divides that by "
+          "the median fp32 GEMM peak measured in the same run, so it cannot flatter the layout.",
           "- **Time** is the wall-clock between consecutive optimizer-step ends (data collation, forward, backward, "
           "clipping, optimizer), first step excluded; our final checkpoint write is excluded (TRL runs with "
           "`save_strategy=\"no\"`). The reference precompute is reported apart, not in the step times. "

@@ -4,10 +4,10 @@
 
 One training step (forward, backward, clip, AdamW) on the same 4 benchmark pairs, for each of
 
-* `ours`: the engine's step (`bench.profile_step._ours_step`: two right-padded rows per pair, LM head on response
-  positions only, `torch.optim.AdamW` as the trainer uses it);
-* `ours + fused AdamW`: the same with `AdamW(fused=True)` (what TRL uses by default);
-* `shared prompt (prototype)`: `bench.prefix_sharing` (one row per pair) + fused AdamW;
+* `two padded rows, per-tensor AdamW`: `bench.profile_step._ours_step` (two right-padded rows per pair, LM head on
+  response positions only) with the unfused `torch.optim.AdamW` (the trainer before it switched to fused);
+* `two padded rows + fused AdamW`: the same with `AdamW(fused=True)` (`train.batch_layout: padded`);
+* `shared prompt + fused AdamW`: the trainer's default (`dpo_core.batching.share_prompt_pairs`, one row per pair);
 * `trl`: TRL's fused-LM-head forward on its collated batch + `AdamW(fused=True)`,
 
 run round-robin `--repeats` times after a warm-up, so load from other jobs hits all of them alike. Reports the
@@ -29,10 +29,10 @@ from bench.profile_step import _ours_step, _trl_step
 
 
 def _shared_step(model, opt, rows, pad_id, ref, beta):
-    from bench.prefix_sharing import collate_shared, shared_logps
-    from dpo_core.logprobs import split_pair_logps
+    from dpo_core.batching import share_prompt_pairs
+    from dpo_core.logprobs import sequence_logps, split_pair_logps
 
-    chosen, rejected = split_pair_logps(shared_logps(model, collate_shared(rows, pad_id)))
+    chosen, rejected = split_pair_logps(sequence_logps(model, share_prompt_pairs(rows, pad_id))[0])
     loss = -F.logsigmoid(beta * ((chosen - ref[0]) - (rejected - ref[1]))).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     collator = DataCollatorForPreference(pad_token_id=pad, max_length=s.max_length)
     examples = [{k: list(r[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
     steps = {
-        "ours": lambda: _ours_step(ours, opt_default, rows, pad, ref, s.beta),
-        "ours + fused AdamW": lambda: _ours_step(ours, opt_fused, rows, pad, ref, s.beta),
-        "shared prompt (prototype) + fused AdamW": lambda: _shared_step(shared, opt_shared, rows, pad, ref, s.beta),
+        "two padded rows, per-tensor AdamW": lambda: _ours_step(ours, opt_default, rows, pad, ref, s.beta),
+        "two padded rows + fused AdamW": lambda: _ours_step(ours, opt_fused, rows, pad, ref, s.beta),
+        "shared prompt + fused AdamW (default)": lambda: _shared_step(shared, opt_shared, rows, pad, ref, s.beta),
         "trl": lambda: _trl_step(trl, opt_trl, examples, collator, ref, s.beta),
     }
     for fn in steps.values():  # warm-up: optimizer state, lazy init

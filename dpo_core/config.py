@@ -123,7 +123,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     length_grouping: bool = True
     mega_batch_mult: int = Field(8, gt=0)
-    packing: bool = False  # padding-free packing: works with any attention; saves work only with flash_attention_2
+    # how a micro-batch is laid out (dpo_core.batching): auto = shared_prompt (one row prompt + chosen + rejected per
+    # pair, 4-D mask) with sdpa/eager attention, padded otherwise; packed = padding-free (flash_attention_2 varlen)
+    batch_layout: Literal["auto", "padded", "packed", "shared_prompt"] = "auto"
     checkpoint_every: int = Field(8, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     precompute_reference: bool = True  # False: a live frozen reference model (for comparison/benchmarks)

@@ -157,6 +157,7 @@ def distributed_reference_logps(
     spec: DeviceSpec,
     ctx: Dist,
     chunk_size: int = 1024,
+    layout: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """``compute_reference_logps`` split across ranks: rank r scores rows ``r::world``; every rank gets the whole
@@ -170,7 +171,7 @@ def distributed_reference_logps(
     mine = positions[ctx.rank :: ctx.world]
     part = tokenized_df.iloc[mine]
     if len(part):
-        table = compute_reference_logps(model, part, batch_size=batch_size, spec=spec, chunk_size=chunk_size,
+        table = compute_reference_logps(model, part, batch_size=batch_size, spec=spec, chunk_size=chunk_size, layout=layout,
                                         progress=progress)
     else:  # more ranks than rows
         table = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(

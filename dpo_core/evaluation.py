@@ -248,6 +248,7 @@ def pair_logps(
     spec: Any = None,
     chunk_size: int = 1024,
     pad_id: int = 0,
+    layout: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Summed response log-probs of `rows` (tokenized pairs) under `model`, batched, no grad, in the rows' order.
 
@@ -256,8 +257,8 @@ def pair_logps(
     """
     import torch
 
-    from dpo_core.batching import collate_pairs, pair_length
-    from dpo_core.logprobs import sequence_logps, split_pair_logps
+    from dpo_core.batching import make_batch, pair_length
+    from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
 
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
@@ -265,6 +266,7 @@ def pair_logps(
     chosen, rejected = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
     chosen_n, rejected_n = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     order = np.argsort([-pair_length(r) for r in rows], kind="stable")
+    layout = layout_for(model, layout)
     device = spec.device if spec is not None else _model_device(model)
     autocast = spec.autocast() if spec is not None else torch.autocast(device_type=device.type, enabled=False)
     was_training = model.training
@@ -273,7 +275,7 @@ def pair_logps(
         with torch.no_grad(), autocast:
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                batch = collate_pairs([rows[i] for i in idx], pad_id).to(device)
+                batch = make_batch([rows[i] for i in idx], pad_id, layout).to(device)
                 logps, counts = sequence_logps(model, batch, chunk_size=chunk_size)
                 (c, r), (cn, rn) = split_pair_logps(logps.double().cpu()), split_pair_logps(counts.cpu())
                 chosen[idx], rejected[idx] = c.numpy(), r.numpy()
@@ -316,6 +318,7 @@ def evaluate_preferences(
     batch_size: int,
     spec: Any = None,
     chunk_size: int = 1024,
+    layout: str = "auto",
     bootstrap_samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -339,7 +342,8 @@ def evaluate_preferences(
         )
     ref = _join_reference(tokenized_df, reference_df, eval_set)
     rows = tokenized_df[list(_TOKENIZED_NEEDED)].to_dict("records")
-    pc, pr, pcn, prn = pair_logps(policy, rows, batch_size=batch_size, spec=spec, chunk_size=chunk_size)
+    pc, pr, pcn, prn = pair_logps(policy, rows, batch_size=batch_size, spec=spec, chunk_size=chunk_size,
+                                  layout=layout)
     bad = (pcn != ref["chosen_tokens"].to_numpy()) | (prn != ref["rejected_tokens"].to_numpy())
     if bad.any():
         raise EvaluationError(

@@ -13,7 +13,9 @@ full ``[positions, vocab]`` log-softmax. With gradients on, each chunk is recomp
 computed at all.
 
 A packed batch (``dpo_core.batching.pack_pairs``: all sequences in one row, position ids restarting per sequence)
-is scored the same way; sums then go to the sequence each token belongs to instead of to its row.
+is scored the same way; sums then go to the sequence each token belongs to instead of to its row. A shared-prompt
+batch (``dpo_core.batching.share_prompt_pairs``: one row ``prompt + chosen + rejected`` per pair) passes its 4-D
+mask and position ids to the decoder and names each response token's predicting position in ``predictor_ids``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dpo_core.batching import PairBatch
+from dpo_core.batching import PairBatch, resolve_layout
 
-__all__ = ["LogprobError", "sequence_logps", "split_pair_logps", "decoder_and_head"]
+__all__ = ["LogprobError", "sequence_logps", "split_pair_logps", "decoder_and_head", "attention_implementation",
+           "layout_for"]
 
 
 class LogprobError(ValueError):
@@ -57,6 +60,40 @@ def _token_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Ten
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def attention_implementation(model: torch.nn.Module) -> str | None:
+    """The attention kernel the model runs (transformers' ``config._attn_implementation``), None if it has none."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def layout_for(model: torch.nn.Module, layout: str = "auto") -> str:
+    """The concrete batch layout for ``model`` (``dpo_core.batching.resolve_layout`` on its attention kernel)."""
+    return resolve_layout(layout, attention_implementation(model))
+
+
+def _attention_inputs(model: torch.nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
+    """Decoder keyword arguments for the batch's layout.
+
+    Padded rows: the 2-D padding mask. Packed: position ids only (transformers derives the block-diagonal mask from
+    them). Shared prompt: position ids and the 4-D mask, boolean for sdpa (True = attend) and additive for eager
+    attention, which adds the mask to the attention scores (0 = attend, the dtype's minimum = masked).
+    """
+    if batch.layout == "padded":
+        return {"attention_mask": batch.attention_mask}
+    if batch.layout == "packed":
+        return {"position_ids": batch.position_ids}
+    attn = attention_implementation(model)
+    if attn == "sdpa":
+        mask = batch.attention_4d
+    elif attn == "eager":
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(batch.attention_4d.shape, dtype=dtype, device=batch.attention_4d.device)
+        mask = mask.masked_fill(~batch.attention_4d, torch.finfo(dtype).min)
+    else:
+        raise LogprobError(f"a shared-prompt batch needs sdpa or eager attention (a 4-D mask), the model uses "
+                           f"{attn!r}; build the batch with layout 'padded' or 'packed'")
+    return {"attention_mask": mask, "position_ids": batch.position_ids}
+
+
 def sequence_logps(
     model: torch.nn.Module, batch: PairBatch, *, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,17 +113,15 @@ def sequence_logps(
     if bool(mask[:, 0].any()):
         raise LogprobError("a response token at position 0 has no context to be predicted from; rows need a prompt")
     decoder, head = decoder_and_head(model)
-    if batch.is_packed:  # no attention mask: transformers derives the block-diagonal mask from the position ids
-        inputs = {"position_ids": batch.position_ids}
-    else:
-        inputs = {"attention_mask": batch.attention_mask}
-    hidden = decoder(input_ids=batch.input_ids, use_cache=False, **inputs)[0]
+    hidden = decoder(input_ids=batch.input_ids, use_cache=False, **_attention_inputs(model, batch))[0]
 
-    rows, prev = mask[:, 1:].nonzero(as_tuple=True)  # the token at prev + 1 is a response token of row `rows`
-    states = hidden[rows, prev]  # [N, H]: the hidden states that predict response tokens
-    targets = batch.input_ids[rows, prev + 1]
-    # the sequence each response token belongs to (its own row unless packed; a prompt precedes it either way)
-    owner = batch.sequence_ids[rows, prev + 1] if batch.is_packed else rows
+    rows, positions = mask.nonzero(as_tuple=True)  # the response tokens, row by row
+    # the hidden state that predicts each one: the previous position, or as the batch says (shared prompt)
+    prev = batch.predictor_ids[rows, positions] if batch.predictor_ids is not None else positions - 1
+    states = hidden[rows, prev]  # [N, H]
+    targets = batch.input_ids[rows, positions]
+    # the sequence each response token belongs to (its own row unless packed or shared)
+    owner = batch.sequence_ids[rows, positions] if batch.sequence_ids is not None else rows
     n_sequences = batch.n_sequences
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     recompute = torch.is_grad_enabled() and states.requires_grad

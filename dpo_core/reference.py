@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dpo_core.batching import collate_pairs, length_grouped_batches, pair_length
-from dpo_core.logprobs import sequence_logps, split_pair_logps
+from dpo_core.batching import length_grouped_batches, make_batch, pair_length
+from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
 from dpo_core.models import DeviceSpec
 
 __all__ = ["REFERENCE_COLUMNS", "ReferenceError", "compute_reference_logps", "write_reference_table",
@@ -44,6 +44,7 @@ def compute_reference_logps(
     batch_size: int,
     spec: DeviceSpec,
     chunk_size: int = 1024,
+    layout: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Sequence log-probs of every pair's chosen and rejected response under ``model`` (no grad, eval mode).
@@ -54,6 +55,7 @@ def compute_reference_logps(
         batch_size: pairs per forward (2 * batch_size rows).
         spec: device and autocast settings.
         chunk_size: response positions per LM-head chunk.
+        layout: batch layout (``dpo_core.batching``; ``auto`` picks the shared-prompt row where attention allows).
         progress: called as ``progress(done_pairs, total_pairs)`` after every batch.
 
     Returns:
@@ -72,11 +74,12 @@ def compute_reference_logps(
     order = length_grouped_batches([pair_length(r) for r in rows], batch_size, seed=0,
                                    mega_batch_mult=max(1, -(-n // batch_size)), shuffle=False)
     pad_id, was_training, done = pad_id_of(model), model.training, 0
+    layout = layout_for(model, layout)
     model.eval()
     try:
         with torch.no_grad():
             for indices in order:
-                batch = collate_pairs([rows[i] for i in indices], pad_id).to(spec.device)
+                batch = make_batch([rows[i] for i in indices], pad_id, layout).to(spec.device)
                 with spec.autocast():
                     logps, counts = sequence_logps(model, batch, chunk_size=chunk_size)
                 columns = (*split_pair_logps(logps.double()), *split_pair_logps(counts))

@@ -89,6 +89,7 @@ class ReferenceJob(_Job):
     out_file: str
     batch_size: int = Field(8, gt=0)
     chunk_size: int = Field(1024, gt=0)
+    layout: Literal["auto", "padded", "packed", "shared_prompt"] = "auto"
     processes: int = Field(1, gt=0)
 
     @property
@@ -177,7 +178,7 @@ def run_reference_job(job: ReferenceJob) -> dict[str, Any]:
                 print(PROGRESS_PREFIX + json.dumps(info), flush=True)
 
         logps = distributed_reference_logps(model, table, batch_size=job.batch_size, spec=spec, ctx=ctx,
-                                            chunk_size=job.chunk_size, progress=progress)
+                                            chunk_size=job.chunk_size, layout=job.layout, progress=progress)
         record = {"status": "complete", "rows": len(logps), "world_size": ctx.world, "out_file": job.out_file}
         if ctx.is_main:
             write_reference_table(logps, job.out_file)

@@ -37,13 +37,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dpo_core.batching import PairBatch, collate_pairs, length_grouped_batches, pack_pairs, pair_length
+from dpo_core.batching import PairBatch, length_grouped_batches, make_batch, pair_length
 from dpo_core.checkpoints import checkpoint_dir, is_peft_model, remove_stale_tmp, resume_latest, save_checkpoint
 from dpo_core.checkpoints import write_atomic_dir
 from dpo_core.config import TrainConfig, stable_hash
 from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distributed_reference_logps, resolve_strategy
 from dpo_core.distributed import broadcast_object, current, shard
-from dpo_core.logprobs import sequence_logps, split_pair_logps
+from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
 from dpo_core.losses import SMOOTHING_LOSSES, preference_loss, sft_nll
 from dpo_core.models import DeviceSpec
 from dpo_core.reference import read_reference_table, write_reference_table
@@ -119,6 +119,7 @@ def train(
     out_dir, ckpt_root = Path(out_dir), Path(out_dir) / "checkpoints"
     rows = _check_inputs(tokenized_df, cfg, tokenizer)
     ctx = _check_world(cfg, spec)
+    layout = layout_for(model, cfg.batch_layout)
     n_steps = total_steps(len(rows), cfg)
     reference_fn = _reference_source(model, rows, cfg, spec, out_dir, reference, ref_model)
     fingerprint = _run_fingerprint(rows, cfg)
@@ -156,7 +157,7 @@ def train(
             mine = shard(indices, ctx)  # all of `indices` in a single process
             # a rank left without a pair (uneven last batch) joins the gradient all-reduce with a zero-weight pass
             weight = ctx.world / pairs_in_step if mine else 0.0  # DDP averages over ranks: scale back to a sum
-            batch = _collate([rows[j] for j in (mine or indices[:1])], cfg, tokenizer).to(spec.device)
+            batch = _collate([rows[j] for j in (mine or indices[:1])], layout, tokenizer).to(spec.device)
             with score.sync(last=i == len(micro_batches) - 1):
                 _forward_backward(score, batch, reference_fn(batch), cfg, stats, weight, step, last_ckpt)
         stats.reduce(ctx, spec.device)
@@ -222,7 +223,7 @@ class _Stats:
 
     def add(self, batch: PairBatch, losses, nll, out, chosen_logps, rejected_logps) -> None:
         self.pairs += batch.n_pairs
-        self.tokens += batch.n_tokens
+        self.tokens += batch.n_sequence_tokens  # the same count in every layout
         for key, value in (("loss", losses), ("nll", nll), ("chosen", out.chosen_rewards),
                            ("rejected", out.rejected_rewards),
                            ("correct", (out.chosen_rewards > out.rejected_rewards).float()),
@@ -263,16 +264,15 @@ class _Scorer(torch.nn.Module):
         self.model, self.chunk_size, self.spec = model, cfg.logprob_chunk_size, spec
         self.ddp: torch.nn.Module | None = None
 
-    def forward(self, input_ids, attention_mask, response_mask, position_ids=None, sequence_ids=None):
-        batch = PairBatch(input_ids, attention_mask, response_mask, [], position_ids, sequence_ids)
+    def forward(self, **tensors: torch.Tensor):
+        batch = PairBatch(pair_ids=[], **tensors)
         with self.spec.autocast():
             return sequence_logps(self.model, batch, chunk_size=self.chunk_size)
 
     def logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(logps Float[2B], token counts Long[2B]) of ``batch``, through DDP when distributed."""
         runner = self.ddp if self.ddp is not None else self
-        return runner(batch.input_ids, batch.attention_mask, batch.response_mask, batch.position_ids,
-                      batch.sequence_ids)
+        return runner(**batch.tensors())
 
     def sync(self, last: bool):
         return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -315,9 +315,10 @@ def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, s
         stats.add(batch, losses, nll, out, chosen, rejected)
 
 
-def _collate(rows: list[dict], cfg: TrainConfig, tokenizer: Any) -> PairBatch:
-    """Right-padded rows, or with ``train.packing`` one padding-free row (pays off with flash_attention_2)."""
-    return pack_pairs(rows) if cfg.packing else collate_pairs(rows, tokenizer.pad_token_id)
+def _collate(rows: list[dict], layout: str, tokenizer: Any) -> PairBatch:
+    """The micro-batch in the run's layout (``train.batch_layout``; ``auto``: one shared-prompt row per pair where
+    the attention takes a 4-D mask, see ``dpo_core.batching``)."""
+    return make_batch(rows, tokenizer.pad_token_id, layout)
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -524,7 +525,7 @@ def _initial_policy_table(model, rows: list[dict], cfg: TrainConfig, spec: Devic
         return read_reference_table(path)
     log.info("no reference given: scoring %d pairs with the initial policy as the reference", len(rows))
     table = distributed_reference_logps(model, pd.DataFrame(rows), batch_size=cfg.reference_batch_size, spec=spec,
-                                        ctx=ctx, chunk_size=cfg.logprob_chunk_size)
+                                        ctx=ctx, chunk_size=cfg.logprob_chunk_size, layout=cfg.batch_layout)
     if ctx.is_main:
         write_reference_table(table, path)
     return table

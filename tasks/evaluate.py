@@ -50,7 +50,8 @@ def evaluate_stage(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str,
             rows.append(
                 evaluate_preferences(
                     policy, subset, reference_df=ref_table, beta=cfg.train.beta, batch_size=cfg.eval.batch_size,
-                    spec=spec, chunk_size=cfg.train.logprob_chunk_size, bootstrap_samples=cfg.eval.bootstrap_samples,
+                    spec=spec, chunk_size=cfg.train.logprob_chunk_size, layout=cfg.train.batch_layout,
+                    bootstrap_samples=cfg.eval.bootstrap_samples,
                     confidence=cfg.eval.confidence, seed=cfg.eval.seed, eval_set=name,
                 )
             )

@@ -47,7 +47,7 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
             job = ReferenceJob(model_dir=str(model["model_dir"]), model=base_model_config(cfg),
                                tokenized=str(tokenized_file), out_file=str(out),
                                batch_size=cfg.train.reference_batch_size, chunk_size=cfg.train.logprob_chunk_size,
-                               processes=cfg.train.processes)
+                               layout=cfg.train.batch_layout, processes=cfg.train.processes)
             launch_reference(job, on_progress=lambda p: progress.update(int(p["done"]), int(p["total"])))
             logps = read_reference_table(out)
         else:
@@ -59,6 +59,7 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
                 batch_size=cfg.train.reference_batch_size,
                 spec=spec,
                 chunk_size=cfg.train.logprob_chunk_size,
+                layout=cfg.train.batch_layout,
                 progress=progress.update,
             )
         progress.update(len(table), len(table), force=True)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_core.batching import BatchingError, collate_pairs, length_grouped_batches, pack_pairs, pair_length
+from dpo_core.batching import (BatchingError, collate_pairs, length_grouped_batches, make_batch, pack_pairs, pair_length,
+                               resolve_layout, share_prompt_pairs)
 
 PAD = 0
 
@@ -56,6 +57,41 @@ def test_pack_pairs_puts_every_sequence_in_one_row():
     assert batch.n_tokens == 17 and batch.attention_mask.min() == 1
     assert batch.to("cpu").position_ids.tolist() == batch.position_ids.tolist()
     assert not collate_pairs(_rows(), PAD).is_packed and collate_pairs(_rows(), PAD).n_sequences == 4
+
+
+def test_share_prompt_pairs_puts_each_pair_in_one_row_with_a_mask_that_hides_chosen_from_rejected():
+    batch = share_prompt_pairs(_rows(), pad_id=PAD)
+    assert batch.layout == "shared_prompt" and batch.n_pairs == 2 and batch.n_sequences == 4
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, PAD], [11, 12, 13, 14, 15, 16, 17]]
+    # the rejected response restarts where the prompt ends
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0], [0, 1, 2, 3, 4, 1, 2]]
+    assert batch.sequence_ids.tolist() == [[-1, -1, -1, 0, 0, 2, -1], [-1, 1, 1, 1, 1, 3, 3]]
+    # the first rejected token is predicted from the last prompt position
+    assert batch.predictor_ids.tolist() == [[-1, -1, -1, 2, 3, 2, -1], [-1, 0, 1, 2, 3, 0, 5]]
+    assert batch.response_mask.int().tolist() == [[0, 0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]]
+    mask = batch.attention_4d[0, 0].int().tolist()
+    assert mask[5] == [1, 1, 1, 0, 0, 1, 0]  # pair a's rejected token: the prompt and itself, not the chosen
+    assert mask[4] == [1, 1, 1, 1, 1, 0, 0]  # chosen: causal
+    assert mask[6] == [0, 0, 0, 0, 0, 0, 1]  # padding attends to itself only (no all-masked row)
+    assert batch.attention_4d[1, 0, 6].int().tolist() == [1, 0, 0, 0, 0, 1, 1]  # b: prompt [11], rejected 16, 17
+    assert batch.n_tokens == 6 + 7  # positions computed: each prompt once
+    assert batch.n_sequence_tokens == collate_pairs(_rows(), PAD).n_tokens == 17  # tokens trained: as two rows
+    moved = batch.to("cpu")
+    assert moved.layout == "shared_prompt" and torch.equal(moved.attention_4d, batch.attention_4d)
+
+
+def test_layouts_resolve_by_attention_kernel_and_refuse_what_cannot_work():
+    assert resolve_layout("auto", "sdpa") == resolve_layout("auto", "eager") == "shared_prompt"
+    assert resolve_layout("auto", "flash_attention_2") == "padded"
+    assert resolve_layout("packed", "flash_attention_2") == "packed"
+    with pytest.raises(BatchingError, match="4-D mask"):
+        resolve_layout("shared_prompt", "flash_attention_2")
+    with pytest.raises(BatchingError, match="unknown batch layout"):
+        resolve_layout("zigzag", "sdpa")
+    with pytest.raises(BatchingError, match="resolve 'auto' first"):
+        make_batch(_rows(), PAD, "auto")
+    assert [make_batch(_rows(), PAD, k).layout for k in ("padded", "packed", "shared_prompt")] == [
+        "padded", "packed", "shared_prompt"]
 
 
 def test_pair_length_is_the_longer_row():

@@ -88,7 +88,8 @@ def test_two_gloo_processes_give_the_loss_curve_of_one_process(one_process, two_
     h1, h2 = _history(out1), _history(out2)
     assert len(h1) == len(h2) == STEPS
     for a, b in zip(h1, h2):
-        np.testing.assert_allclose([b[k] for k in CURVE], [a[k] for k in CURVE], rtol=1e-5, atol=1e-6)
+        # atol: rewards are beta * (logp - ref logp) of float32 sums near -50, whose spacing is ~4e-6
+        np.testing.assert_allclose([b[k] for k in CURVE], [a[k] for k in CURVE], rtol=1e-5, atol=1e-5)
         assert a["learning_rate"] == b["learning_rate"] and a["epoch"] == b["epoch"]
     assert h1[-1]["loss"] < h1[0]["loss"]  # it trained
     # the rank left without a pair in each epoch's last 1-pair batch added nothing: same token count, no duplicates

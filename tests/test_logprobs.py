@@ -116,3 +116,62 @@ def test_packed_batch_scores_like_the_padded_one(tokenizer, tokenized, attn):
         packed_logps, packed_counts = sequence_logps(model, packed, chunk_size=5)
     torch.testing.assert_close(packed_logps, padded_logps, atol=1e-5, rtol=1e-5)
     assert packed_counts.tolist() == padded_counts.tolist()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("chunk_size", [3, 1024])
+def test_shared_prompt_batch_scores_like_the_padded_one(tokenizer, tokenized, attn, chunk_size):
+    """One row `prompt + chosen + rejected` per pair (4-D mask, restarted positions) == two padded rows per pair,
+    in value and in gradient."""
+    from dpo_core.batching import share_prompt_pairs
+    from dpo_core.models import tiny_llama
+
+    model = tiny_llama(tokenizer, seed=1)
+    model.config._attn_implementation = attn
+    rows = tokenized.to_dict("records")
+    shared = share_prompt_pairs(rows, tokenizer.pad_token_id)
+    padded = collate_pairs(rows, tokenizer.pad_token_id)
+    assert shared.layout == "shared_prompt" and shared.input_ids.shape[0] == len(rows)
+    prompts = sum(len(r["prompt_ids"]) for r in rows)
+    assert shared.n_tokens == padded.n_tokens - prompts  # every prompt computed once instead of twice
+    assert shared.n_sequence_tokens == padded.n_tokens  # ... but the same trained tokens are counted
+    shared_logps, shared_counts = sequence_logps(model, shared, chunk_size=chunk_size)
+    grad_shared = torch.autograd.grad(shared_logps.sum(), model.model.embed_tokens.weight)[0]
+    padded_logps, padded_counts = sequence_logps(model, padded)
+    grad_padded = torch.autograd.grad(padded_logps.sum(), model.model.embed_tokens.weight)[0]
+    torch.testing.assert_close(shared_logps, padded_logps, atol=1e-5, rtol=1e-5)
+    scale = float(grad_padded.abs().max())  # float32 sums in another order: compare at the gradient's scale
+    torch.testing.assert_close(grad_shared, grad_padded, atol=1e-5 * scale, rtol=1e-4)
+    assert shared_counts.tolist() == padded_counts.tolist()
+
+
+def test_shared_prompt_mask_is_what_makes_it_right(tokenizer, tokenized):
+    """Let the rejected tokens see the chosen response (the mistake the mask prevents): log-probs must change."""
+    from dpo_core.batching import share_prompt_pairs
+    from dpo_core.models import tiny_llama
+
+    model = tiny_llama(tokenizer, seed=1)
+    rows = tokenized.to_dict("records")
+    good = share_prompt_pairs(rows, tokenizer.pad_token_id)
+    leaky = share_prompt_pairs(rows, tokenizer.pad_token_id)
+    width = leaky.input_ids.shape[1]
+    leaky.attention_4d = leaky.attention_4d | torch.ones(width, width, dtype=torch.bool).tril()
+    leaky.attention_4d &= leaky.attention_mask.bool()[:, None, None, :] | torch.eye(width, dtype=torch.bool)
+    with torch.no_grad():
+        right, _ = sequence_logps(model, good)
+        wrong, _ = sequence_logps(model, leaky)
+        reference, _ = sequence_logps(model, collate_pairs(rows, tokenizer.pad_token_id))
+    n = len(rows)
+    torch.testing.assert_close(wrong[:n], reference[:n], atol=1e-5, rtol=1e-5)  # chosen never sees rejected
+    assert (wrong[n:] - reference[n:]).abs().max() > 1e-3
+    torch.testing.assert_close(right, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_refuses_attention_without_4d_masks(tokenizer, tokenized):
+    from dpo_core.batching import share_prompt_pairs
+    from dpo_core.models import tiny_llama
+
+    model = tiny_llama(tokenizer, seed=1)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(LogprobError, match="sdpa or eager"):
+        sequence_logps(model, share_prompt_pairs(tokenized.to_dict("records"), tokenizer.pad_token_id))

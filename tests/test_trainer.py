@@ -151,12 +151,15 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, tokenizer):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
 
 
-def test_packed_training_matches_padded_training(tmp_path, tokenizer):
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_every_batch_layout_trains_like_padded_rows(tmp_path, tokenizer, layout):
+    """Same data order, same loss curve and weights whatever the layout (padded rows, one packed row, or one
+    shared-prompt row per pair); the auto layout of this eager-attention model is the shared-prompt one."""
     df = _pairs(8)
-    runs = [train(_model(tokenizer), tokenizer, df, _cfg(epochs=1, checkpoint_every=100, packing=packing),
-                  out_dir=tmp_path / str(packing), spec=CPU, progress_bar=False) for packing in (False, True)]
+    runs = [train(_model(tokenizer), tokenizer, df, _cfg(epochs=1, checkpoint_every=100, batch_layout=kind),
+                  out_dir=tmp_path / kind, spec=CPU, progress_bar=False) for kind in ("padded", layout)]
     padded, packed = runs
-    assert packed.tokens == padded.tokens  # the same real tokens, no padding in the packed run
+    assert packed.tokens == padded.tokens  # the same trained tokens are counted in every layout
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in packed.history], [r[key] for r in padded.history], rtol=1e-5,
                                    atol=1e-6, err_msg=key)
