@@ -6,8 +6,10 @@ Same model, same 4 benchmark pairs, one warm-up step then one profiled step each
 see the same machine state). Prints self-CPU time by category (matmul, attention, LM head log-softmax, optimizer,
 elementwise/other) and the top operators; the numbers in BENCHMARKS.md's notes come from this.
 
-* ours: `collate_pairs` -> `sequence_logps` (LM head on response positions only) -> sigmoid loss -> backward ->
-  clip -> `torch.optim.AdamW` (the trainer's optimizer), reference log-probs from a table;
+* ours: the trainer's default batch (`share_prompt_pairs`: one row `prompt + chosen + rejected` per pair) ->
+  `sequence_logps` (LM head on response positions only) -> sigmoid loss -> backward -> clip -> `AdamW(fused=True)`
+  (the trainer's optimizer), reference log-probs from a table; `ours, two padded rows`: the same with
+  `collate_pairs` (`train.batch_layout: padded`);
 * TRL: its collator -> the fused-LM-head forward `DPOTrainer` uses (`add_fused_lm_head`; on CPU it scores every
   position) -> sigmoid loss -> backward -> clip -> `AdamW(fused=True)` (TRL's default `adamw_torch_fused`);
 * seed: align-anything's method, the 4 pairs one at a time (batch 1) with a live reference forward.
@@ -41,12 +43,12 @@ def categorize(name: str) -> str:
     return "other (elementwise, copies, norms, embedding)"
 
 
-def _ours_step(model, opt, rows, pad_id, ref, beta):
-    from dpo_core.batching import collate_pairs
+def _ours_step(model, opt, rows, pad_id, ref, beta, layout: str = "padded"):
+    from dpo_core.batching import make_batch
     from dpo_core.logprobs import sequence_logps, split_pair_logps
     from dpo_core.losses import preference_loss
 
-    batch = collate_pairs(rows, pad_id)
+    batch = make_batch(rows, pad_id, layout)
     chosen, rejected = split_pair_logps(sequence_logps(model, batch)[0])
     out = preference_loss("sigmoid", chosen, rejected, ref[0], ref[1], beta=beta)
     out.losses.mean().backward()
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     base = load_policy(path).train()
 
     ours_model = base
-    ours_opt = torch.optim.AdamW(ours_model.parameters(), lr=1e-5)
+    ours_opt = torch.optim.AdamW(ours_model.parameters(), lr=1e-5, fused=True)
     trl_model = copy.deepcopy(base)
     add_fused_lm_head(trl_model, outputs=("log_probs", "entropy", "is_top1", "mean_logits"))  # what DPOTrainer asks
     trl_opt = torch.optim.AdamW(trl_model.parameters(), lr=1e-5, fused=True)
@@ -124,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
                  "rejected_ids": list(r["rejected_ids"])} for r in rows]  # fmt: skip
 
     results = {
-        "ours": profile_once(lambda: _ours_step(ours_model, ours_opt, rows, tok.pad_token_id, ref, s.beta)),
+        "ours": profile_once(lambda: _ours_step(ours_model, ours_opt, rows, tok.pad_token_id, ref, s.beta,
+                                                "shared_prompt")),
+        "ours, two padded rows": profile_once(lambda: _ours_step(ours_model, ours_opt, rows, tok.pad_token_id, ref,
+                                                                 s.beta, "padded")),
         "trl": profile_once(lambda: _trl_step(trl_model, trl_opt, examples, collator, ref, s.beta)),
     }
     del trl_model, trl_opt
