@@ -64,9 +64,10 @@ class Dist:
 SINGLE = Dist()
 
 
-def resolve_strategy(strategy: str, processes: int) -> str:
+def resolve_strategy(strategy: str, processes: int, *, lora: bool = False) -> str:
     """``auto`` -> ``single`` for one process, ``ddp`` otherwise; ``single`` with several processes and ``fsdp`` with
-    one are errors (one process holds the whole model anyway: sharding over a 1-rank mesh would only add overhead)."""
+    one are errors (one process holds the whole model anyway: sharding over a 1-rank mesh would only add overhead),
+    and so is ``fsdp`` with LoRA adapters (``lora``)."""
     if processes < 1:
         raise DistributedError(f"train.processes must be >= 1, got {processes}")
     if strategy == "auto":
@@ -78,6 +79,9 @@ def resolve_strategy(strategy: str, processes: int) -> str:
     if strategy == "fsdp" and processes == 1:
         raise DistributedError("train.strategy='fsdp' needs train.processes >= 2 (it shards the model over the "
                                "ranks); use 'single' or 'auto' for one process")
+    if strategy == "fsdp" and lora:
+        raise DistributedError("train.strategy='fsdp' does not support LoRA (model.lora); use 'ddp' (a frozen base "
+                               "model with small adapters rarely needs sharding)")
     return strategy
 
 

@@ -406,12 +406,9 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
 def _check_world(cfg: TrainConfig, spec: DeviceSpec, model: torch.nn.Module) -> tuple[Dist, str]:
     """This process's rank/world and the resolved strategy; it must match how the processes were started."""
     try:
-        strategy = resolve_strategy(cfg.strategy, cfg.processes)
+        strategy = resolve_strategy(cfg.strategy, cfg.processes, lora=is_peft_model(model))
     except DistributedError as exc:
         raise TrainError(str(exc)) from None
-    if strategy == "fsdp" and is_peft_model(model):
-        raise TrainError("train.strategy='fsdp' does not support LoRA (model.lora); use 'ddp' (LoRA's frozen base "
-                         "model plus small adapters rarely needs sharding)")
     ctx = current()
     if ctx.world != cfg.processes:
         how = ("start it with tasks.launch / torchrun --nproc_per_node" if ctx.world == 1

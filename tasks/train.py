@@ -53,7 +53,8 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
     key = train_key(cfg, model, tokenized, reference)
 
     def fill(folder: Path) -> dict[str, Any]:
-        resolve_strategy(cfg.train.strategy, cfg.train.processes)  # a bad combination fails before any launch
+        # a bad combination fails before any launch
+        resolve_strategy(cfg.train.strategy, cfg.train.processes, lora=cfg.model.lora is not None)
         if cfg.train.processes > 1:
             result = _train_distributed(cfg, model, tokenized, reference, folder)
             return _finish(folder, key, result)
