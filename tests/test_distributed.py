@@ -246,6 +246,14 @@ def test_an_fsdp_run_resumes_after_a_dead_rank_on_two_fsdp_processes_or_one_proc
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-5)
 
 
+def test_a_single_process_checkpoint_resumes_on_two_fsdp_processes(data, tmp_path, one_process):
+    out = tmp_path / "one-then-fsdp"
+    assert run_job(_job(data, out, 1, stop_after_steps=2))["status"] == "interrupted"
+    record = launch_training(_job(data, out, 2, "fsdp"), 2)  # world size 1 -> 2, whole -> sharded
+    assert record["resumed_from_step"] == 2 and record["strategy"] == "fsdp" and record["steps"] == STEPS
+    _assert_same_training(one_process[0], out)
+
+
 def test_stop_after_steps_is_recorded_as_interrupted(data, tmp_path):
     record = run_job(_job(data, tmp_path, 1, stop_after_steps=2))
     assert record == {"world_size": 1, "status": "interrupted", "steps": 2, "strategy": "single"}
