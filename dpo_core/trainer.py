@@ -444,9 +444,10 @@ def _consolidated(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
 def _run_fingerprint(rows: list[dict], cfg: TrainConfig) -> str:
     """Identifies a run (data + settings that change the result), so checkpoints of another run are not resumed."""
     data = [(r["pair_id"], len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
-    # strategy/processes are left out: the global batch is the same on any world size (resume on another one)
+    # strategy/processes/nodes are left out: the global batch is the same on any world size (resume on another one)
     settings = cfg.model_dump(mode="json", exclude={"checkpoint_every", "keep_checkpoints", "reference_batch_size",
-                                                    "logprob_chunk_size", "strategy", "processes"})
+                                                    "logprob_chunk_size", "strategy", "processes", "nnodes",
+                                                    "rdzv_endpoint", "rdzv_id"})
     return stable_hash({"data": data, "train": settings})
 
 

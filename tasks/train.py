@@ -35,7 +35,8 @@ class InjectedFailure(RuntimeError):
 def train_key(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any]) -> str:
     spec = pick_device(cfg.model)
     inputs = {
-        "train": cfg.train.model_dump(mode="json"),
+        # where the ranks run (node count, rendezvous address) does not change the result
+        "train": cfg.train.model_dump(mode="json", exclude={"nnodes", "rdzv_endpoint", "rdzv_id"}),
         "model": cfg.model.model_dump(mode="json", exclude={"num_threads"}),
         "device": spec.device.type,
     }

@@ -297,6 +297,48 @@ def test_strategy_resolution_and_clear_errors(tmp_path, tokenizer):
                                                                 "--nproc_per_node=2", "--tee=3"]
 
 
+def test_the_launcher_builds_a_multi_node_torchrun_command(data, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+    from torch.distributed.run import get_args_parser
+
+    from tasks import launch
+
+    job_file = tmp_path / "job.json"
+    cmd = torchrun_command(job_file, 8, nnodes=2, rdzv_endpoint="10.0.0.1:29400", rdzv_id="run-7")
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=4",
+                   "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=run-7", "--tee=3",
+                   "-m", "dpo_core.train_main", str(job_file)]
+    args = get_args_parser().parse_args(cmd[3:])  # torchrun's own parser accepts it as meant
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id, args.standalone) \
+        == ("2", "4", "c10d", "10.0.0.1:29400", "run-7", False)
+    assert get_args_parser().parse_args(torchrun_command(job_file, 2)[3:]).standalone  # one node: unchanged
+    with pytest.raises(ValueError, match="cannot be split evenly over 2 nodes"):
+        torchrun_command(job_file, 3, nnodes=2, rdzv_endpoint="h:1")
+    with pytest.raises(ValueError, match="need a rendezvous endpoint"):
+        torchrun_command(job_file, 4, nnodes=2)
+    with pytest.raises(ValidationError, match=r"train.processes \(3\) must be a multiple of train.nnodes \(2\)"):
+        TrainConfig(processes=3, nnodes=2, rdzv_endpoint="h:1")
+    with pytest.raises(ValidationError, match="train.nnodes=2 needs train.rdzv_endpoint as host:port"):
+        TrainConfig(processes=4, nnodes=2)
+
+    # launch_training takes the nodes from the job's train config (no process is started here)
+    class Started(Exception):
+        pass
+
+    def popen(cmd, **kw):
+        raise Started(cmd)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    job = _job(data, tmp_path / "out", 4, "fsdp", train_kw=dict(nnodes=2, rdzv_endpoint="node0:29400", rdzv_id="r1"))
+    with pytest.raises(Started) as info:
+        launch.launch_training(job, 4)
+    assert info.value.args[0][3:8] == ["--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                                       "--rdzv-endpoint=node0:29400", "--rdzv-id=r1"]
+
+
 class _RecordedProgress:
     """Stands in for tasks.common.Progress (whose Prefect artifact would start a temporary server outside a run)."""
 
