@@ -10,7 +10,8 @@ The global batch does not depend on the world size: ``train.batch_size`` pairs p
 and takes a strided shard ``micro_batch[rank::world]`` of each micro-batch, so 1 process and N processes train on
 the same pairs at every step (same loss curve up to float summation order). When a micro-batch has fewer pairs than
 ranks (the last, uneven batch of an epoch), the ranks left without a pair run a zero-weight pass over one pair
-(DDP needs every rank in each gradient all-reduce, FSDP in each all-gather and reduce-scatter); it adds nothing to the gradient and is counted in no metric.
+(DDP needs every rank in each gradient all-reduce, FSDP in each all-gather and reduce-scatter); it adds nothing to
+the gradient and is counted in no metric.
 Nothing is duplicated to even the shards out (unlike TRL issue 7045).
 
 Metrics are reduced exactly: every rank sums its per-pair values (float64), the sums and pair counts are

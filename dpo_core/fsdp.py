@@ -130,6 +130,7 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, te
     names = _optimizer_names(model, optimizer)
     by_name = {
         "state": {names[int(i)]: value for i, value in optimizer_state["state"].items()},
-        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]],
+        "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]}
+                         for group in optimizer_state["param_groups"]],
     }
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

@@ -314,7 +314,8 @@ def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, s
     """Policy forward on the concatenated batch, loss, backward of ``weight * sum of losses``.
 
     ``weight`` is ``world / pairs in the step`` (DDP and FSDP average gradients over ranks, so the result is the
-    step's mean), or 0 for a padding pass that only keeps a rank in the all-reduce (then nothing is counted in ``stats``).
+    step's mean), or 0 for a padding pass that only keeps a rank in the collectives (then nothing is counted in
+    ``stats``).
     """
     logps, counts = score.logps(batch)
     chosen, rejected = split_pair_logps(logps)

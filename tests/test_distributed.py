@@ -285,7 +285,8 @@ def test_strategy_resolution_and_clear_errors(tmp_path, tokenizer):
              (model, dict(strategy="single", processes=2), "'single' cannot run 2 processes"),
              (model, dict(strategy="fsdp"), r"'fsdp' needs train.processes >= 2 .*use 'single' or 'auto'"),
              (model, dict(strategy="fsdp", processes=2), "train.processes=2 but this run has 1 process"),
-             (lora_model, dict(strategy="fsdp", processes=2), r"'fsdp' does not support LoRA \(model.lora\); use 'ddp'")]
+             (lora_model, dict(strategy="fsdp", processes=2),
+              r"'fsdp' does not support LoRA \(model.lora\); use 'ddp'")]
     for policy, kw, message in cases:
         with pytest.raises(TrainError, match=message):
             train(policy, tokenizer, df, TrainConfig(**kw), out_dir=tmp_path, spec=CPU, progress_bar=False)
