@@ -141,7 +141,9 @@ def train(
 
     if ctx.is_main:
         remove_stale_tmp(ckpt_root)
-    ckpt = resume_latest(ckpt_root, model, optimizer, scheduler, spec.device, _state_loader(strategy))
+    # FSDP: the full state stays in CPU memory; each rank copies only its shard to the device
+    ckpt = resume_latest(ckpt_root, model, optimizer, scheduler, "cpu" if strategy == "fsdp" else spec.device,
+                         _state_loader(strategy))
     start = ckpt.step if ckpt else 0
     history: list[dict[str, Any]] = ckpt.state["history"] if ckpt else []
     tokens = int(ckpt.state["tokens"]) if ckpt else 0
