@@ -45,8 +45,9 @@ def shard_for_training(root: torch.nn.Module, model: torch.nn.Module, spec: Devi
     """``fully_shard`` each decoder layer of ``model``, then ``root`` (a module containing ``model`` whose forward
     runs it): parameters become ``DTensor`` shards over all ``ctx.world`` ranks, in place.
 
-    On CUDA with bf16 autocast the gathered parameters are bf16 and gradients are reduced in float32
-    (``MixedPrecisionPolicy``); on CPU everything stays float32. Build the optimizer *after* this call.
+    Every rank must hold the same full weights before this call (unlike DDP, nothing is broadcast from rank 0; the
+    ranks load the same model folder). On CUDA with bf16 autocast the gathered parameters are bf16 and gradients are
+    reduced in float32 (``MixedPrecisionPolicy``); on CPU everything stays float32. Build the optimizer *after* this.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
