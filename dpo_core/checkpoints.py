@@ -186,8 +186,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, str(path))
 
 
-def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy `tensors` into `model`; every name must exist there (a clear error otherwise)."""
+def check_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointCorruptError unless `tensors` has exactly the names `model_tensors(model)` has."""
     expected = set(model_tensors(model))
     unknown = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))
@@ -196,6 +196,11 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
             f"checkpoint weights do not fit this model: {len(unknown)} unknown names (e.g. {unknown[:2]}), "
             f"{len(missing)} missing (e.g. {missing[:2]})"
         )
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` into `model`; every name must exist there (a clear error otherwise)."""
+    check_model_tensors(model, tensors)
     try:
         model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shape mismatch
@@ -268,17 +273,21 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write `<root>/step-<step>/` atomically; then keep only the newest `keep` complete checkpoints.
 
-    `state` must be JSON-serialisable (step, data position, metric history, ...). Raises CheckpointWriteError
+    `state` must be JSON-serialisable (step, data position, metric history, ...). `tensors` / `optimizer_state`
+    replace `model_tensors(model)` / `optimizer.state_dict()` when the caller gathered them itself (FSDP: the
+    consolidated state, see `dpo_core.fsdp`); the files are the same either way. Raises CheckpointWriteError
     naming the folder when the disk is full or any other I/O error happens; earlier checkpoints stay intact.
     """
     target = checkpoint_dir(root, step)
 
     def fill(tmp: Path) -> None:
-        _save_tensors(model_tensors(model), tmp / MODEL_FILE)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        _save_tensors(model_tensors(model) if tensors is None else tensors, tmp / MODEL_FILE)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         torch.save(capture_rng(), tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
@@ -333,13 +342,25 @@ def newest_checkpoint(root: Path, device: torch.device | str = "cpu") -> Checkpo
     return None
 
 
+# load_state(model, optimizer, tensors, optimizer_state): sets a checkpoint's weights and optimizer state some other
+# way than load_state_dict (FSDP: into the shards, see dpo_core.fsdp.load_full_state)
+StateLoader = Callable[[torch.nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor], dict[str, Any]], None]
+
+
 def apply_checkpoint(
-    ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    load_state: StateLoader | None = None,
 ) -> None:
     """Load weights, optimizer, scheduler and RNG states from `ckpt` (a CheckpointCorruptError if they do not fit)."""
-    load_model_tensors(model, ckpt.model)
+    if load_state is None:
+        load_model_tensors(model, ckpt.model)
+    else:
+        check_model_tensors(model, ckpt.model)
     try:
-        optimizer.load_state_dict(ckpt.optimizer)
+        if load_state is None:
+            optimizer.load_state_dict(ckpt.optimizer)
+        else:
+            load_state(model, optimizer, ckpt.model, ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointCorruptError(f"checkpoint {ckpt.path} does not fit this optimizer: {exc}") from exc
@@ -347,13 +368,14 @@ def apply_checkpoint(
 
 
 def resume_latest(
-    root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device | str
+    root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device | str,
+    load_state: StateLoader | None = None,
 ) -> Checkpoint | None:
     """Apply the newest checkpoint under `root` that verifies, loads and fits; skip broken ones with a warning."""
     for _, path in reversed(list_checkpoints(root)):
         try:
             ckpt = read_checkpoint(path, device)
-            apply_checkpoint(ckpt, model, optimizer, scheduler)
+            apply_checkpoint(ckpt, model, optimizer, scheduler, load_state)
             return ckpt
         except CheckpointCorruptError as exc:
             log.warning("skipping checkpoint %s: %s", path, exc)

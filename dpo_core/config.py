@@ -132,7 +132,22 @@ class TrainConfig(_Section):
     reference_batch_size: int = Field(8, gt=0)
     logprob_chunk_size: int = Field(1024, gt=0)  # response positions per LM-head chunk
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
-    processes: int = Field(1, gt=0)
+    processes: int = Field(1, gt=0)  # ranks in all: processes / nnodes per machine
+    # several machines: torchrun --nnodes with a c10d rendezvous at rdzv_endpoint (host:port that every node reaches);
+    # the same command runs on every node (tasks.launch.torchrun_command), job file and out_dir on a shared filesystem
+    nnodes: int = Field(1, gt=0)
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = Field("dpo", min_length=1)  # the same on every node of one run, different between runs
+
+    @model_validator(mode="after")
+    def _nodes_fit(self) -> "TrainConfig":
+        if self.processes % self.nnodes:
+            raise ValueError(f"train.processes ({self.processes}) must be a multiple of train.nnodes ({self.nnodes}): "
+                             "it counts the ranks of all nodes together")
+        if self.nnodes > 1 and (self.rdzv_endpoint is None or ":" not in self.rdzv_endpoint):
+            raise ValueError(f"train.nnodes={self.nnodes} needs train.rdzv_endpoint as host:port (the rendezvous "
+                             f"every node reaches), got {self.rdzv_endpoint!r}")
+        return self
 
 
 class JudgeConfig(_Section):

@@ -2,14 +2,16 @@
 
 One process per device, started by ``torchrun`` (``python -m torch.distributed.run``), which sets ``RANK``,
 ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. ``init_process_group`` joins the group with
-gloo on CPU and NCCL on CUDA; the trainer then wraps the policy in ``DistributedDataParallel``.
+gloo on CPU and NCCL on CUDA; the trainer then wraps the policy in ``DistributedDataParallel`` (``train.strategy:
+ddp``, a full model copy per rank) or shards it with FSDP2's ``fully_shard`` (``fsdp``, see ``dpo_core.fsdp``).
 
 The global batch does not depend on the world size: ``train.batch_size`` pairs per micro-batch and
 ``train.grad_accum`` micro-batches per optimizer step are *global* numbers. Every rank computes the same data order
 and takes a strided shard ``micro_batch[rank::world]`` of each micro-batch, so 1 process and N processes train on
 the same pairs at every step (same loss curve up to float summation order). When a micro-batch has fewer pairs than
 ranks (the last, uneven batch of an epoch), the ranks left without a pair run a zero-weight pass over one pair
-(DDP needs every rank in each gradient all-reduce); it adds nothing to the gradient and is counted in no metric.
+(DDP needs every rank in each gradient all-reduce, FSDP in each all-gather and reduce-scatter); it adds nothing to
+the gradient and is counted in no metric.
 Nothing is duplicated to even the shards out (unlike TRL issue 7045).
 
 Metrics are reduced exactly: every rank sums its per-pair values (float64), the sums and pair counts are
@@ -63,8 +65,10 @@ class Dist:
 SINGLE = Dist()
 
 
-def resolve_strategy(strategy: str, processes: int) -> str:
-    """``auto`` -> ``single`` for one process, ``ddp`` otherwise; ``single`` with several processes is an error."""
+def resolve_strategy(strategy: str, processes: int, *, lora: bool = False) -> str:
+    """``auto`` -> ``single`` for one process, ``ddp`` otherwise; ``single`` with several processes and ``fsdp`` with
+    one are errors (one process holds the whole model anyway: sharding over a 1-rank mesh would only add overhead),
+    and so is ``fsdp`` with LoRA adapters (``lora``)."""
     if processes < 1:
         raise DistributedError(f"train.processes must be >= 1, got {processes}")
     if strategy == "auto":
@@ -73,6 +77,12 @@ def resolve_strategy(strategy: str, processes: int) -> str:
         raise DistributedError(f"train.strategy='single' cannot run {processes} processes; use 'ddp' or 'auto'")
     if strategy not in ("single", "ddp", "fsdp"):
         raise DistributedError(f"unknown train.strategy {strategy!r}; expected auto, single, ddp or fsdp")
+    if strategy == "fsdp" and processes == 1:
+        raise DistributedError("train.strategy='fsdp' needs train.processes >= 2 (it shards the model over the "
+                               "ranks); use 'single' or 'auto' for one process")
+    if strategy == "fsdp" and lora:
+        raise DistributedError("train.strategy='fsdp' does not support LoRA (model.lora); use 'ddp' (a frozen base "
+                               "model with small adapters rarely needs sharding)")
     return strategy
 
 

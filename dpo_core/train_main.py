@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dpo_core.config import ModelConfig, TrainConfig
 from dpo_core.distributed import Dist, destroy_process_group, device_for, distributed_reference_logps
-from dpo_core.distributed import init_process_group
+from dpo_core.distributed import init_process_group, resolve_strategy
 from dpo_core.models import load_model, load_tokenizer, pick_device
 from dpo_core.reference import read_reference_table, write_reference_table
 from dpo_core.trainer import TrainingInterrupted, train
@@ -126,7 +126,8 @@ def run_job(job: TrainJob) -> dict[str, Any]:
     """Train as ``job`` says in this process (one rank of a torchrun group, or alone); returns the result record.
 
     The record (also written by rank 0 to ``out_dir/train_main_result.json``) has ``status`` ("complete" or
-    "interrupted"), ``steps``, ``resumed_from_step``, ``tokens``, ``seconds``, ``model_dir``, ``world_size``.
+    "interrupted"), ``steps``, ``resumed_from_step``, ``tokens``, ``seconds``, ``model_dir``, ``world_size``,
+    ``strategy`` (``single``, ``ddp`` or ``fsdp``).
     """
     spec = pick_device(job.model)
     ctx = init_process_group(spec)
@@ -152,6 +153,8 @@ def run_job(job: TrainJob) -> dict[str, Any]:
                           tokens=result.tokens, seconds=result.seconds, model_dir=str(result.model_dir))
         except TrainingInterrupted as exc:
             record.update(status="interrupted", steps=exc.step)
+        # train() has accepted the combination by now
+        record["strategy"] = resolve_strategy(job.train.strategy, job.train.processes, lora=job.model.lora is not None)
         if ctx.is_main:
             _write_result(out_dir, record)
         return record

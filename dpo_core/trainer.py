@@ -17,6 +17,12 @@ Data parallel (``train.strategy: ddp``, started by torchrun, see ``dpo_core.dist
 ``DistributedDataParallel``, metrics are all-reduced exactly, and only rank 0 writes history, checkpoints and the
 final model. Every rank holds the full AdamW state (identical after each synchronised step), so a checkpoint does not
 depend on the world size and resumes on any number of processes.
+
+Fully sharded (``train.strategy: fsdp``, see ``dpo_core.fsdp``): the same data split, weights, metric reduction and
+zero-weight passes, but each decoder layer and the scorer are ``fully_shard`` units, so each rank holds ``1 / world``
+of the weights, gradients and AdamW state. Gradients are reduce-scattered (averaged) after every micro-batch, so they
+stay sharded during accumulation. Checkpoints and the final model are gathered to rank 0 (a collective on all ranks)
+and written in the very same format, so they too resume on any number of processes, DDP and a single process included.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from tqdm.auto import tqdm
 
 from dpo_core.batching import PairBatch, length_grouped_batches, make_batch, pair_length
 from dpo_core.checkpoints import checkpoint_dir, is_peft_model, remove_stale_tmp, resume_latest, save_checkpoint
-from dpo_core.checkpoints import write_atomic_dir
+from dpo_core.checkpoints import StateLoader, write_atomic_dir
 from dpo_core.config import TrainConfig, stable_hash
 from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distributed_reference_logps, resolve_strategy
 from dpo_core.distributed import broadcast_object, current, shard
@@ -118,7 +124,7 @@ def train(
     started = time.perf_counter()
     out_dir, ckpt_root = Path(out_dir), Path(out_dir) / "checkpoints"
     rows = _check_inputs(tokenized_df, cfg, tokenizer)
-    ctx = _check_world(cfg, spec)
+    ctx, strategy = _check_world(cfg, spec, model)
     layout = layout_for(model, cfg.batch_layout)
     n_steps = total_steps(len(rows), cfg)
     reference_fn = _reference_source(model, rows, cfg, spec, out_dir, reference, ref_model)
@@ -128,13 +134,16 @@ def train(
     model.train()
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    score = _scorer(model, cfg, spec, ctx, strategy)  # DDP-wrapped or FSDP-sharded before AdamW sees the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(params, cfg)
     scheduler = _make_scheduler(optimizer, cfg, n_steps)
 
     if ctx.is_main:
         remove_stale_tmp(ckpt_root)
-    ckpt = resume_latest(ckpt_root, model, optimizer, scheduler, spec.device)
+    # FSDP: the full state stays in CPU memory; each rank copies only its shard to the device
+    ckpt = resume_latest(ckpt_root, model, optimizer, scheduler, "cpu" if strategy == "fsdp" else spec.device,
+                         _state_loader(strategy))
     start = ckpt.step if ckpt else 0
     history: list[dict[str, Any]] = ckpt.state["history"] if ckpt else []
     tokens = int(ckpt.state["tokens"]) if ckpt else 0
@@ -144,7 +153,6 @@ def train(
     if ctx.is_main:
         _write_history(out_dir, history)
     last_ckpt = ckpt.path if ckpt else None
-    score = _scorer(model, cfg, spec, ctx)
 
     plan = _DataPlan(rows, cfg)
     bar = tqdm(total=n_steps, initial=start, desc="dpo", unit="step", disable=not progress_bar or not ctx.is_main)
@@ -181,9 +189,10 @@ def train(
         stopping = stop_after_steps is not None and step - start >= stop_after_steps and step < n_steps
         if step % cfg.checkpoint_every == 0 or step == n_steps or stopping:
             state = {"history": history, "tokens": tokens, "fingerprint": fingerprint, "total_steps": n_steps}
+            tensors, optimizer_state = _consolidated(model, optimizer, strategy)  # FSDP: a collective on all ranks
             if ctx.is_main:  # DDP: weights and AdamW state are identical on every rank
                 save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                                keep=cfg.keep_checkpoints)
+                                keep=cfg.keep_checkpoints, tensors=tensors, optimizer_state=optimizer_state)
             ctx.barrier()
             last_ckpt = checkpoint_dir(ckpt_root, step)
         if on_step is not None:  # after the checkpoint: a callback that raises loses nothing already saved
@@ -194,8 +203,9 @@ def train(
     bar.close()
 
     model_dir = out_dir / "final"
+    tensors, _ = _consolidated(model, None, strategy)
     if ctx.is_main:
-        _save_final(model, tokenizer, model_dir)
+        _save_final(model, tokenizer, model_dir, tensors)
     ctx.barrier()
     return TrainResult(model_dir=model_dir, steps=n_steps, history=history,
                        resumed_from_step=ckpt.step if ckpt else None, tokens=tokens,
@@ -278,9 +288,19 @@ class _Scorer(torch.nn.Module):
         return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
 
 
-def _scorer(model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, ctx: Dist) -> _Scorer:
+def _scorer(model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, ctx: Dist, strategy: str) -> _Scorer:
+    """The policy's scorer: plain (one process), wrapped in DDP, or FSDP-sharded in place (``dpo_core.fsdp``).
+
+    FSDP: the scorer is the root ``fully_shard`` unit (its forward runs the decoder and the LM head, so the root's
+    all-gather covers the embeddings and head); ``sync`` never skips the reduce-scatter, so accumulated gradients
+    stay sharded (DDP skips the all-reduce on all but the last micro-batch instead). Both average over the ranks.
+    """
     scorer = _Scorer(model, cfg, spec)
-    if ctx.enabled:
+    if strategy == "fsdp":
+        from dpo_core.fsdp import shard_for_training
+
+        shard_for_training(scorer, model, spec, ctx)
+    elif ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [spec.device.index] if spec.is_cuda else None
@@ -295,8 +315,9 @@ def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, s
                       step: int, last_ckpt: Path | None) -> None:
     """Policy forward on the concatenated batch, loss, backward of ``weight * sum of losses``.
 
-    ``weight`` is ``world / pairs in the step`` (DDP averages gradients over ranks, so the result is the step's
-    mean), or 0 for a padding pass that only keeps a rank in the all-reduce (then nothing is counted in ``stats``).
+    ``weight`` is ``world / pairs in the step`` (DDP and FSDP average gradients over ranks, so the result is the
+    step's mean), or 0 for a padding pass that only keeps a rank in the collectives (then nothing is counted in
+    ``stats``).
     """
     logps, counts = score.logps(batch)
     chosen, rejected = split_pair_logps(logps)
@@ -326,7 +347,9 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     grads = [p for p in params if p.grad is not None]
     if not grads:
         raise TrainError("no parameter received a gradient; are all parameters frozen?")
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else float("inf"))
+    # FSDP: the gradients are DTensor shards; the norm is then a DTensor over all shards (the global norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 # --------------------------------------------------------------------------------------------------- data order
@@ -383,15 +406,12 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
     return rows
 
 
-def _check_world(cfg: TrainConfig, spec: DeviceSpec) -> Dist:
-    """This process's rank/world; the strategy must match how the processes were started."""
+def _check_world(cfg: TrainConfig, spec: DeviceSpec, model: torch.nn.Module) -> tuple[Dist, str]:
+    """This process's rank/world and the resolved strategy; it must match how the processes were started."""
     try:
-        strategy = resolve_strategy(cfg.strategy, cfg.processes)
+        strategy = resolve_strategy(cfg.strategy, cfg.processes, lora=is_peft_model(model))
     except DistributedError as exc:
         raise TrainError(str(exc)) from None
-    if strategy == "fsdp":
-        raise TrainError("train.strategy='fsdp' is not implemented by this trainer (FSDP needs CUDA and sharded "
-                         "checkpointing); use 'ddp', which keeps a full model copy per GPU")
     ctx = current()
     if ctx.world != cfg.processes:
         how = ("start it with tasks.launch / torchrun --nproc_per_node" if ctx.world == 1
@@ -400,15 +420,37 @@ def _check_world(cfg: TrainConfig, spec: DeviceSpec) -> Dist:
     if ctx.enabled and spec.is_cuda and spec.device.index != ctx.local_rank:
         raise TrainError(f"rank {ctx.rank} must train on cuda:{ctx.local_rank}, got {spec.device}; "
                          "use dpo_core.distributed.device_for")
-    return ctx
+    return ctx, strategy
+
+
+def _state_loader(strategy: str) -> StateLoader | None:
+    """How a checkpoint's full weights and AdamW state get into the model: into the shards under FSDP."""
+    if strategy != "fsdp":
+        return None  # load_state_dict on every rank
+    from dpo_core.fsdp import load_full_state
+
+    return load_full_state
+
+
+def _consolidated(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                  strategy: str) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """FSDP: the full weights (and AdamW state) gathered on rank 0, ``{}`` elsewhere; a collective that every rank
+    must join. Other strategies: ``(None, None)`` (the model and optimizer already hold everything)."""
+    if strategy != "fsdp":
+        return None, None
+    from dpo_core.fsdp import full_model_tensors, full_optimizer_state
+
+    tensors = full_model_tensors(model)
+    return tensors, full_optimizer_state(model, optimizer) if optimizer is not None else None
 
 
 def _run_fingerprint(rows: list[dict], cfg: TrainConfig) -> str:
     """Identifies a run (data + settings that change the result), so checkpoints of another run are not resumed."""
     data = [(r["pair_id"], len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
-    # strategy/processes are left out: the global batch is the same on any world size (resume on another one)
+    # strategy/processes/nodes are left out: the global batch is the same on any world size (resume on another one)
     settings = cfg.model_dump(mode="json", exclude={"checkpoint_every", "keep_checkpoints", "reference_batch_size",
-                                                    "logprob_chunk_size", "strategy", "processes"})
+                                                    "logprob_chunk_size", "strategy", "processes", "nnodes",
+                                                    "rdzv_endpoint", "rdzv_id"})
     return stable_hash({"data": data, "train": settings})
 
 
@@ -545,10 +587,18 @@ def _append_history(out_dir: Path, row: dict) -> None:
         f.write(json.dumps(row, default=float) + "\n")
 
 
-def _save_final(model: torch.nn.Module, tokenizer: Any, target: Path) -> Path:
-    """The trained model as a Hugging Face folder (safetensors + tokenizer), LoRA merged into a copy, atomically."""
+def _save_final(model: torch.nn.Module, tokenizer: Any, target: Path,
+                tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """The trained model as a Hugging Face folder (safetensors + tokenizer), LoRA merged into a copy, atomically.
+
+    ``tensors``: the consolidated weights when ``model`` holds only shards (FSDP); saved in the same layout.
+    """
 
     def fill(folder: Path) -> None:
+        if tensors is not None:
+            model.save_pretrained(folder, safe_serialization=True, state_dict=tensors)
+            tokenizer.save_pretrained(folder)
+            return
         to_save = copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
         to_save.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)

@@ -4,6 +4,10 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node N --tee 3 -m dpo_core.train_main JOB.json
 
+(with ``train.nnodes > 1``: ``--nnodes M --nproc_per_node N/M --rdzv-backend c10d --rdzv-endpoint host:port
+--rdzv-id ID`` instead of ``--standalone``; the same command must then be started on the other nodes, against the same
+job file and output folder on a shared filesystem: this launcher starts only this node's part)
+
 and reads every output line as it comes: torchrun prefixes rank r's lines with ``[default<r>]:``; rank 0's
 ``DPO_PROGRESS {json}`` lines become ``on_progress(dict)`` calls, everything else goes to the logger. If a rank
 dies, torchrun stops the others and names the first failure ("Root Cause"); ``RankFailedError`` then says which
@@ -60,10 +64,22 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
     return logging.getLogger(__name__)
 
 
-def torchrun_command(job_path: Path, processes: int) -> list[str]:
-    """The torchrun command line for ``processes`` ranks on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "--tee=3", "-m", "dpo_core.train_main", str(job_path)]
+def torchrun_command(job_path: Path, processes: int, *, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                     rdzv_id: str = "dpo") -> list[str]:
+    """The torchrun command line for ``processes`` ranks: on this machine (``--standalone``), or with ``nnodes > 1``
+    ``processes / nnodes`` ranks on each of ``nnodes`` machines that meet at the c10d rendezvous ``rdzv_endpoint``
+    (host:port; the same command is started on every node)."""
+    if nnodes == 1:
+        where = ["--standalone", f"--nproc_per_node={processes}"]
+    else:
+        if processes % nnodes:
+            raise ValueError(f"{processes} processes cannot be split evenly over {nnodes} nodes")
+        if not rdzv_endpoint:
+            raise ValueError(f"{nnodes} nodes need a rendezvous endpoint (host:port)")
+        where = [f"--nnodes={nnodes}", f"--nproc_per_node={processes // nnodes}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, "--tee=3", "-m", "dpo_core.train_main",
+            str(job_path)]
 
 
 def launch_training(
@@ -109,8 +125,13 @@ def _launch(job: TrainJob | ReferenceJob, job_file: Path, processes: int, on_pro
     out_dir = job.result_dir
     job_path = job.write(job_file)
     (out_dir / RESULT_FILE).unlink(missing_ok=True)  # never read a previous attempt's result
-    cmd = torchrun_command(job_path, processes)
+    train = job.train if isinstance(job, TrainJob) else None
+    nodes = {"nnodes": train.nnodes, "rdzv_endpoint": train.rdzv_endpoint, "rdzv_id": train.rdzv_id} if train else {}
+    cmd = torchrun_command(job_path, processes, **nodes)
     log.info("launching %d %s processes: %s", processes, job.kind, " ".join(cmd))
+    if train is not None and train.nnodes > 1:
+        log.info("start the same command on the other %d node(s); they must see %s at the same path",
+                 train.nnodes - 1, job_path)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     tails: dict[int | None, collections.deque[str]] = collections.defaultdict(
         lambda: collections.deque(maxlen=_LAST_LINES))

@@ -40,14 +40,17 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
         table = pd.read_parquet(tokenized_file)
         out = folder / "reference.parquet"
         progress = Progress("reference-precompute", f"reference log-probs ({len(table)} pairs)", bar_unit="pair")
-        if cfg.train.processes > 1:  # rows split across torchrun ranks, one table gathered by rank 0
+        # rows split across torchrun ranks, one table gathered by rank 0; with several machines (train.nnodes) only
+        # this machine's share of the ranks runs it (no other node is started for the precompute)
+        local = cfg.train.processes // cfg.train.nnodes
+        if local > 1:
             from dpo_core.train_main import ReferenceJob
             from tasks.launch import launch_reference
 
             job = ReferenceJob(model_dir=str(model["model_dir"]), model=base_model_config(cfg),
                                tokenized=str(tokenized_file), out_file=str(out),
                                batch_size=cfg.train.reference_batch_size, chunk_size=cfg.train.logprob_chunk_size,
-                               layout=cfg.train.batch_layout, processes=cfg.train.processes)
+                               layout=cfg.train.batch_layout, processes=local)
             launch_reference(job, on_progress=lambda p: progress.update(int(p["done"]), int(p["total"])))
             logps = read_reference_table(out)
         else:

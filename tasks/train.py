@@ -35,7 +35,8 @@ class InjectedFailure(RuntimeError):
 def train_key(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any]) -> str:
     spec = pick_device(cfg.model)
     inputs = {
-        "train": cfg.train.model_dump(mode="json"),
+        # where the ranks run (node count, rendezvous address) does not change the result
+        "train": cfg.train.model_dump(mode="json", exclude={"nnodes", "rdzv_endpoint", "rdzv_id"}),
         "model": cfg.model.model_dump(mode="json", exclude={"num_threads"}),
         "device": spec.device.type,
     }
@@ -53,7 +54,8 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
     key = train_key(cfg, model, tokenized, reference)
 
     def fill(folder: Path) -> dict[str, Any]:
-        resolve_strategy(cfg.train.strategy, cfg.train.processes)  # a bad combination fails before any launch
+        # a bad combination fails before any launch
+        resolve_strategy(cfg.train.strategy, cfg.train.processes, lora=cfg.model.lora is not None)
         if cfg.train.processes > 1:
             result = _train_distributed(cfg, model, tokenized, reference, folder)
             return _finish(folder, key, result)

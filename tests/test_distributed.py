@@ -1,7 +1,9 @@
-"""Data-parallel training on CPU: 2 gloo processes started by torchrun (through tasks.launch) against 1 process.
+"""Data-parallel training on CPU: 2 gloo processes started by torchrun (through tasks.launch) against 1 process,
+with DDP (a full model per rank) and with FSDP (``train.strategy: fsdp``, the model sharded by ``fully_shard``).
 
 The training set has 9 pairs and batch_size 4, so every epoch ends with a 1-pair micro-batch: rank 1 gets no pair
-there (it joins the all-reduce with a zero-weight pass) and nothing may be counted twice.
+there (it joins the all-reduce, or FSDP's all-gathers and reduce-scatters, with a zero-weight pass) and nothing may
+be counted twice.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_core.config import ModelConfig, TrainConfig
+from dpo_core.checkpoints import OPTIMIZER_FILE, checkpoint_dir
+from dpo_core.config import LoraConfig, ModelConfig, TrainConfig
 from dpo_core.distributed import SINGLE, Dist, DistributedError, all_reduce_sums, resolve_strategy, shard
 from dpo_core.models import DeviceSpec, tiny_llama
-from dpo_core.models import load_model, pick_device
+from dpo_core.models import attach_lora, load_model, pick_device
 from dpo_core.reference import compute_reference_logps, read_reference_table
 from dpo_core.train_main import FAIL_AFTER_STEP_ENV, FAIL_RANK_ENV, ReferenceJob, TrainJob, read_job, run_job
 from dpo_core.trainer import TrainError, train
@@ -50,9 +53,10 @@ def data(tmp_path_factory, tokenizer):
     return root
 
 
-def _job(data, out, processes: int, **kw) -> TrainJob:
-    cfg = TrainConfig(learning_rate=5e-3, batch_size=4, grad_accum=1, epochs=2, warmup_ratio=0.2, checkpoint_every=2,
-                      keep_checkpoints=2, seed=3, beta=0.5, mega_batch_mult=2, processes=processes)
+def _job(data, out, processes: int, strategy: str = "auto", train_kw: dict | None = None, **kw) -> TrainJob:
+    settings = dict(learning_rate=5e-3, batch_size=4, grad_accum=1, epochs=2, warmup_ratio=0.2, checkpoint_every=2,
+                    keep_checkpoints=2, seed=3, beta=0.5, mega_batch_mult=2, processes=processes, strategy=strategy)
+    cfg = TrainConfig(**{**settings, **(train_kw or {})})
     model = ModelConfig(name_or_path=str(data / "model"), device="cpu", attn_implementation="eager")
     return TrainJob(model_dir=str(data / "model"), model=model, tokenized=str(data / "tokenized.parquet"),
                     train=cfg, out_dir=str(out), **kw)
@@ -159,9 +163,100 @@ def test_a_dead_rank_is_named_and_the_run_resumes_on_two_or_one_processes(data, 
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------- FSDP (fully_shard)
+
+
+@pytest.fixture(scope="module")
+def fsdp_processes(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    progress: list[dict] = []
+    record = launch_training(_job(data, out, 2, "fsdp"), 2, on_progress=progress.append)
+    return out, record, progress
+
+
+def _assert_same_training(out1, out2) -> None:
+    """Same loss curve (float tolerance), schedule and final weights in two runs' output folders.
+
+    atol 1e-5 (the DDP test: 1e-6): the rewards are beta * (logp - ref logp), near 0 early on, from log-probs of about
+    -40 whose float32 spacing is 3.8e-6; FSDP's reduce-scatter sums gradients in another order than one process.
+    """
+    h1, h2 = _history(out1), _history(out2)
+    assert len(h1) == len(h2) == STEPS
+    for a, b in zip(h1, h2):
+        np.testing.assert_allclose([b[k] for k in CURVE], [a[k] for k in CURVE], rtol=1e-5, atol=1e-5)
+        assert a["learning_rate"] == b["learning_rate"] and a["epoch"] == b["epoch"]
+    assert h1[-1]["loss"] < h1[0]["loss"]  # it trained
+    w1, w2 = _weights(out1), _weights(out2)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_on_two_gloo_processes_gives_the_loss_curve_and_weights_of_one_process(one_process, fsdp_processes):
+    (out1, rec1), (out2, rec2, progress) = one_process, fsdp_processes
+    assert rec2["world_size"] == 2 and rec2["strategy"] == "fsdp" and rec1["strategy"] == "single"
+    assert rec2["status"] == "complete" and rec2["steps"] == STEPS
+    assert [m["step"] for m in progress] == list(range(1, STEPS + 1))
+    _assert_same_training(out1, out2)
+    assert rec1["tokens"] == rec2["tokens"]  # the zero-weight passes counted nothing
+    # the checkpoint holds the consolidated weights and AdamW state in the single-process format (integer ids)
+    ckpt1, ckpt2 = checkpoint_dir(out1 / "checkpoints", STEPS), checkpoint_dir(out2 / "checkpoints", STEPS)
+    assert load_file(str(ckpt2 / "model.safetensors")).keys() == load_file(str(ckpt1 / "model.safetensors")).keys()
+    opt1, opt2 = (torch.load(c / OPTIMIZER_FILE, weights_only=True) for c in (ckpt1, ckpt2))
+    assert opt2["param_groups"] == opt1["param_groups"]
+    assert opt2["state"].keys() == opt1["state"].keys()
+    for i, state in opt1["state"].items():
+        assert opt2["state"][i].keys() == state.keys()
+        for key, value in state.items():
+            assert not hasattr(opt2["state"][i][key], "to_local")  # plain tensors, not DTensor shards
+            torch.testing.assert_close(opt2["state"][i][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_with_gradient_checkpointing_and_accumulation_matches_one_process(data, tmp_path):
+    # 9 pairs in micro-batches of 2, 2 per step: each epoch's last step is one 1-pair micro-batch (rank 1 idles)
+    settings = dict(batch_size=2, grad_accum=2, gradient_checkpointing=True)
+    run_job(_job(data, tmp_path / "one", 1, train_kw=settings))
+    record = launch_training(_job(data, tmp_path / "fsdp", 2, "fsdp", train_kw=settings), 2)
+    assert record["status"] == "complete" and record["strategy"] == "fsdp" and record["steps"] == STEPS
+    _assert_same_training(tmp_path / "one", tmp_path / "fsdp")
+
+
+def test_an_fsdp_run_resumes_after_a_dead_rank_on_two_fsdp_processes_or_one_process(data, tmp_path, fsdp_processes):
+    out = tmp_path / "killed"
+    job = _job(data, out, 2, "fsdp")
+    with pytest.raises(RankFailedError) as info:  # rank 1 dies after step 3; the newest checkpoint is step 2
+        launch_training(job, 2, env={FAIL_AFTER_STEP_ENV: "3", FAIL_RANK_ENV: "1"})
+    assert info.value.rank == 1 and "InjectedRankFailure" in str(info.value)
+    assert not (out / "final").exists()
+    shutil.copytree(out, tmp_path / "then-one")
+
+    record = launch_training(job, 2)  # the step-2 checkpoint, set into the shards of 2 new ranks
+    assert record["status"] == "complete" and record["resumed_from_step"] == 2 and record["strategy"] == "fsdp"
+    assert [row["step"] for row in _history(out)] == list(range(1, STEPS + 1))
+    reference = _weights(fsdp_processes[0])
+    for name, tensor in _weights(out).items():
+        assert torch.equal(tensor, reference[name]), name  # bit-identical to the uninterrupted FSDP run
+
+    # the FSDP checkpoint on 1 process (world size 2 -> 1, sharded -> whole)
+    record = run_job(_job(data, tmp_path / "then-one", 1))
+    assert record["resumed_from_step"] == 2 and record["world_size"] == 1 and record["strategy"] == "single"
+    np.testing.assert_allclose([r["loss"] for r in _history(tmp_path / "then-one")],
+                               [r["loss"] for r in _history(fsdp_processes[0])], rtol=1e-5)
+    for name, tensor in _weights(tmp_path / "then-one").items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-5)
+
+
+def test_a_single_process_checkpoint_resumes_on_two_fsdp_processes(data, tmp_path, one_process):
+    out = tmp_path / "one-then-fsdp"
+    assert run_job(_job(data, out, 1, stop_after_steps=2))["status"] == "interrupted"
+    record = launch_training(_job(data, out, 2, "fsdp"), 2)  # world size 1 -> 2, whole -> sharded
+    assert record["resumed_from_step"] == 2 and record["strategy"] == "fsdp" and record["steps"] == STEPS
+    _assert_same_training(one_process[0], out)
+
+
 def test_stop_after_steps_is_recorded_as_interrupted(data, tmp_path):
     record = run_job(_job(data, tmp_path, 1, stop_after_steps=2))
-    assert record == {"world_size": 1, "status": "interrupted", "steps": 2}
+    assert record == {"world_size": 1, "status": "interrupted", "steps": 2, "strategy": "single"}
     assert json.loads((tmp_path / "train_main_result.json").read_text()) == record
     assert not (tmp_path / "final").exists()
 
@@ -178,23 +273,71 @@ def test_shards_split_unevenly_and_never_duplicate():
 
 def test_strategy_resolution_and_clear_errors(tmp_path, tokenizer):
     assert resolve_strategy("auto", 1) == "single" and resolve_strategy("auto", 4) == "ddp"
-    assert resolve_strategy("ddp", 2) == "ddp"
+    assert resolve_strategy("ddp", 2) == "ddp" and resolve_strategy("fsdp", 2) == "fsdp"
     with pytest.raises(DistributedError, match="'single' cannot run 2 processes"):
         resolve_strategy("single", 2)
+    with pytest.raises(DistributedError, match="'fsdp' does not support LoRA"):
+        resolve_strategy("fsdp", 2, lora=True)
 
     model, df = tiny_llama(tokenizer, seed=0, hidden_size=32), _pairs(4)
-    cases = [(dict(processes=2), "train.processes=2 but this run has 1 process"),
-             (dict(strategy="single", processes=2), "'single' cannot run 2 processes"),
-             (dict(strategy="fsdp"), "'fsdp' is not implemented")]
-    for kw, message in cases:
+    lora_model = attach_lora(tiny_llama(tokenizer, seed=0, hidden_size=32), ModelConfig(lora=LoraConfig(r=2)))
+    cases = [(model, dict(processes=2), "train.processes=2 but this run has 1 process"),
+             (model, dict(strategy="single", processes=2), "'single' cannot run 2 processes"),
+             (model, dict(strategy="fsdp"), r"'fsdp' needs train.processes >= 2 .*use 'single' or 'auto'"),
+             (model, dict(strategy="fsdp", processes=2), "train.processes=2 but this run has 1 process"),
+             (lora_model, dict(strategy="fsdp", processes=2),
+              r"'fsdp' does not support LoRA \(model.lora\); use 'ddp'")]
+    for policy, kw, message in cases:
         with pytest.raises(TrainError, match=message):
-            train(model, tokenizer, df, TrainConfig(**kw), out_dir=tmp_path, spec=CPU, progress_bar=False)
+            train(policy, tokenizer, df, TrainConfig(**kw), out_dir=tmp_path, spec=CPU, progress_bar=False)
     with pytest.raises(ValueError, match="2 or more processes"):
         launch_training(_job(tmp_path, tmp_path, 1), 1)
     with pytest.raises(ValueError, match="job.train.processes=1 but 2"):
         launch_training(_job(tmp_path, tmp_path, 1), 2)
     assert torchrun_command(tmp_path / "job.json", 2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
                                                                 "--nproc_per_node=2", "--tee=3"]
+
+
+def test_the_launcher_builds_a_multi_node_torchrun_command(data, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+    from torch.distributed.run import get_args_parser
+
+    from tasks import launch
+
+    job_file = tmp_path / "job.json"
+    cmd = torchrun_command(job_file, 8, nnodes=2, rdzv_endpoint="10.0.0.1:29400", rdzv_id="run-7")
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=4",
+                   "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=run-7", "--tee=3",
+                   "-m", "dpo_core.train_main", str(job_file)]
+    args = get_args_parser().parse_args(cmd[3:])  # torchrun's own parser accepts it as meant
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id, args.standalone) \
+        == ("2", "4", "c10d", "10.0.0.1:29400", "run-7", False)
+    assert get_args_parser().parse_args(torchrun_command(job_file, 2)[3:]).standalone  # one node: unchanged
+    with pytest.raises(ValueError, match="cannot be split evenly over 2 nodes"):
+        torchrun_command(job_file, 3, nnodes=2, rdzv_endpoint="h:1")
+    with pytest.raises(ValueError, match="need a rendezvous endpoint"):
+        torchrun_command(job_file, 4, nnodes=2)
+    with pytest.raises(ValidationError, match=r"train.processes \(3\) must be a multiple of train.nnodes \(2\)"):
+        TrainConfig(processes=3, nnodes=2, rdzv_endpoint="h:1")
+    with pytest.raises(ValidationError, match="train.nnodes=2 needs train.rdzv_endpoint as host:port"):
+        TrainConfig(processes=4, nnodes=2)
+
+    # launch_training takes the nodes from the job's train config (no process is started here)
+    class Started(Exception):
+        pass
+
+    def popen(cmd, **kw):
+        raise Started(cmd)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    job = _job(data, tmp_path / "out", 4, "fsdp", train_kw=dict(nnodes=2, rdzv_endpoint="node0:29400", rdzv_id="r1"))
+    with pytest.raises(Started) as info:
+        launch.launch_training(job, 4)
+    assert info.value.args[0][3:8] == ["--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                                       "--rdzv-endpoint=node0:29400", "--rdzv-id=r1"]
 
 
 class _RecordedProgress:
