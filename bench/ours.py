@@ -37,10 +37,13 @@ from bench.common import (
 )
 
 
-def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, layout: str = "auto"):
+def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, layout: str = "auto",
+                 chunk: int | None = None):
     from dpo_core.config import TrainConfig
 
+    extra = {} if chunk is None else {"logprob_chunk_size": chunk}
     return TrainConfig(
+        **extra,
         gradient_checkpointing=gradient_checkpointing,
         batch_layout=layout,
         loss="sigmoid",
@@ -56,7 +59,8 @@ def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, layo
 
 
 def run(
-    s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = False, layout: str = "auto"
+    s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = False, layout: str = "auto",
+    chunk: int | None = None,
 ) -> VariantResult:
     import dpo_core.trainer as trainer_mod
     from dpo_core.batching import PairBatch
@@ -73,7 +77,7 @@ def run(
     ref_model = None if precompute else load_policy(path)
     load_seconds = time.perf_counter() - t0
     spec = DeviceSpec(device=torch.device("cpu"), dtype=torch.float32, autocast_dtype=None, attn_implementation="sdpa")
-    cfg = train_config(s, gradient_checkpointing=gradient_checkpointing, layout=layout)
+    cfg = train_config(s, gradient_checkpointing=gradient_checkpointing, layout=layout, chunk=chunk)
 
     reference, precompute_seconds = None, None
     if precompute:
@@ -161,10 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TrainConfig.gradient_checkpointing")
     parser.add_argument("--layout", default="auto", choices=["auto", "padded", "packed", "shared_prompt"],
                         help="TrainConfig.batch_layout (auto: one shared-prompt row per pair with SDPA)")
+    parser.add_argument("--logprob-chunk-size", type=int, default=None,
+                        help="TrainConfig.logprob_chunk_size (default: the config's default)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(settings_from_args(args), precompute=args.precompute,
-                 gradient_checkpointing=args.gradient_checkpointing, layout=args.layout)  # fmt: skip
+                 gradient_checkpointing=args.gradient_checkpointing, layout=args.layout,
+                 chunk=args.logprob_chunk_size)  # fmt: skip
     write_result(result, args.json)
 
 

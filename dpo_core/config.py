@@ -130,7 +130,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     precompute_reference: bool = True  # False: a live frozen reference model (for comparison/benchmarks)
     reference_batch_size: int = Field(8, gt=0)
-    logprob_chunk_size: int = Field(1024, gt=0)  # response positions per LM-head chunk
+    # response positions per LM-head chunk: bounds the transient [chunk, vocab] float32 logits (256 x 49152 x 4 B =
+    # 48 MiB for SmolLM2); measured 0.56 GB lower training peak than 1024 on the benchmark, 1-4% slower steps
+    logprob_chunk_size: int = Field(256, gt=0)
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     processes: int = Field(1, gt=0)  # ranks in all: processes / nnodes per machine
     # several machines: torchrun --nnodes with a c10d rendezvous at rdzv_endpoint (host:port that every node reaches);

@@ -8,9 +8,10 @@ For a row ``x_0 .. x_{n-1}`` whose response tokens are the positions ``t`` with 
 The base transformer runs once over the whole batch (chosen and rejected rows together); the LM head ``W`` is
 applied only to the hidden states ``h_{t-1}`` that predict a response token, in chunks of ``chunk_size`` positions,
 and each chunk uses a *selective* log-softmax (the gathered logit minus the logsumexp) instead of materialising a
-full ``[positions, vocab]`` log-softmax. With gradients on, each chunk is recomputed in the backward pass
-(activation checkpointing), so at most one chunk of logits is alive at a time: logits for prompt tokens are never
-computed at all.
+full ``[positions, vocab]`` log-softmax. With gradients on, the float32 logits of a batch's response positions are
+kept for the backward when they fit ``keep_logits_bytes`` (256 MiB by default: the batches of the CPU configs);
+above that each chunk is recomputed in the backward pass instead (activation checkpointing), so at most one chunk
+of logits is alive at a time. Logits for prompt tokens are never computed at all.
 
 A packed batch (``dpo_core.batching.pack_pairs``: all sequences in one row, position ids restarting per sequence)
 is scored the same way; sums then go to the sequence each token belongs to instead of to its row. A shared-prompt
@@ -74,35 +75,43 @@ def _attention_inputs(model: torch.nn.Module, batch: PairBatch) -> dict[str, tor
     """Decoder keyword arguments for the batch's layout.
 
     Padded rows: the 2-D padding mask. Packed: position ids only (transformers derives the block-diagonal mask from
-    them). Shared prompt: position ids and the 4-D mask, boolean for sdpa (True = attend) and additive for eager
-    attention, which adds the mask to the attention scores (0 = attend, the dtype's minimum = masked).
+    them). Shared prompt: position ids and the 4-D mask as an *additive* float mask (0 = attend, the dtype's minimum
+    = masked) in the dtype attention runs in. Eager attention adds it to the scores as is; SDPA would otherwise turn
+    a boolean mask into this very tensor again in each of the model's layers (and keep each copy for the backward).
     """
     if batch.layout == "padded":
         return {"attention_mask": batch.attention_mask}
     if batch.layout == "packed":
         return {"position_ids": batch.position_ids}
     attn = attention_implementation(model)
-    if attn == "sdpa":
-        mask = batch.attention_4d
-    elif attn == "eager":
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(batch.attention_4d.shape, dtype=dtype, device=batch.attention_4d.device)
-        mask = mask.masked_fill(~batch.attention_4d, torch.finfo(dtype).min)
-    else:
+    if attn not in ("sdpa", "eager"):
         raise LogprobError(f"a shared-prompt batch needs sdpa or eager attention (a 4-D mask), the model uses "
                            f"{attn!r}; build the batch with layout 'padded' or 'packed'")
+    device = batch.attention_4d.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    else:
+        dtype = next(model.parameters()).dtype
+    mask = torch.zeros(batch.attention_4d.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~batch.attention_4d, torch.finfo(dtype).min)
     return {"attention_mask": mask, "position_ids": batch.position_ids}
 
 
+KEEP_LOGITS_BYTES = 256 * 2**20
+
+
 def sequence_logps(
-    model: torch.nn.Module, batch: PairBatch, *, chunk_size: int = 1024
+    model: torch.nn.Module, batch: PairBatch, *, chunk_size: int = 1024, keep_logits_bytes: int = KEEP_LOGITS_BYTES
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of response-token log-probs per row of ``batch``.
 
     Args:
         model: a causal LM (optionally peft-wrapped) on the batch's device.
         batch: a ``PairBatch`` (2B rows: chosen then rejected).
-        chunk_size: response positions per LM-head call (bounds the memory of the logits).
+        chunk_size: response positions per LM-head call (bounds the transient memory of the logits).
+        keep_logits_bytes: with gradients on, keep the float32 logits of all response positions for the backward
+            when they take at most this many bytes; recompute them chunk by chunk in the backward otherwise
+            (one more LM-head forward, at most one chunk of logits alive).
 
     Returns:
         (logps Float32[2B] — sums over response tokens, token_counts Long[2B] — response tokens per row).
@@ -124,7 +133,8 @@ def sequence_logps(
     owner = batch.sequence_ids[rows, positions] if batch.sequence_ids is not None else rows
     n_sequences = batch.n_sequences
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    recompute = torch.is_grad_enabled() and states.requires_grad
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    recompute = torch.is_grad_enabled() and states.requires_grad and states.shape[0] * vocab * 4 > keep_logits_bytes
     pieces = []
     for start in range(0, states.shape[0], chunk_size):
         args = (head, states[start : start + chunk_size], targets[start : start + chunk_size], softcap)

@@ -71,12 +71,14 @@ def test_padding_does_not_change_a_rows_score(tiny_model, tokenizer, tokenized):
     torch.testing.assert_close(rejected, torch.stack([a[1] for a in alone]), atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_match_the_slow_computation(tokenizer, tokenized):
+@pytest.mark.parametrize("keep_logits_bytes", [0, 2**30], ids=["recomputed-head", "kept-logits"])
+def test_gradients_match_the_slow_computation(tokenizer, tokenized, keep_logits_bytes):
     from dpo_core.models import tiny_llama
 
     batch = collate_pairs(tokenized.to_dict("records"), tokenizer.pad_token_id)
     grads = []
-    for fn in (lambda m: sequence_logps(m, batch, chunk_size=5)[0], lambda m: slow_reference_logps(m, batch)):
+    fast = lambda m: sequence_logps(m, batch, chunk_size=5, keep_logits_bytes=keep_logits_bytes)[0]  # noqa: E731
+    for fn in (fast, lambda m: slow_reference_logps(m, batch)):
         model = tiny_llama(tokenizer, seed=3).train()
         (fn(model) * torch.linspace(-1, 1, 6)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
