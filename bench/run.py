@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import statistics
+import os
 import subprocess
 import sys
 import time
@@ -71,6 +72,7 @@ class Run:
     peaks: list[dict] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     parity: dict | None = None
+    loads: list[float] = field(default_factory=list)  # 1-minute load average at the start of each round
     started: float = field(default_factory=time.time)
     wall_minutes: float | None = None  # set when rebuilt from a work dir (from its files' times)
 
@@ -96,6 +98,7 @@ def run_all(s: BenchSettings, variants: list[str], rounds: int, work: Path, time
     work.mkdir(parents=True, exist_ok=True)
     run = Run(settings=s, rounds=rounds)
     for r in range(1, rounds + 1):
+        run.loads.append(os.getloadavg()[0])
         peak_json = work / f"peak-r{r}.json"
         rc, _ = _launch("bench.matmul_peak", ["--threads", str(s.threads), "--json", str(peak_json)],
                         work / f"peak-r{r}.log", 300)  # fmt: skip
@@ -150,6 +153,11 @@ def load_dir(s: BenchSettings, work: Path) -> Run:
     if (work / "parity.log").is_file():
         log = work / "parity.log"
         run.parity = _parity_from_log(log, "PARITY OK" in log.read_text(errors="replace"), float("nan"))
+    saved = work / "run.json"
+    if saved.is_file():  # a finished invocation: its own record has the run walls, parity timing and load averages
+        record = json.loads(saved.read_text())
+        run.outcomes = [Outcome(**o) for o in record["outcomes"]]
+        run.parity, run.loads = record.get("parity") or run.parity, record.get("loads", [])
     return run
 
 
@@ -257,8 +265,10 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
           f"--out BENCHMARKS.md`, whose defaults are these settings: {' '.join(settings_to_args(s))}.", "",
           "## Machine and versions", "",
           f"- CPU: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} cores visible, "
-          f"{info.get('memory_gb', '?')} GB RAM; torch threads per variant: {s.threads}. Shared with other work "
-          "while measured (see Notes).",
+          f"{info.get('memory_gb', '?')} GB RAM; torch threads per variant: {s.threads}. 1-minute load average at "
+          "the start of each round: "
+          + (", ".join(f"{x:.1f}" for x in run.loads) if run.loads else "not recorded (see Notes)")
+          + " (a variant's own 2 threads count ~2).",
           f"- Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
           f"trl {info['trl']}, accelerate {info['accelerate']}, datasets {info['datasets']}.",
           f"- fp32 matmul peak at {s.threads} threads (best of square 1024/2048 GEMMs and the model's MLP shape, "
@@ -391,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.write_text(render(run, command.strip(), _old_notes(args.out)))
     (work / "run.json").write_text(json.dumps(
-        {"settings": s.__dict__, "peaks": run.peaks, "parity": run.parity,
+        {"settings": s.__dict__, "peaks": run.peaks, "parity": run.parity, "loads": run.loads,
          "outcomes": [o.__dict__ for o in run.outcomes]}, indent=1, default=str))  # fmt: skip
     print(f"[bench] wrote {args.out} (raw results in {work})", file=sys.stderr)
     return 1 if any(o.error for o in run.outcomes) or (run.parity and not run.parity["ok"]) else 0
