@@ -11,7 +11,8 @@ Smoke test on a CPU (seconds; tests/test_bench_gpu.py runs it):
 Options: ``--device cuda|cpu`` (default: cuda when available), ``--shape qwen2.5-0.5b|tiny``, ``--steps N`` (timed
 optimizer steps per layout, after ``--warmup-steps``), ``--batch-size B``, ``--layouts padded,packed,shared_prompt``,
 ``--seed-loop-pairs N`` (0: exactly the pairs the trainer's timed steps trained), ``--gradient-checkpointing``,
-``--logprob-chunk-size``, ``--max-length``, ``--max-prompt-length``.
+``--logprob-chunk-size``, ``--max-length``, ``--max-prompt-length``, ``--attn`` (override the attention kernel, e.g.
+``sdpa`` if an installed flash_attn does not load).
 
 What it does, in one process:
 
@@ -40,14 +41,16 @@ What it does, in one process:
    and the datasheet dense bf16 peak when the device name matches ``SPEC_BF16_TFLOPS`` (H100 SXM, H100 PCIe, H200).
 
 Timing: wall clock between consecutive steps, read after ``torch.cuda.synchronize()``; the warm-up steps are not
-timed. Reported per variant: pairs/s, trained tokens/s (non-padding tokens of the 2B sequences ``prompt +
+timed. The trainer groups pairs by length in mega-batches of 8 batches, sorted longest first; the defaults (8 warm-up
++ 8 timed steps) time exactly the second mega-batch, so the timed pairs are a random sample, not the short end. Reported per variant: pairs/s, trained tokens/s (non-padding tokens of the 2B sequences ``prompt +
 response``, a shared prompt counted twice), peak GPU memory (``torch.cuda.max_memory_allocated``, reset before each
 variant's training), and MFU = 6 N x trained tokens/s (+ 2 N per token for a live reference forward, as
 ``bench.common.VariantResult`` counts) / peak bf16 FLOP/s, N = all parameters (tied embedding counted once). The
 precomputed-reference variants also get ``pairs_per_second_with_reference`` and ``mfu_with_reference``: the
 reference pass's time apportioned per pair and its 2 N FLOPs per token counted. The targets of issue 9 (>= 5x the seed
 loop's pairs/s; >= 40% MFU in bf16, taken against the datasheet peak when known, else the measured GEMM peak) are
-judged only for ``--shape qwen2.5-0.5b`` on CUDA.
+judged only for ``--shape qwen2.5-0.5b`` on CUDA. With ``--gradient-checkpointing`` the MFU still counts 6 N per
+token (the recomputed forward is not useful work).
 
 Status: the CUDA path has NOT been run yet (the session that wrote this had no GPU); the CPU ``--shape tiny`` path
 runs in tests/test_bench_gpu.py.
@@ -118,8 +121,10 @@ class ShapeDefaults:
 
 
 SHAPE_DEFAULTS = {
-    # the GPU config's template and batch (configs/gpu-qwen2.5-0.5b.yaml: max_length 1024, prompt 512, batch 8)
-    "qwen2.5-0.5b": ShapeDefaults(max_length=1024, max_prompt_length=512, batch_size=8, steps=5, warmup_steps=2),
+    # the GPU config's template and batch (configs/gpu-qwen2.5-0.5b.yaml: max_length 1024, prompt 512, batch 8);
+    # 8 + 8 steps = two length-grouped mega-batches (TrainConfig.mega_batch_mult 8): the timed steps are one whole
+    # mega-batch, longest batch to shortest, as every stretch of 8 steps of a long run is
+    "qwen2.5-0.5b": ShapeDefaults(max_length=1024, max_prompt_length=512, batch_size=8, steps=8, warmup_steps=8),
     "tiny": ShapeDefaults(max_length=128, max_prompt_length=64, batch_size=2, steps=2, warmup_steps=1),
 }
 
@@ -161,6 +166,7 @@ class GpuBenchSettings:
     seed_loop_pairs: int = 0  # 0: every pair the trainer's timed steps trained
     gradient_checkpointing: bool = False
     logprob_chunk_size: int | None = None  # None: TrainConfig's default
+    attn: str = "auto"  # model.attn_implementation (auto: the trainer's choice)
     beta: float = 0.1
     learning_rate: float = 1e-5
     seed: int = 42
@@ -180,12 +186,13 @@ class GpuBenchSettings:
 # ----------------------------------------------------------------------------------------------- model and data
 
 
-def device_spec(device: str):
-    """The trainer's own device choice (``dpo_core.models.pick_device``): bf16 autocast on CUDA, float32 on CPU."""
+def device_spec(device: str, attn: str = "auto"):
+    """The trainer's own device choice (``dpo_core.models.pick_device``): bf16 autocast on CUDA, float32 on CPU;
+    ``attn`` as ``model.attn_implementation`` (auto: flash_attention_2 on CUDA when importable, else sdpa)."""
     from dpo_core.config import ModelConfig
     from dpo_core.models import pick_device
 
-    return pick_device(ModelConfig(device=device, dtype="auto", attn_implementation="auto"))
+    return pick_device(ModelConfig(device=device, dtype="auto", attn_implementation=attn))
 
 
 def build_model(shape: str, spec, seed: int) -> torch.nn.Module:
@@ -330,9 +337,13 @@ def run_ours(model, init_state: dict, data, s: GpuBenchSettings, spec, layout: s
             synchronize(spec.device)
             step_ends.append(now())
 
-        with trainer_hooks(batches), tempfile.TemporaryDirectory(prefix="bench-gpu-") as out_dir:
-            out = trainer_mod.train(model, tokenizer, data, cfg, out_dir=Path(out_dir), spec=spec,
-                                    reference=reference, on_step=on_step, progress_bar=False)
+        try:
+            with trainer_hooks(batches), tempfile.TemporaryDirectory(prefix="bench-gpu-") as out_dir:
+                out = trainer_mod.train(model, tokenizer, data, cfg, out_dir=Path(out_dir), spec=spec,
+                                        reference=reference, on_step=on_step, progress_bar=False)
+        finally:
+            if s.gradient_checkpointing:  # train() switched it on: not for the next variant or the seed loop
+                _disable_checkpointing(model)
     n_steps = s.warmup_steps + s.steps
     if out.steps != n_steps or len(step_ends) != n_steps or len(batches) != n_steps:
         raise BenchError(f"expected {n_steps} steps of one batch each; got {out.steps} steps, {len(step_ends)} "
@@ -352,6 +363,11 @@ def run_ours(model, init_state: dict, data, s: GpuBenchSettings, spec, layout: s
     )
     return Measured(result, layout, attn, peak_memory_mb(spec.device),
                     [p for b in timed for p in b.pair_ids], [p for b in batches[: s.warmup_steps] for p in b.pair_ids])
+
+
+def _disable_checkpointing(model: torch.nn.Module) -> None:
+    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    off()
 
 
 def run_seed_loop(model, init_state: dict, rows: list[dict], warmup: int, s: GpuBenchSettings, spec) -> Measured:
@@ -404,12 +420,14 @@ def run_seed_loop(model, init_state: dict, rows: list[dict], warmup: int, s: Gpu
 # ----------------------------------------------------------------------------------------------------- the run
 
 
-def spec_peak(device: torch.device) -> tuple[str, float] | None:
-    """(label, dense bf16 TFLOP/s) from ``SPEC_BF16_TFLOPS`` for this CUDA device's name, or None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+def datasheet_peak(name: str) -> tuple[str, float] | None:
+    """(label, dense bf16 TFLOP/s) from ``SPEC_BF16_TFLOPS`` for a CUDA device name, or None if none matches."""
     return next(((label, tflops) for match, label, tflops in SPEC_BF16_TFLOPS if match(name)), None)
+
+
+def spec_peak(device: torch.device) -> tuple[str, float] | None:
+    """The datasheet peak of this CUDA device (``datasheet_peak`` of its name); None on CPU."""
+    return datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def measure_peak(spec) -> dict:
@@ -475,7 +493,7 @@ def targets(records: dict[str, dict], peak: dict, s: GpuBenchSettings, on_cuda: 
 
 def run(s: GpuBenchSettings) -> dict:
     """The whole benchmark; returns the JSON record."""
-    spec = device_spec(s.device)
+    spec = device_spec(s.device, s.attn)
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
     model = build_model(s.shape, spec, s.seed)
@@ -504,7 +522,6 @@ def run(s: GpuBenchSettings) -> dict:
     info["flash_attn"] = _version("flash_attn")
     return {
         "benchmark": "bench.gpu",
-        "cuda_path_tested": False,  # set by hand to True once a GPU session has run and checked it
         "settings": asdict(s),
         "machine": info,
         "model": {"shape": s.shape, "config": MODEL_SHAPES[s.shape], "params": count_params(model),
@@ -514,7 +531,9 @@ def run(s: GpuBenchSettings) -> dict:
         "data": {"pairs": len(data), "mean_prompt_tokens": float(lengths[:, 0].mean()),
                  "mean_chosen_tokens": float(lengths[:, 1].mean()),
                  "mean_rejected_tokens": float(lengths[:, 2].mean()),
-                 "mean_pair_tokens": float((2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]).mean())},
+                 "mean_pair_tokens": float((2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]).mean()),
+                 "timed_pairs": len(ours[0].timed_pair_ids),
+                 "timed_mean_pair_tokens": sum(ours[0].result.step_tokens) / len(ours[0].timed_pair_ids)},
         "peak": peak,
         "variants": records,
         "layout_agreement": layout_agreement(ours),
@@ -582,6 +601,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed pairs of the seed loop (0: the pairs the trainer's timed steps trained)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--logprob-chunk-size", type=int, default=None)
+    parser.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "eager"],
+                        help="attention implementation (auto: flash_attention_2 on CUDA when importable, else sdpa)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -596,7 +617,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         batch_size=args.batch_size or d.batch_size, max_length=args.max_length or d.max_length,
         max_prompt_length=args.max_prompt_length or d.max_prompt_length, layouts=layouts,
         seed_loop_pairs=args.seed_loop_pairs, gradient_checkpointing=args.gradient_checkpointing,
-        logprob_chunk_size=args.logprob_chunk_size, seed=args.seed,
+        logprob_chunk_size=args.logprob_chunk_size, attn=args.attn, seed=args.seed,
     )
     if s.warmup_steps < 1 or s.steps < 1 or s.batch_size < 1 or s.seed_loop_pairs < 0:
         parser.error("--warmup-steps, --steps and --batch-size must be >= 1, --seed-loop-pairs >= 0")
