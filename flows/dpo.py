@@ -41,6 +41,7 @@ import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect.context import get_run_context  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from dpo_core.config import RunConfig, load_config  # noqa: E402
@@ -52,6 +53,7 @@ from tasks.ingest import ingest_key, ingest_stage  # noqa: E402
 from tasks.materialize import materialize_model  # noqa: E402
 from tasks.reference import reference_key, reference_stage  # noqa: E402
 from tasks.register import register_stage  # noqa: E402
+from tasks.run_ledger import crash_prefect_flow_run, reap_killed, record_end, record_start  # noqa: E402
 from tasks.reports import data_report_markdown, generations_rows, metrics_rows  # noqa: E402
 from tasks.template import template_key, template_stage  # noqa: E402
 from tasks.train import train_key, train_stage  # noqa: E402
@@ -87,8 +89,39 @@ def dpo(
         overrides: dotted `section.key=value` overrides applied on top, e.g. `["train.beta=0.2"]`.
         config: a full typed config; when given, `config_path` and `overrides` are ignored.
     """
-    logger = get_run_logger()
     cfg = config if config is not None else load_config(config_path, overrides or [])
+    flow_run_id = str(get_run_context().flow_run.id)
+    _close_killed_runs(cfg, flow_run_id)
+    entry = record_start(cfg.resolved_state_dir(), flow_run_id)  # dropped below; left behind only by a killed run
+    try:
+        return _stages(cfg)
+    finally:
+        record_end(entry)
+
+
+def _close_killed_runs(cfg: RunConfig, flow_run_id: str) -> None:
+    """Mark earlier flow runs of this host whose process was killed `Crashed` (Prefect) / `KILLED` (MLflow)."""
+    logger = get_run_logger()
+    tracker = None
+
+    def kill_mlflow_run(killed: str) -> None:
+        nonlocal tracker
+        if cfg.registry.enabled:
+            from tasks.tracking import RunTracker
+
+            tracker = tracker or RunTracker(cfg)
+            tracker.kill_if_running(killed)
+
+    for killed in reap_killed(cfg.resolved_state_dir(), current_flow_run_id=flow_run_id, kill_mlflow_run=kill_mlflow_run,
+                              crash_flow_run=lambda killed: crash_prefect_flow_run(killed, closed_by=flow_run_id),
+                              warn=logger.warning):
+        logger.warning("flow run %s was killed without reporting its end: marked Crashed (and its MLflow run, if any, "
+                       "KILLED)", killed)
+
+
+def _stages(cfg: RunConfig) -> dict[str, Any]:
+    """The stages of the flow, in order; returns the run's summary."""
+    logger = get_run_logger()
     t = cfg.timeouts
     stages: dict[str, str] = {}
     timings: dict[str, float] = {}

@@ -402,6 +402,17 @@ class RunTracker:
         self.set_tags(run_id, tags)
         return run_id
 
+    def kill_if_running(self, flow_run_id: str) -> str | None:
+        """Mark the MLflow run of a flow run that was killed `KILLED` if it is still `RUNNING`; its run id or None."""
+        run_id = self.find_run(flow_run_id)
+        if run_id is None:
+            return None
+        status = self._call("get_run", lambda: self.client.get_run(run_id).info.status)
+        if status != "RUNNING":
+            return None
+        self.end_run(run_id, "KILLED")
+        return run_id
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED."""
         if status not in RUN_STATUSES:

@@ -149,14 +149,18 @@ def test_sigkill_at_every_stage_then_rerun_gives_the_uninterrupted_model(
     state = runner.state
 
     # 1. during ingest: pairs.parquet written into the temporary folder, no manifest yet
-    log = runner.kill_at("ingest")
+    killed_log = runner.kill_at("ingest")
     assert complete_artifacts(state, "ingest") == []
-    # nothing reports the end of a SIGKILLed CLI run: the server keeps it Running (a worker would mark it Crashed)
-    assert flow_run_state(prefect_server.api_url, log) == "RUNNING"
+    # nothing reports the end of a SIGKILLed CLI run: the server keeps it Running until the next run closes it
+    assert flow_run_state(prefect_server.api_url, killed_log) == "RUNNING"
+    assert len(list((state / "runs").glob("*.json"))) == 1  # its run-ledger entry stays behind
     assert tmp_leftovers(state), "the kill should have left the ingest stage's temporary folder behind"
 
     # 2. during the reference precompute, with a torn (half-written) reference.parquet on disk
-    runner.kill_at("reference")
+    log = runner.kill_at("reference")
+    # the run found run 1's process gone and closed it (tasks/run_ledger.py)
+    assert flow_run_state(prefect_server.api_url, killed_log) == "CRASHED"
+    assert "was killed without reporting its end: marked Crashed" in log, log[-3000:]
     assert len(complete_artifacts(state, "ingest")) == 1 and len(complete_artifacts(state, "template")) == 1
     assert complete_artifacts(state, "reference") == []
     torn = list((state / "artifacts" / "reference").glob(".*tmp*/reference.parquet"))
@@ -193,6 +197,7 @@ def test_sigkill_at_every_stage_then_rerun_gives_the_uninterrupted_model(
     # 7. MLflow down: registration fails after its retries, naming the URI; every compute stage is Cached
     dead = f"http://127.0.0.1:{free_port()}"
     rc, log, _ = runner.run(f"registry.tracking_uri={dead}")
+    log_7 = log
     assert rc != 0
     assert f"MLflow tracking at {dead} unavailable" in log, log[-4000:]
     states = stage_states(log)
@@ -213,12 +218,15 @@ def test_sigkill_at_every_stage_then_rerun_gives_the_uninterrupted_model(
     assert registered.keys() == expected.keys()
     assert all(torch.equal(registered[k], expected[k]) for k in expected)
     assert tmp_leftovers(state) == []  # no temporary folder survives a completed run
-    # the MLflow run of the registration that was killed stays RUNNING (documented in docs/reliability.md)
+    # the MLflow run of the registration that was killed was closed as KILLED: not by run 7 (MLflow down, so its
+    # ledger entry stayed), by run 8; no flow run of this test is left Running and no ledger entry is left behind
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'kills' / 'mlflow' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "RUNNING"]
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    assert "could not close killed flow run" in log_7
+    assert list((state / "runs").glob("*.json")) == []
 
 
 # --------------------------------------------------------------------------------------- full disk, corrupt checkpoint
