@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from dpo_core.config import RunConfig, stable_hash
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +131,52 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+# files up to this size are re-hashed (sha256) whenever a cached artifact is used; larger ones (model weights) are
+# checked by size only, which catches truncation but not a flipped byte
+VERIFY_HASH_BYTES = 256 * 2**20
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """`{relative path: {"bytes": n, "sha256": hex or None}}` of an artifact's files (not its manifest, not the
+    resume-only `checkpoints/` a training folder drops once in place); the hash for files <= VERIFY_HASH_BYTES."""
+    records = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if not path.is_file() or rel == MANIFEST or rel.startswith("checkpoints/"):
+            continue
+        size = path.stat().st_size
+        records[rel] = {"bytes": size, "sha256": _sha256(path) if size <= VERIFY_HASH_BYTES else None}
+    return records
+
+
+def damage(folder: Path) -> str | None:
+    """Why a cached artifact folder must not be trusted (no manifest, a file missing, resized or changed), or None.
+
+    Manifests written before files were recorded (no `files` field) are trusted as before."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return f"{folder} has no readable {MANIFEST}"
+    for rel, record in (manifest.get("files") or {}).items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != record["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {record['bytes']}"
+        if record.get("sha256") and _sha256(path) != record["sha256"]:
+            return f"{path} has changed since it was written (sha256 differs from the manifest)"
+    return None
+
+
 def is_complete(folder: Path) -> bool:
-    return read_manifest(folder) is not None
+    return damage(folder) is None
 
 
 @contextlib.contextmanager
@@ -157,9 +204,12 @@ def build_artifact(
     final = artifact_dir(cfg, stage, key)
     with key_lock(cfg, stage, key):
         done = read_manifest(final)
-        if done is not None:
+        why = damage(final) if done is not None else None
+        if done is not None and why is None:
             return done
-        if final.exists():  # a folder without a manifest is not ours to trust
+        if why is not None:
+            log.warning("rebuilding %s/%s: %s", stage, key, why)
+        if final.exists():  # a folder without a manifest, or damaged since, is not ours to trust
             shutil.rmtree(final)
         for stale in final.parent.glob(f".{key}.tmp-*"):  # left by a killed run; we hold the key's lock
             shutil.rmtree(stale, ignore_errors=True)
@@ -180,6 +230,7 @@ def build_artifact(
             "path": str(final),
             "seconds": round(time.time() - started, 3),
             **fields,
+            "files": file_records(tmp),  # re-checked on every cache hit (`damage`)
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         _fsync_tree(tmp)
@@ -213,7 +264,7 @@ def prefect_cache_key(stage: str, key_fn: Callable[..., str]) -> Callable[[Any, 
 
 
 def needs_refresh(cfg: RunConfig, stage: str, key: str) -> bool:
-    """True when a cached result for `key` must not be trusted: its artifact folder is gone or incomplete."""
+    """True when a cached result for `key` must not be trusted: its artifact folder is gone, incomplete or damaged."""
     return not is_complete(artifact_dir(cfg, stage, key))
 
 

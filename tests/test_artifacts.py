@@ -98,3 +98,42 @@ def test_tree_hash_follows_content(tmp_path):
     h1 = artifacts.tree_hash(tmp_path)
     (tmp_path / "a.txt").write_text("2")
     assert artifacts.tree_hash(tmp_path) != h1
+
+
+def test_a_damaged_cached_artifact_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    """A file changed, truncated or deleted inside a completed artifact is not returned as a cache hit."""
+    cfg = RunConfig(state_dir=str(tmp_path))
+    calls = []
+
+    def fill(folder: Path) -> dict:
+        calls.append(folder)
+        (folder / "table.parquet").write_bytes(b"PAR1" + bytes(range(40)) + b"PAR1")  # 48 bytes
+        (folder / "big.bin").write_bytes(b"x" * 64)
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "resume-only.pt").write_bytes(b"dropped once in place")
+        return {"content_hash": "h"}
+
+    monkeypatch.setattr(artifacts, "VERIFY_HASH_BYTES", 50)  # big.bin (64 bytes) is checked by size only
+    final = Path(artifacts.build_artifact(cfg, "stage", "k", fill)["path"])
+    manifest = artifacts.read_manifest(final)
+    assert set(manifest["files"]) == {"table.parquet", "big.bin"}  # not the manifest, not checkpoints/
+    assert manifest["files"]["big.bin"]["sha256"] is None and manifest["files"]["table.parquet"]["sha256"]
+    import shutil
+
+    shutil.rmtree(final / "checkpoints")  # what the train stage does once its artifact is in place: still complete
+    assert not artifacts.needs_refresh(cfg, "stage", "k")
+
+    damaged = bytearray((final / "table.parquet").read_bytes())
+    damaged[10] ^= 0xFF  # one flipped byte, same size
+    (final / "table.parquet").write_bytes(bytes(damaged))
+    assert "has changed since it was written" in artifacts.damage(final)
+    assert artifacts.needs_refresh(cfg, "stage", "k")
+    artifacts.build_artifact(cfg, "stage", "k", fill)
+    assert len(calls) == 2 and artifacts.damage(final) is None  # rebuilt in place
+
+    (final / "big.bin").write_bytes(b"x" * 10)  # truncated
+    assert "has 10 bytes, the manifest says 64" in artifacts.damage(final)
+    (final / "big.bin").unlink()
+    assert "missing" in artifacts.damage(final)
+    artifacts.build_artifact(cfg, "stage", "k", fill)
+    assert len(calls) == 3 and artifacts.damage(final) is None

@@ -118,6 +118,15 @@ def test_flow_runs_caches_and_reruns_only_what_changed(harness, tiny_model_dir, 
     assert fourth["stages"]["ingest"] == "Completed", fourth["stages"]
     assert fourth["stages"]["template"] == "Cached"  # the rebuilt pairs have the same content hash
 
+    # a file damaged inside a completed artifact (one flipped byte) is caught on the cache hit and rebuilt
+    (table,) = (state / "artifacts" / "reference").glob("*/reference.parquet")
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    table.write_bytes(bytes(data))
+    damaged = run_flow(cfg)
+    assert damaged["stages"]["reference"] == "Completed", damaged["stages"]
+    assert damaged["stages"]["train"] == "Cached"  # the rebuilt table has the same content hash
+
     # new data: everything downstream of ingest re-runs
     extra = (REPO / "data/ultrafeedback_binarized_sample/train.jsonl").read_text().splitlines()[10:14]
     with open(data_file, "a") as f:
