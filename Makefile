@@ -18,7 +18,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run smoke test test-fast bench up down clean lint
+.PHONY: install run smoke test test-fast bench bench-gpu up down clean lint
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,10 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run --out BENCHMARKS.md
+
+# GPU part of the benchmark (a CUDA torch build and a GPU needed; see bench/gpu.py): Qwen2.5-0.5B-shaped random model
+bench-gpu: install
+	$(BIN)/python -m bench.gpu --json $(STATE_DIR)/bench/gpu.json
 
 up: install
 	$(BIN)/python -m flows.stack up --state-dir $(STATE_DIR) $(UP_ARGS)
