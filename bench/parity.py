@@ -8,7 +8,9 @@ What is compared, per pair of the batch (4 UltraFeedback pairs, the benchmark's 
 * token ids: TRL's own tokenization (`DPOTrainer._prepare_dataset` + its collator, cut at `max_length`) against
   `dpo_core.templating.tokenize_pairs` + `dpo_core.batching.collate_pairs`;
 * policy log-prob sums of chosen and rejected: TRL's fused-LM-head forward (the lines of
-  `DPOTrainer._compute_loss`) against `dpo_core.logprobs.sequence_logps`;
+  `DPOTrainer._compute_loss`) against `dpo_core.logprobs.sequence_logps`, on two padded rows per pair (TRL's layout)
+  and on the trainer's default shared-prompt rows (`dpo_core.batching.share_prompt_pairs`), with their rewards and
+  loss;
 * reference log-prob sums: TRL's `compute_ref_log_probs` (its precompute path) against both
   `dpo_core.reference.compute_reference_logps` (our precomputed table) and a live `sequence_logps`;
 * rewards (beta * log-ratio) and the loss: TRL's `_compute_loss` itself (loss and its logged metric means)
@@ -86,7 +88,7 @@ def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport
     from trl import DPOConfig, DPOTrainer
 
     from bench.trl_dpo import conversational_dataset
-    from dpo_core.batching import collate_pairs
+    from dpo_core.batching import collate_pairs, share_prompt_pairs
     from dpo_core.losses import preference_loss
     from dpo_core.logprobs import sequence_logps, split_pair_logps
     from dpo_core.models import DeviceSpec
@@ -110,9 +112,12 @@ def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport
     with torch.no_grad():
         pol_c, pol_r = split_pair_logps(sequence_logps(policy, batch)[0])
         live_c, live_r = split_pair_logps(sequence_logps(reference, batch)[0])
+        # the trainer's default layout: one row prompt + chosen + rejected per pair
+        shared_c, shared_r = split_pair_logps(sequence_logps(policy, share_prompt_pairs(rows, tokenizer.pad_token_id))[0])
     ref_c = torch.tensor(ref_table.chosen_logps.to_numpy(), dtype=torch.float32)
     ref_r = torch.tensor(ref_table.rejected_logps.to_numpy(), dtype=torch.float32)
     ours = preference_loss("sigmoid", pol_c, pol_r, ref_c, ref_r, beta=beta)
+    ours_shared = preference_loss("sigmoid", shared_c, shared_r, ref_c, ref_r, beta=beta)
 
     # --- TRL: its tokenization, collator, fused-head log-probs, reference pass and _compute_loss
     with tempfile.TemporaryDirectory(prefix="bench-parity-") as out_dir:
@@ -153,6 +158,11 @@ def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport
     report.check("rewards/chosen", ours.chosen_rewards, beta * (trl_c - trl_ref_c))
     report.check("rewards/rejected", ours.rejected_rewards, beta * (trl_r - trl_ref_r))
     report.check("loss", ours.losses.mean(), trl_loss.detach())
+    report.check("shared-prompt rows: policy logps/chosen", shared_c, trl_c)
+    report.check("shared-prompt rows: policy logps/rejected", shared_r, trl_r)
+    report.check("shared-prompt rows: rewards/chosen", ours_shared.chosen_rewards, beta * (trl_c - trl_ref_c))
+    report.check("shared-prompt rows: rewards/rejected", ours_shared.rejected_rewards, beta * (trl_r - trl_ref_r))
+    report.check("shared-prompt rows: loss", ours_shared.losses.mean(), trl_loss.detach())
     report.check("rewards/chosen (mean)", ours.chosen_rewards.mean(), metrics["rewards/chosen"])
     report.check("rewards/rejected (mean)", ours.rejected_rewards.mean(), metrics["rewards/rejected"])
     report.check("logps/chosen (mean)", pol_c.mean(), metrics["logps/chosen"])
