@@ -56,7 +56,7 @@ bench: $(VENV)/.bench-installed
 
 # GPU part of the benchmark (a CUDA torch build and a GPU needed; see bench/gpu.py): Qwen2.5-0.5B-shaped random model
 bench-gpu: install
-	$(BIN)/python -m bench.gpu --json $(STATE_DIR)/bench/gpu.json
+	$(BIN)/python -m bench.gpu --device cuda --json $(STATE_DIR)/bench/gpu.json
 
 up: install
 	$(BIN)/python -m flows.stack up --state-dir $(STATE_DIR) $(UP_ARGS)

@@ -34,7 +34,7 @@ What it does, in one process:
    (the table's ``attn`` column says so). Checkpoint and final-model writes are switched off for the benchmark (a
    0.5B model's checkpoint is ~6 GB of disk writes that are not part of a training step; ``bench.ours`` times them
    and takes them out instead).
-4. **The seed loop's method** (``bench.seed_loop``'s ``left_pad_batch`` and ``dpo_loss``: batch size 1, a live
+4. **The seed loop's method** (``bench.seed_loop``'s ``left_pad_batch`` and ``train_step``: batch size 1, a live
    reference copy, full-vocabulary logits and log-softmax, per-sample Python loop, ``gc.collect()`` per step,
    non-fused AdamW) on the very same pairs the trainer's timed steps trained, under the same autocast.
 5. **Peak.** A bf16 GEMM loop (``bench.matmul_peak.measure(device=cuda, dtype=bfloat16)``) measured in the same run,
@@ -80,7 +80,7 @@ from bench.common import BenchError, BenchSettings, VariantResult, count_params,
 from bench.common import step_intervals
 from bench.matmul_peak import measure as measure_gemm_peak
 from bench.ours import train_config
-from bench.seed_loop import dpo_loss, left_pad_batch
+from bench.seed_loop import left_pad_batch, train_step
 
 # Qwen/Qwen2.5-0.5B-Instruct's config.json (as mirrored at huggingface.co/unsloth/Qwen2.5-0.5B-Instruct, whose
 # "_name_or_path" is Qwen/Qwen2.5-0.5B-Instruct); the architecture fields, not the weights
@@ -389,14 +389,8 @@ def run_seed_loop(model, init_state: dict, rows: list[dict], warmup: int, s: Gpu
         # response lengths counted from the end: exact here (no pad id among the random token ids)
         response_lens = [len(row["chosen_ids"]), len(row["rejected_ids"])]
         batch = {k: v.to(spec.device) for k, v in left_pad_batch(seqs, PAD_ID).items()}
-        with spec.autocast():
-            out = dpo_loss(policy, reference, batch, response_lens, PAD_ID, s.beta)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        gc.collect()  # align-anything's torch_gc() after every step
+        out = train_step(policy, reference, optimizer, scheduler, batch, response_lens, PAD_ID, s.beta,
+                         autocast=spec.autocast())
         synchronize(spec.device)
         step_ends.append(now())
         tokens.append(sum(len(x) for x in seqs))
@@ -621,6 +615,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     if s.warmup_steps < 1 or s.steps < 1 or s.batch_size < 1 or s.seed_loop_pairs < 0:
         parser.error("--warmup-steps, --steps and --batch-size must be >= 1, --seed-loop-pairs >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (a GPU and a CUDA torch build are needed; "
+                     "--device cpu --shape tiny is the CPU smoke test)")
     args.settings = s
     return args
 

@@ -23,6 +23,7 @@ Run: `python -m bench.seed_loop --json out.json` (in its own process, for an unm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import time
 from pathlib import Path
@@ -105,6 +106,20 @@ def dpo_loss(policy, reference, batch: dict, response_lens: list[int], pad_id: i
     }
 
 
+def train_step(policy, reference, optimizer, scheduler, batch: dict, response_lens: list[int], pad_id: int,
+               beta: float, autocast=None) -> dict:
+    """One step of the seed loop on one pair: loss, backward, clip to 1.0, AdamW, schedule, `torch_gc()`."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        out = dpo_loss(policy, reference, batch, response_lens, pad_id, beta)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()  # align-anything's torch_gc() after every step
+    return out
+
+
 def run(s: BenchSettings) -> VariantResult:
     from transformers import get_cosine_schedule_with_warmup
 
@@ -138,13 +153,7 @@ def run(s: BenchSettings) -> VariantResult:
         ]
         response_lens = [min(text_lens[0], len(row.chosen_ids)), min(text_lens[1], len(row.rejected_ids))]
         batch = left_pad_batch(seqs, pad_id)
-        out = dpo_loss(policy, reference, batch, response_lens, pad_id, s.beta)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        gc.collect()  # align-anything's torch_gc() after every step
+        out = train_step(policy, reference, optimizer, scheduler, batch, response_lens, pad_id, s.beta)
         step_ends.append(now())
         step_pairs.append(1)
         step_tokens.append(int(batch["attention_mask"].sum()))
