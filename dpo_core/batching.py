@@ -36,13 +36,13 @@ import numpy as np
 import torch
 
 __all__ = ["BatchingError", "PairBatch", "BatchLayout", "LAYOUTS", "collate_pairs", "pack_pairs", "share_prompt_pairs",
-           "make_batch", "resolve_layout", "length_grouped_batches", "pair_length"]
+           "make_batch", "resolve_layout", "MASK_4D_ATTENTION", "length_grouped_batches", "pair_length"]
 
 BatchLayout = Literal["padded", "packed", "shared_prompt"]
 LAYOUTS: tuple[str, ...] = ("padded", "packed", "shared_prompt")
 # attention implementations that take a custom 4-D mask as given (transformers' masking_utils passes a 4-D mask
 # through unchanged); flash_attention_2 and flex_attention do not
-_MASK_4D_ATTENTION = ("sdpa", "eager")
+MASK_4D_ATTENTION = ("sdpa", "eager")
 
 
 class BatchingError(ValueError):
@@ -246,12 +246,12 @@ def resolve_layout(layout: str, attn_implementation: str | None) -> str:
     ``shared_prompt`` with an attention that cannot take its mask is an error.
     """
     if layout == "auto":
-        return "shared_prompt" if attn_implementation in _MASK_4D_ATTENTION else "padded"
+        return "shared_prompt" if attn_implementation in MASK_4D_ATTENTION else "padded"
     if layout not in LAYOUTS:
         raise BatchingError(f"unknown batch layout {layout!r}; expected auto or one of {list(LAYOUTS)}")
-    if layout == "shared_prompt" and attn_implementation not in _MASK_4D_ATTENTION:
+    if layout == "shared_prompt" and attn_implementation not in MASK_4D_ATTENTION:
         raise BatchingError(f"batch layout 'shared_prompt' needs an attention implementation that takes a 4-D mask "
-                            f"({', '.join(_MASK_4D_ATTENTION)}), not {attn_implementation!r}; use 'padded' or 'packed'")
+                            f"({', '.join(MASK_4D_ATTENTION)}), not {attn_implementation!r}; use 'padded' or 'packed'")
     return layout
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dpo_core.batching import PairBatch, resolve_layout
+from dpo_core.batching import MASK_4D_ATTENTION, PairBatch, resolve_layout
 
 __all__ = ["LogprobError", "sequence_logps", "split_pair_logps", "decoder_and_head", "attention_implementation",
            "layout_for"]
@@ -76,15 +76,15 @@ def _attention_inputs(model: torch.nn.Module, batch: PairBatch) -> dict[str, tor
 
     Padded rows: the 2-D padding mask. Packed: position ids only (transformers derives the block-diagonal mask from
     them). Shared prompt: position ids and the 4-D mask as an *additive* float mask (0 = attend, the dtype's minimum
-    = masked) in the dtype attention runs in. Eager attention adds it to the scores as is; SDPA would otherwise turn
-    a boolean mask into this very tensor again in each of the model's layers (and keep each copy for the backward).
+    = masked) in the dtype attention runs in, built once per batch. Eager attention adds it to the scores as is; SDPA
+    would otherwise convert a boolean mask to this form inside each of the model's layers.
     """
     if batch.layout == "padded":
         return {"attention_mask": batch.attention_mask}
     if batch.layout == "packed":
         return {"position_ids": batch.position_ids}
     attn = attention_implementation(model)
-    if attn not in ("sdpa", "eager"):
+    if attn not in MASK_4D_ATTENTION:
         raise LogprobError(f"a shared-prompt batch needs sdpa or eager attention (a 4-D mask), the model uses "
                            f"{attn!r}; build the batch with layout 'padded' or 'packed'")
     device = batch.attention_4d.device
