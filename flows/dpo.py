@@ -107,7 +107,7 @@ def _close_killed_runs(cfg: RunConfig, flow_run_id: str) -> None:
     def kill_mlflow_run(killed: str) -> None:
         nonlocal tracker
         if cfg.registry.enabled:
-            from tasks.tracking import RunTracker
+            from tracking.tracker import RunTracker
 
             tracker = tracker or RunTracker(cfg)
             tracker.kill_if_running(killed)

@@ -37,7 +37,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # The modules whose source each stage runs (its own task module and this one are always included).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "ingest": ("dpo_core.formats", "dpo_core.config", "data_contracts"),
+    "ingest": ("dpo_data.formats", "dpo_core.config", "data_contracts"),
     "template": ("dpo_core.templating", "dpo_core.models", "data_contracts.tokenized"),
     "reference": ("dpo_core.reference", "dpo_core.logprobs", "dpo_core.batching", "dpo_core.models",
                   "data_contracts.reference"),

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 
 from data_contracts.evaluation import validate_generations
-from data_contracts.ingest import read_pairs
+from dpo_data.ingest import read_pairs
 from dpo_core.config import RunConfig
 from dpo_core.evaluation import compare_generations
 from dpo_core.judges import make_judge

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from data_contracts.ingest import ingest, write_pairs
+from dpo_data.ingest import ingest, write_pairs
 from dpo_core.config import RunConfig
 from tasks.artifacts import PROJECT_ROOT, build_artifact, prefect_cache_key, stage_key, tree_hash
 from tasks.common import retry_transient_only

@@ -18,11 +18,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
-from data_contracts.ingest import read_pairs
+from dpo_data.ingest import read_pairs
 from dpo_core.config import RunConfig
 from dpo_core.models import pick_device
-from tasks.registry import register_policy
-from tasks.tracking import RunTracker
+from tracking.registry import register_policy
+from tracking.tracker import RunTracker
 from tasks.train import policy_dir, read_history
 
 

@@ -16,7 +16,7 @@ def _fmt(value: Any) -> str:
 
 def data_report_markdown(pairs: dict[str, Any]) -> str:
     """The ingest report as markdown: one row per split (read, accepted, quarantined per check, duplicates)."""
-    from data_contracts.ingest import report_rows
+    from dpo_data.ingest import report_rows
 
     report = pairs.get("report", {})
     quarantine = Path(pairs["path"]) / pairs.get("quarantine_file", "quarantine.jsonl")

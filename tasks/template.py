@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import task
 
-from data_contracts.ingest import read_pairs
+from dpo_data.ingest import read_pairs
 from data_contracts.tokenized import validate_tokenized
 from dpo_core.config import RunConfig
 from dpo_core.models import load_tokenizer

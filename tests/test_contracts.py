@@ -15,7 +15,7 @@ from data_contracts.errors import ContractError
 from data_contracts.pairs import PAIR_COLUMNS, pair_failures, prompt_problem, validate_pairs
 from data_contracts.reference import validate_reference
 from data_contracts.tokenized import tokenized_failures, validate_tokenized
-from dpo_core.formats import make_pair_id
+from dpo_data.formats import make_pair_id
 
 REPO = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Hi?"}]
@@ -143,7 +143,7 @@ def test_bad_tokenized_table_reports_every_failure_at_once():
 
 def test_real_template_output_satisfies_the_contract(tokenizer, tmp_path):
     """The template stage's own output (SmolLM2 chat template) on shipped pairs passes TokenizedPairs."""
-    from data_contracts.ingest import ingest
+    from dpo_data.ingest import ingest
     from dpo_core.config import DataConfig, SourceConfig
     from dpo_core.templating import ChatRenderer, tokenize_pairs
 

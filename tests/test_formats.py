@@ -1,4 +1,4 @@
-"""dpo_core.formats: every file kind, every format adapter, auto-detection, field renames and one-line errors."""
+"""dpo_data.formats: every file kind, every format adapter, auto-detection, field renames and one-line errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpo_core.formats import (
+from dpo_data.formats import (
     FormatError,
     RecordError,
     check_fields,

@@ -1,4 +1,4 @@
-"""data_contracts.ingest on the shipped datasets and on the bad-input corpus: read = accepted + quarantined +
+"""dpo_data.ingest on the shipped datasets and on the bad-input corpus: read = accepted + quarantined +
 duplicates removed, quarantine entries with reasons, one-line errors, hash split, caps, fingerprint, Parquet."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from data_contracts.errors import DataError
-from data_contracts.ingest import in_hashed_eval, ingest, read_pairs, report_rows, write_pairs
+from dpo_data.ingest import in_hashed_eval, ingest, read_pairs, report_rows, write_pairs
 from data_contracts.pairs import PAIR_COLUMNS, validate_pairs
-from data_contracts.quarantine import read_quarantine
+from dpo_data.quarantine import read_quarantine
 from dpo_core.config import DataConfig, SourceConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from dpo_core.config import RunConfig, load_config
-from tasks.registry import (
+from tracking.registry import (
     ACCURACY_METRIC,
     CANDIDATE,
     CHAMPION,
@@ -19,7 +19,7 @@ from tasks.registry import (
     promotion_decision,
     register_policy,
 )
-from tasks.tracking import RetryPolicy, RunTracker, TrackingUnavailable
+from tracking.tracker import RetryPolicy, RunTracker, TrackingUnavailable
 
 FAST = RetryPolicy(tries=2, base_delay=0.0, max_delay=0.0)
 

@@ -13,7 +13,7 @@ import yaml
 
 from dpo_core.config import RunConfig, load_config
 from tasks.curves import ema, plot_training_curves, save_training_curves
-from tasks.tracking import (
+from tracking.tracker import (
     MAX_PARAM_VALUE,
     RetryPolicy,
     RunTracker,

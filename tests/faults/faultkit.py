@@ -135,7 +135,7 @@ class FlowRunner:
             "DPO_FAULT_DIR": str(self.faults),
             "DPO_FAULT_PAUSE": pause,
             "DPO_FAULT_ENOSPC": enospc,
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # a closed port fails at once; tasks.tracking retries itself
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # a closed port fails at once; tracking.tracker retries itself
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
             "PYTHONUNBUFFERED": "1",
             **(env or {}),

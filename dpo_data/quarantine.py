@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_core.formats import json_safe
+from dpo_data.formats import json_safe
 
 __all__ = ["QuarantineEntry", "write_quarantine", "read_quarantine", "count_checks"]
 

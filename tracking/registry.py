@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_core.config import RunConfig, stable_hash
-from tasks.tracking import RetryPolicy, RunTracker, as_number, tracking_uri
+from tracking.tracker import RetryPolicy, RunTracker, as_number, tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Ingest: every configured preference source -> one validated canonical-pairs table, a report and a fingerprint.
 
 For each split's sources (``data.train``, ``data.eval``, each ``data.extra_eval`` set) every record is read
-(`dpo_core.formats`), converted by its format's adapter, de-duplicated by ``pair_id`` and validated lazily against
+(`dpo_data.formats`), converted by its format's adapter, de-duplicated by ``pair_id`` and validated lazily against
 `data_contracts.pairs.CanonicalPairs` with the configured bounds. Rows that fail go to the quarantine file with the
 checks they failed; nothing is dropped silently: for every split
 
@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 
 from data_contracts.errors import ContractError, DataError
 from data_contracts.pairs import PAIR_COLUMNS, pair_failures, validate_pairs
-from data_contracts.quarantine import QuarantineEntry, count_checks, write_quarantine
+from dpo_data.quarantine import QuarantineEntry, count_checks, write_quarantine
 from dpo_core.config import DataConfig, SourceConfig
-from dpo_core.formats import (
+from dpo_data.formats import (
     FormatError,
     RawRecord,
     RecordError,
