@@ -5,8 +5,8 @@ the model's own MLP) and reports the best GFLOP/s (2 n^3 FLOP per n x n x n prod
 each variant is reported as a fraction of this number.
 
 `--device cuda --dtype bfloat16` measures a GPU's bf16 GEMM peak instead (larger shapes, `CUDA_SHAPES`; the clock is
-read after `torch.cuda.synchronize`); `bench.gpu` calls `measure` that way for its MFU. With the defaults (CPU,
-float32) the output is exactly what it always was.
+read after `torch.cuda.synchronize`); `bench.gpu` calls `measure` that way for its MFU. The defaults measure CPU
+float32.
 """
 
 from __future__ import annotations

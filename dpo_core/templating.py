@@ -1,6 +1,6 @@
 """Chat templating: canonical preference pairs -> prompt / response token ids, through the tokenizer's own template.
 
-Conventions (DESIGN.md, "Conventions"):
+Conventions:
 
 * **Prompt ids** are the rendered prompt *with* the generation prompt (e.g. ``<|im_start|>assistant\\n``).
 * **Response ids** are the assistant turn exactly as the template renders it: the ids of the rendered full

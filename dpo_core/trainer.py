@@ -304,7 +304,8 @@ def _scorer(model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, ctx: Dis
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [spec.device.index] if spec.is_cuda else None
-        # buffers (rotary tables) are constants: no per-forward broadcast (the keyword was renamed in torch 2.13)
+        # buffers (rotary tables) are constants: no per-forward broadcast (torch 2.13 deprecates
+        # `broadcast_buffers` for `forward_sync_buffers`; older releases have only `broadcast_buffers`)
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         no_sync_buffers = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
         scorer.ddp = DistributedDataParallel(scorer, device_ids=ids, **no_sync_buffers)

@@ -1,4 +1,4 @@
-"""Content-addressed stage artifacts, cache keys and per-key locks (DESIGN.md, "Data flowing through").
+"""Content-addressed stage artifacts, cache keys and per-key locks (docs/architecture.md, docs/reliability.md).
 
 Every stage writes `<state_dir>/artifacts/<stage>/<key>/` and returns a small JSON manifest. The key is a hash of
 the stage's own inputs, the content hashes of the manifests it consumes and the *code version*: a hash of the source
