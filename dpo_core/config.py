@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 FormatName = Literal["auto", "trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt"]
-LossType = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo"]
+# The preference objectives of dpo_core.losses (one function each); TrainConfig.loss is one of these names.
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
+LossType = Literal[LOSS_TYPES]
+# TrainConfig fields that only some losses read, with the losses that read them
+LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
+    "label_smoothing": ("sigmoid", "robust", "sigmoid_norm", "simpo"),
+    "simpo_gamma": ("simpo",),
+}
 
 
 class _Section(BaseModel):
@@ -142,6 +149,13 @@ class TrainConfig(_Section):
     rdzv_id: str = Field("dpo", min_length=1)  # the same on every node of one run, different between runs
 
     @model_validator(mode="after")
+    def _settings_fit_loss(self) -> "TrainConfig":
+        problem = loss_settings_error(self.loss, {name: getattr(self, name) for name in LOSS_SETTINGS})
+        if problem:
+            raise ValueError(f"train.{problem}")
+        return self
+
+    @model_validator(mode="after")
     def _nodes_fit(self) -> "TrainConfig":
         if self.processes % self.nnodes:
             raise ValueError(f"train.processes ({self.processes}) must be a multiple of train.nnodes ({self.nnodes}): "
@@ -150,6 +164,20 @@ class TrainConfig(_Section):
             raise ValueError(f"train.nnodes={self.nnodes} needs train.rdzv_endpoint as host:port (the rendezvous "
                              f"every node reaches), got {self.rdzv_endpoint!r}")
         return self
+
+
+def loss_settings_error(loss: str, settings: dict[str, Any]) -> str | None:
+    """A one-line message for the first loss-specific setting that `loss` does not read but is not at its default.
+
+    `settings` maps LOSS_SETTINGS names to values (the TrainConfig fields, or preference_loss's keyword arguments).
+    """
+    for name, value in settings.items():
+        users = LOSS_SETTINGS[name]
+        default = TrainConfig.model_fields[name].default
+        if loss not in users and value != default:
+            return (f"{name}={value} has no meaning for loss {loss!r} (only {', '.join(users)} read it); "
+                    f"leave it at {default}")
+    return None
 
 
 class JudgeConfig(_Section):

@@ -17,11 +17,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from dpo_core.config import LOSS_TYPES, loss_settings_error
+
 __all__ = [
     "LossError",
     "LossOutput",
     "LOSS_TYPES",
-    "SMOOTHING_LOSSES",
     "dpo_sigmoid_loss",
     "robust_dpo_loss",
     "ipo_loss",
@@ -191,10 +192,6 @@ def simpo_loss(
     return LossOutput(losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach())
 
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
-SMOOTHING_LOSSES = ("sigmoid", "robust", "sigmoid_norm", "simpo")  # losses that use label_smoothing
-
-
 def preference_loss(
     loss_type: str,
     policy_chosen_logps: torch.Tensor,
@@ -210,15 +207,16 @@ def preference_loss(
 ) -> LossOutput:
     """Dispatch on ``loss_type`` (``TrainConfig.loss``); all inputs Float[B], token counts Long[B].
 
-    Reference log-probs may be None only for ``simpo``. A ``label_smoothing`` the chosen loss cannot use is an
-    error rather than silently ignored.
+    Reference log-probs may be None only for ``simpo``. A ``label_smoothing`` or ``simpo_gamma`` the chosen loss does
+    not read is an error rather than silently ignored (the same rule ``TrainConfig`` applies when a config loads).
     """
     if loss_type not in LOSS_TYPES:
         raise LossError(f"unknown loss type {loss_type!r}; expected one of {list(LOSS_TYPES)}")
     if beta <= 0:
         raise LossError(f"beta must be > 0, got {beta}")
-    if label_smoothing and loss_type not in SMOOTHING_LOSSES:
-        raise LossError(f"label_smoothing={label_smoothing} has no meaning for loss {loss_type!r}; set it to 0")
+    problem = loss_settings_error(loss_type, {"label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma})
+    if problem:
+        raise LossError(problem)
     policy = (policy_chosen_logps, policy_rejected_logps)
     if loss_type == "simpo":
         return simpo_loss(*policy, beta=beta, gamma=simpo_gamma, chosen_tokens=chosen_tokens,

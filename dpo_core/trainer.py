@@ -50,7 +50,7 @@ from dpo_core.config import TrainConfig, stable_hash
 from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distributed_reference_logps, resolve_strategy
 from dpo_core.distributed import broadcast_object, current, shard
 from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
-from dpo_core.losses import SMOOTHING_LOSSES, preference_loss, sft_nll
+from dpo_core.losses import preference_loss, sft_nll
 from dpo_core.models import DeviceSpec
 from dpo_core.reference import read_reference_table, write_reference_table
 
@@ -397,9 +397,6 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
         raise TrainError(f"{len(duplicated)} duplicated pair_id(s) in the training set, e.g. {duplicated[:3]}")
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise TrainError("the tokenizer has no pad token id; load it with dpo_core.models.load_tokenizer")
-    if cfg.label_smoothing and cfg.loss not in SMOOTHING_LOSSES:
-        raise TrainError(f"train.label_smoothing={cfg.label_smoothing} has no meaning for loss {cfg.loss!r} "
-                         f"(only {list(SMOOTHING_LOSSES)}); set it to 0")
     rows = []
     for row in tokenized_df[list(_NEEDED)].to_dict("records"):
         rows.append({"pair_id": str(row["pair_id"]),

@@ -123,5 +123,7 @@ def test_bad_arguments_are_clear_errors():
         preference_loss("sigmoid", t, t, None, None, beta=0.1)
     with pytest.raises(LossError, match="no meaning for loss 'hinge'"):
         preference_loss("hinge", t, t, t, t, beta=0.1, label_smoothing=0.1)
+    with pytest.raises(LossError, match="simpo_gamma=0.3 has no meaning for loss 'sigmoid'"):
+        preference_loss("sigmoid", t, t, t, t, beta=0.1, simpo_gamma=0.3)
     with pytest.raises(LossError, match="beta"):
         preference_loss("sigmoid", t, t, t, t, beta=0.0)
