@@ -28,6 +28,10 @@ def _run(loss_type, **kw):
     )
 
 
+# softplus values the literals below are built from: -log sigma(x) = log(1 + e^-x), and -log sigma(-x) = that + x
+SP_015, SP_M02 = 0.6209570477895321, 0.7981388693815918  # -log sigma(0.15), -log sigma(-0.2)
+
+
 def _z(i):  # DPO logits
     return (PC[i] - PR[i]) - (RC[i] - RR[i])
 
@@ -38,28 +42,30 @@ def _close(out, losses, chosen, rejected):
     assert out.rejected_rewards.tolist() == pytest.approx(rejected, rel=1e-12, abs=1e-12)
 
 
-def _dpo_rewards():
-    return [BETA * (PC[i] - RC[i]) for i in range(2)], [BETA * (PR[i] - RR[i]) for i in range(2)]
+def _dpo_rewards():  # beta (lp - ref): chosen 0.1 * (-10 + 11), 0.1 * (-20 + 19); rejected 0.1 * (-12 + 11.5), ..
+    return [0.1, -0.1], [-0.05, 0.1]
 
 
 def test_sigmoid_is_dpo():
     # z = (-10 + 12) - (-11 + 11.5) = 1.5 ; (-20 + 15) - (-19 + 16) = -2
     assert [_z(0), _z(1)] == [1.5, -2.0]
-    _close(_run("sigmoid"), [-logsig(0.15), -logsig(-0.2)], *_dpo_rewards())
+    _close(_run("sigmoid"), [SP_015, SP_M02], *_dpo_rewards())
 
 
 def test_sigmoid_with_label_smoothing_is_conservative_dpo():
-    eps = 0.2
-    expected = [-(1 - eps) * logsig(BETA * _z(i)) - eps * logsig(-BETA * _z(i)) for i in range(2)]
-    _close(_run("sigmoid", label_smoothing=eps), expected, *_dpo_rewards())
+    # -(1 - eps) log sigma(b) - eps log sigma(-b) = softplus(-b) + eps * b, with b = beta z = 0.15 and -0.2, eps = 0.2
+    expected = [SP_015 + 0.2 * 0.15, SP_M02 + 0.2 * -0.2]
+    assert expected == pytest.approx([0.6509570477895321, 0.7581388693815918], abs=1e-15)
+    _close(_run("sigmoid", label_smoothing=0.2), [0.6509570477895321, 0.7581388693815918], *_dpo_rewards())
 
 
 def test_robust_dpo():
-    eps = 0.1
-    expected = [(-(1 - eps) * logsig(BETA * _z(i)) + eps * logsig(-BETA * _z(i))) / (1 - 2 * eps) for i in range(2)]
-    _close(_run("robust", label_smoothing=eps), expected, *_dpo_rewards())
+    # ((1 - eps) softplus(-b) - eps (softplus(-b) + b)) / (1 - 2 eps) = softplus(-b) - eps b / (1 - 2 eps), eps = 0.1
+    expected = [SP_015 - 0.1 * 0.15 / 0.8, SP_M02 + 0.1 * 0.2 / 0.8]
+    assert expected == pytest.approx([0.602207047789532, 0.8231388693815919], abs=1e-15)
+    _close(_run("robust", label_smoothing=0.1), [0.602207047789532, 0.8231388693815919], *_dpo_rewards())
     # without noise it is plain DPO
-    torch.testing.assert_close(_run("robust").losses, _run("sigmoid").losses)
+    _close(_run("robust"), [SP_015, SP_M02], *_dpo_rewards())
 
 
 def test_hinge_is_slic():
@@ -76,10 +82,13 @@ def test_ipo_on_length_averaged_logratios():
 
 
 def test_sigmoid_norm_is_dpo_on_length_normalised_logratios():
-    c = [(PC[i] - RC[i]) / NC[i] for i in range(2)]
-    r = [(PR[i] - RR[i]) / NR[i] for i in range(2)]
-    _close(_run("sigmoid_norm"), [-logsig(BETA * (c[i] - r[i])) for i in range(2)], [BETA * x for x in c],
-           [BETA * x for x in r])
+    # (lp - ref) / |y|: chosen (-10 + 11) / 5 = 0.2, (-20 + 19) / 10 = -0.1; rejected -0.5 / 4 = -0.125, 1 / 8 = 0.125
+    # beta d = 0.1 * (0.2 + 0.125) = 0.0325 and 0.1 * (-0.1 - 0.125) = -0.0225
+    chosen, rejected = [0.02, -0.01], [-0.0125, 0.0125]
+    _close(_run("sigmoid_norm"), [0.6770292059996041, 0.7044604604751515], chosen, rejected)  # softplus(-0.0325), ..
+    # with label smoothing eps = 0.2: softplus(-b) + eps b
+    _close(_run("sigmoid_norm", label_smoothing=0.2), [0.6770292059996041 + 0.2 * 0.0325,
+                                                       0.7044604604751515 - 0.2 * 0.0225], chosen, rejected)
 
 
 def test_simpo_is_reference_free_with_margin():
