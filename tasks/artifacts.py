@@ -2,8 +2,9 @@
 
 Every stage writes `<state_dir>/artifacts/<stage>/<key>/` and returns a small JSON manifest. The key is a hash of
 the stage's own inputs, the content hashes of the manifests it consumes and the *code version*: a hash of the source
-files of the modules the stage runs (so editing a dpo_core function a stage uses invalidates that stage, and editing
-one it does not use leaves it cached).
+files of every repository module the stage's task module `tasks.<stage>` imports, directly or not, found by parsing
+the sources (so editing a module a stage runs invalidates that stage, and editing one it does not import leaves it
+cached).
 
 Folders are written under a temporary name and renamed into place when complete (a `MANIFEST.json` inside marks
 them complete), so a half-written artifact is never seen. A per-key file lock (fcntl) makes two flow runs with the
@@ -14,10 +15,10 @@ stage run again instead of returning a dangling path.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -35,19 +36,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-# The modules whose source each stage runs (its own task module and this one are always included).
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "ingest": ("dpo_data.formats", "dpo_core.config", "data_contracts"),
-    "template": ("dpo_core.templating", "dpo_core.models", "data_contracts.tokenized"),
-    "reference": ("dpo_core.reference", "dpo_core.logprobs", "dpo_core.batching", "dpo_core.models",
-                  "data_contracts.reference"),
-    "train": ("dpo_core.trainer", "dpo_core.losses", "dpo_core.logprobs", "dpo_core.batching",
-              "dpo_core.checkpoints", "dpo_core.models"),
-    "evaluate": ("dpo_core.evaluation", "dpo_core.logprobs", "dpo_core.batching", "dpo_core.models",
-                 "data_contracts.evaluation"),
-    "compare": ("dpo_core.evaluation", "dpo_core.generation", "dpo_core.judges", "dpo_core.logprobs",
-                "dpo_core.templating", "dpo_core.models", "data_contracts.evaluation"),
-}
+# The top-level packages of this repository: a stage's code version covers the modules of these it imports.
+PROJECT_PACKAGES = ("dpo_core", "dpo_data", "data_contracts", "tracking", "tasks", "flows")
 
 
 def state_dir(cfg: RunConfig) -> Path:
@@ -56,23 +46,69 @@ def state_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def _module_files(name: str) -> list[Path]:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        return []
-    if spec.submodule_search_locations:  # a package: every .py file in it
-        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
-    return [Path(spec.origin)] if spec.origin else []
+def _module_file(name: str, root: Path) -> Path | None:
+    """The source file of module `name` under `root` (a package's `__init__.py`), or None if it is not ours."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = root.joinpath(*name.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
-def code_version(stage: str) -> str:
-    """sha256 over the sources of the modules `stage` runs (plus its task module and this file), 16 hex chars."""
+_IMPORTS_MEMO: dict[tuple[str, bytes], frozenset[str]] = {}
+
+
+def _imported_names(name: str, path: Path, source: bytes) -> frozenset[str]:
+    """Every module name `source` may import, anywhere in the file (function bodies included), with its parents.
+
+    `from a import b` yields `a` and `a.b` (b may be a submodule); relative imports are resolved against `name`."""
+    memo = (name, hashlib.sha256(source).digest())
+    if memo in _IMPORTS_MEMO:
+        return _IMPORTS_MEMO[memo]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    with_parents = {".".join(mod.split(".")[:i]) for mod in found if mod for i in range(1, mod.count(".") + 2)}
+    _IMPORTS_MEMO[memo] = frozenset(with_parents)
+    return _IMPORTS_MEMO[memo]
+
+
+def stage_modules(stage: str, root: Path = PROJECT_ROOT) -> dict[str, Path]:
+    """`{module name: source file}` of every repository module that `tasks.<stage>` imports, directly or not.
+
+    Found by parsing sources (nothing is imported). This covers the code torchrun runs for the train and reference
+    stages: `tasks.launch` starts `python -m dpo_core.train_main`, which the stages reach through their imports of
+    `TrainJob` / `ReferenceJob` (tests/test_artifacts.py checks the entry module is in both graphs)."""
+    found: dict[str, Path] = {}
+    todo = [f"tasks.{stage}"]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name, root)
+        if name in found or path is None:
+            continue
+        found[name] = path
+        todo.extend(_imported_names(name, path, path.read_bytes()))
+    return found
+
+
+def code_version(stage: str, root: Path = PROJECT_ROOT) -> str:
+    """sha256 over the relative paths and bytes of the modules `stage` runs (`stage_modules`), 16 hex chars."""
     h = hashlib.sha256()
-    names = (*STAGE_MODULES.get(stage, ()), f"tasks.{stage}", "tasks.artifacts")
-    for name in names:
-        for path in _module_files(name):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
+    for path in sorted(p.relative_to(root).as_posix() for p in stage_modules(stage, root).values()):
+        h.update(path.encode())
+        h.update((root / path).read_bytes())
     return h.hexdigest()[:16]
 
 

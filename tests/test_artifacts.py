@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -13,20 +17,88 @@ from dpo_core.config import RunConfig
 from tasks import artifacts
 
 
-def test_code_version_changes_only_with_the_modules_a_stage_runs(tmp_path, monkeypatch):
-    pkg = tmp_path / "fake_core"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "used.py").write_text("def f():\n    return 1\n")
-    (tmp_path / "unrelated_mod.py").write_text("X = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(artifacts.STAGE_MODULES, "fakestage", ("fake_core.used",))
-    before = artifacts.code_version("fakestage")
-    (tmp_path / "unrelated_mod.py").write_text("X = 2\n")
-    assert artifacts.code_version("fakestage") == before
-    (pkg / "used.py").write_text("def f():\n    return 2\n")
-    assert artifacts.code_version("fakestage") != before
-    sys.modules.pop("fake_core", None)
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_stage_modules_follow_every_kind_of_import(tmp_path):
+    """Imports inside functions, `from pkg import submodule`, relative imports and parent packages are all followed;
+    modules outside the repository's packages and modules nothing imports are not."""
+    _write(tmp_path / "tasks" / "__init__.py", "")
+    _write(tmp_path / "tasks" / "fakestage.py",
+           "import json\nfrom dpo_core import direct\n\ndef run():\n    from .helper import go\n    return go()\n")
+    _write(tmp_path / "tasks" / "helper.py", "import dpo_data.deep.leaf\n\ndef go():\n    return 1\n")
+    _write(tmp_path / "dpo_core" / "__init__.py", "")
+    _write(tmp_path / "dpo_core" / "direct.py", "X = 1\n")
+    _write(tmp_path / "dpo_core" / "unused.py", "X = 1\n")
+    _write(tmp_path / "dpo_data" / "__init__.py", "")
+    _write(tmp_path / "dpo_data" / "deep" / "__init__.py", "")
+    _write(tmp_path / "dpo_data" / "deep" / "leaf.py", "from . import sibling\n")
+    _write(tmp_path / "dpo_data" / "deep" / "sibling.py", "Y = 1\n")
+    assert set(artifacts.stage_modules("fakestage", tmp_path)) == {
+        "tasks", "tasks.fakestage", "tasks.helper", "dpo_core", "dpo_core.direct",
+        "dpo_data", "dpo_data.deep", "dpo_data.deep.leaf", "dpo_data.deep.sibling"}
+
+    before = artifacts.code_version("fakestage", tmp_path)
+    assert artifacts.code_version("fakestage", tmp_path) == before  # stable for unchanged sources
+    _write(tmp_path / "dpo_core" / "unused.py", "X = 2\n")
+    assert artifacts.code_version("fakestage", tmp_path) == before
+    _write(tmp_path / "dpo_data" / "deep" / "sibling.py", "Y = 2\n")
+    assert artifacts.code_version("fakestage", tmp_path) != before
+
+
+def _torchrun_entry() -> str:
+    """The module `python -m` runs on every torchrun rank (the one after the command's last `-m`)."""
+    from tasks.launch import torchrun_command
+
+    command = torchrun_command(Path("job.json"), 2)
+    return command[len(command) - command[::-1].index("-m")]
+
+
+def test_the_train_stage_graph_holds_the_code_it_runs_in_process_and_under_torchrun():
+    train = artifacts.stage_modules("train")
+    assert {"dpo_core.distributed", "dpo_core.fsdp", "dpo_core.reference", "dpo_core.train_main",
+            "tasks.launch"} <= set(train)
+    entry = _torchrun_entry()
+    assert entry in train and entry in artifacts.stage_modules("reference")
+
+
+STAGES = ("ingest", "template", "reference", "train", "evaluate", "compare")
+
+
+def _keys_in_subprocess(root: Path) -> dict[str, str]:
+    code = "import json\nfrom tasks.artifacts import code_version\n" \
+           f"print(json.dumps({{s: code_version(s) for s in {STAGES!r}}}))"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("edited", ["dpo_core/distributed.py", "torchrun entry"])
+def test_editing_a_transitively_imported_module_changes_exactly_the_keys_of_the_stages_that_import_it(
+        tmp_path, edited):
+    """A copy of the repository's packages: edit a module the train stage (or the reference stage's torchrun path)
+    imports only transitively; a fresh process sees new keys for the stages whose graph holds it, the old ones
+    elsewhere."""
+    for package in artifacts.PROJECT_PACKAGES:
+        shutil.copytree(artifacts.PROJECT_ROOT / package, tmp_path / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    if edited == "torchrun entry":
+        edited = _torchrun_entry().replace(".", "/") + ".py"
+    module = edited.removesuffix(".py").replace("/", ".")
+    importers = {s for s in STAGES if module in artifacts.stage_modules(s, tmp_path)}
+    assert "train" in importers and "reference" in importers and "ingest" not in importers
+    assert module not in {"tasks.train", "tasks.reference"}  # imported only transitively
+
+    before = _keys_in_subprocess(tmp_path)
+    with open(tmp_path / edited, "a") as handle:
+        handle.write("\n\ndef _probe_edit() -> int:\n    return 1\n")
+    after = _keys_in_subprocess(tmp_path)
+    assert {s for s in STAGES if after[s] != before[s]} == importers
+    assert {s for s in STAGES if after[s] == before[s]} == set(STAGES) - importers
 
 
 def test_stage_key_depends_on_inputs_and_upstream_hashes():
@@ -118,8 +190,6 @@ def test_a_damaged_cached_artifact_is_detected_and_rebuilt(tmp_path, monkeypatch
     manifest = artifacts.read_manifest(final)
     assert set(manifest["files"]) == {"table.parquet", "big.bin"}  # not the manifest, not checkpoints/
     assert manifest["files"]["big.bin"]["sha256"] is None and manifest["files"]["table.parquet"]["sha256"]
-    import shutil
-
     shutil.rmtree(final / "checkpoints")  # what the train stage does once its artifact is in place: still complete
     assert not artifacts.needs_refresh(cfg, "stage", "k")
 
