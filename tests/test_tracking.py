@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +24,7 @@ from tracking.tracker import (
     TrackingUnavailable,
     artifact_location,
     flatten_metrics,
+    git_commit,
     flatten_params,
     tracking_uri,
 )
@@ -101,6 +106,20 @@ def test_flatten_metrics_nested_ci_and_skipped():
     assert sorted(skipped) == ["eval/test/name", "eval/test/ok"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not run from a git checkout")
+def test_git_commit_is_this_checkouts_head_from_any_working_directory(tmp_path, monkeypatch):
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%H"], env=clean_env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head), head
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    monkeypatch.setenv("GIT_DIR", str(tmp_path))  # as a git hook would set it: must not redirect the lookup
+    assert git_commit() == head
+
+
 def test_start_run_tags_and_reuse_on_retried_flow_run(tracker, cfg, run_id, state_dir):
     run = tracker.client.get_run(run_id)
     assert run.info.run_name == "brave-otter"
@@ -110,7 +129,7 @@ def test_start_run_tags_and_reuse_on_retried_flow_run(tracker, cfg, run_id, stat
     assert tags["prefect.flow_run_url"] == f"http://ui/{fr}"
     assert tags["base_model"] == cfg.model.name_or_path
     assert tags["device"] == "cpu"
-    assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
+    assert tags["git_commit"] == tags["mlflow.source.git.commit"] == git_commit()
     experiment = tracker.client.get_experiment(run.info.experiment_id)
     assert experiment.name == "dpo-test"
     assert experiment.artifact_location == (state_dir / "mlflow" / "artifacts").resolve().as_uri()

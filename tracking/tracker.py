@@ -263,9 +263,15 @@ def evaluation_report(metrics: Mapping[str, Mapping[str, Any]], summary: Mapping
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
-    """`git rev-parse HEAD` of the project checkout, or 'unknown' when it is not a git repository."""
+    """`git rev-parse HEAD` of the project checkout, or 'unknown' when it is not a git repository.
+
+    Asked of `repo` whatever the caller's working directory, with git's repository-selecting variables (`GIT_DIR`,
+    `GIT_WORK_TREE`, ... as a git hook or another tool may set them) removed, so it names this checkout's commit.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
