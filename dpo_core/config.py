@@ -85,11 +85,15 @@ class DataConfig(_Section):
         default_factory=lambda: [SourceConfig(path="data/ultrafeedback_binarized_sample/test.jsonl")]
     )
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # > 0: carve a `validation` split from the train pairs by a hash of pair_id (stable when data is appended). Every
+    # choice (best checkpoint, sweep winner) is made on it; the eval split is scored once, at the end. 0: none
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     # more evaluation sets, by name (e.g. the shipped HH-RLHF harmless test set)
     extra_eval: dict[str, SourceConfig] = Field(default_factory=dict)
     max_train_pairs: int | None = Field(None, gt=0)
     max_eval_pairs: int | None = Field(None, gt=0)
     max_extra_eval_pairs: int | None = Field(None, gt=0)
+    max_validation_pairs: int | None = Field(None, gt=0)  # the first N of the validation split (file order)
     on_invalid: Literal["quarantine", "fail"] = "quarantine"
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
     min_chars: int = Field(1, ge=1)

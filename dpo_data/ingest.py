@@ -10,8 +10,10 @@ checks they failed; nothing is dropped silently: for every split
 ``duplicates_removed`` counts exact duplicates (same prompt, chosen and rejected, i.e. the same ``pair_id``) within
 the split and pairs already taken by an earlier split (train, then eval, then the extra sets in config order), so no
 pair is in two splits. With ``data.eval: null`` the accepted train pairs are split by a hash of ``pair_id``: a pair's
-split never changes when data is appended. ``max_*_pairs`` then keep the first N pairs of a split (file order); the
-rest are counted in ``left_out_by_max_pairs`` (accepted, not lost). With ``on_invalid: fail`` any invalid row fails
+split never changes when data is appended. ``data.validation_fraction`` carves a ``validation`` split from the
+remaining train pairs the same way (an independent hash of ``pair_id``): it is what model selection (checkpoints,
+hyperparameter sweeps) is judged on, so the eval split is scored once, at the end. ``max_*_pairs`` then keep the
+first N pairs of a split (file order); the rest are counted in ``left_out_by_max_pairs`` (accepted, not lost). With ``on_invalid: fail`` any invalid row fails
 the stage; with ``quarantine`` a split whose invalid fraction exceeds ``max_invalid_fraction`` fails it; both with a
 message that counts rows per failed check and names the quarantine file (which is written first).
 """
@@ -48,8 +50,8 @@ from dpo_data.formats import (
     to_canonical,
 )
 
-__all__ = ["IngestResult", "ingest", "write_pairs", "read_pairs", "in_hashed_eval", "pairs_fingerprint",
-           "report_rows", "CHECK_DESCRIPTIONS"]
+__all__ = ["IngestResult", "ingest", "write_pairs", "read_pairs", "in_hashed_split", "pairs_fingerprint",
+           "report_rows", "CHECK_DESCRIPTIONS", "VALIDATION"]
 
 # what each quarantine check means (reader, adapter and contract checks)
 CHECK_DESCRIPTIONS: dict[str, str] = {
@@ -80,6 +82,7 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "rejected_too_short": "rejected is shorter than data.min_chars",
 }
 _PRIVATE = ["_source", "_record"]
+VALIDATION = "validation"  # the split carved from train by data.validation_fraction (model selection only)
 _ARROW_SCHEMA = pa.schema([
     ("pair_id", pa.string()),
     ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -102,9 +105,10 @@ class IngestResult:
     quarantine_path: Path
 
 
-def in_hashed_eval(pair_id: str, fraction: float) -> bool:
-    """Whether a pair goes to the hashed eval split: a function of its id alone, so appending data moves nothing."""
-    h = int(hashlib.sha256(f"eval-split:{pair_id}".encode()).hexdigest()[:15], 16)
+def in_hashed_split(pair_id: str, fraction: float, split: str = "eval") -> bool:
+    """Whether a pair goes to the hashed split `split` (``eval`` or ``validation``): a function of its id and the
+    split's name alone, so appending data moves nothing, and the two splits are drawn independently."""
+    h = int(hashlib.sha256(f"{split}-split:{pair_id}".encode()).hexdigest()[:15], 16)
     return h / 16**15 < fraction
 
 
@@ -257,8 +261,8 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
     ``report``: ``splits`` (per configured split: ``read``, ``accepted``, ``quarantined``, ``duplicates_removed``,
     ``duplicates_across_splits``, ``quarantined_by_check``, ``invalid_fraction``, ``sources`` with per-source counts
     and detected formats), ``pairs`` (pairs per split in the result), ``left_out_by_max_pairs`` (per split),
-    ``eval_split`` (``sources`` or ``hash``), totals ``read``/``accepted``/``quarantined``/``duplicates_removed``,
-    ``quarantine_file`` and ``fingerprint``. With a hash split the eval pairs are counted in ``splits.train``.
+    ``eval_split`` (``sources`` or ``hash``), ``validation_fraction``, totals ``read``/``accepted``/``quarantined``/``duplicates_removed``,
+    ``quarantine_file`` and ``fingerprint``. Hashed eval and validation pairs are counted in ``splits.train``.
     """
     root = Path(root)
     quarantine_path = Path(quarantine_path)
@@ -270,7 +274,7 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
             raise DataError("data.eval is an empty list: give eval sources, or null to split train by hash")
         groups.append(("eval", data_cfg.eval, data_cfg.max_eval_pairs))
     for name, src in data_cfg.extra_eval.items():
-        if name in {"train", "eval"} or not name.strip():
+        if name in {"train", "eval", VALIDATION} or not name.strip():
             raise DataError(f"data.extra_eval set name '{name}' is reserved or blank; pick another name")
         groups.append((name, [src], data_cfg.max_extra_eval_pairs))
     bounds = {"min_chars": data_cfg.min_chars, "max_prompt_chars": data_cfg.max_prompt_chars,
@@ -292,11 +296,11 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
 
     caps = {split: cap for split, _, cap in groups}
     if data_cfg.eval is None:
-        train = frames["train"]
-        held = train["pair_id"].map(lambda pid: in_hashed_eval(pid, data_cfg.eval_fraction)).astype(bool)
-        frames = {"train": train.loc[~held], "eval": train.loc[held].assign(split="eval"),
-                  **{k: v for k, v in frames.items() if k != "train"}}
+        frames = _carve(frames, "eval", data_cfg.eval_fraction)
         caps["eval"] = data_cfg.max_eval_pairs
+    if data_cfg.validation_fraction > 0:  # before the caps: max_train_pairs never changes the validation set
+        frames = _carve(frames, VALIDATION, data_cfg.validation_fraction)
+        caps[VALIDATION] = data_cfg.max_validation_pairs
     left_out: dict[str, int] = {}
     for split, frame in frames.items():
         cap = caps.get(split)
@@ -310,6 +314,7 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
         "pairs": {split: int(len(frame)) for split, frame in frames.items()},
         "left_out_by_max_pairs": left_out,
         "eval_split": "sources" if data_cfg.eval is not None else "hash",
+        "validation_fraction": data_cfg.validation_fraction,
         "read": sum(r["read"] for r in split_reports.values()),
         "accepted": sum(r["accepted"] for r in split_reports.values()),
         "quarantined": sum(r["quarantined"] for r in split_reports.values()),
@@ -318,6 +323,14 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
         "fingerprint": fingerprint,
     }
     return IngestResult(pairs=pairs, report=report, fingerprint=fingerprint, quarantine_path=quarantine_path)
+
+
+def _carve(frames: dict[str, pd.DataFrame], split: str, fraction: float) -> dict[str, pd.DataFrame]:
+    """Move the train pairs that `in_hashed_split` puts in `split` there (train keeps the rest, in file order)."""
+    train = frames["train"]
+    held = train["pair_id"].map(lambda pid: in_hashed_split(pid, fraction, split)).astype(bool)
+    return {"train": train.loc[~held], split: train.loc[held].assign(split=split),
+            **{k: v for k, v in frames.items() if k != "train"}}
 
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -335,10 +348,12 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "left_out_by_max_pairs": report["left_out_by_max_pairs"].get(split, 0),
             "quarantined_by_check": ", ".join(f"{c} {n}" for c, n in rep["quarantined_by_check"].items()) or "-",
         })
-    if report.get("eval_split") == "hash":  # the hashed eval split has no sources of its own
-        rows.append({"split": "eval", "read": 0, "accepted": 0, "quarantined": 0, "duplicates_removed": 0,
-                     "pairs": report["pairs"].get("eval", 0),
-                     "left_out_by_max_pairs": report["left_out_by_max_pairs"].get("eval", 0),
+    hashed = [split for split in ("eval", VALIDATION)
+              if split in report["pairs"] and split not in report["splits"]]
+    for split in hashed:  # the hashed splits have no sources of their own
+        rows.append({"split": split, "read": 0, "accepted": 0, "quarantined": 0, "duplicates_removed": 0,
+                     "pairs": report["pairs"].get(split, 0),
+                     "left_out_by_max_pairs": report["left_out_by_max_pairs"].get(split, 0),
                      "quarantined_by_check": "(hashed from train)"})
     return rows
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from data_contracts.errors import DataError
-from dpo_data.ingest import in_hashed_eval, ingest, read_pairs, report_rows, write_pairs
+from dpo_data.ingest import in_hashed_split, ingest, read_pairs, report_rows, write_pairs
 from data_contracts.pairs import PAIR_COLUMNS, validate_pairs
 from dpo_data.quarantine import read_quarantine
 from dpo_core.config import DataConfig, SourceConfig
@@ -175,7 +175,41 @@ def test_hash_split_is_stable_when_data_is_appended(tmp_path):
     after = dict(zip(second.pairs["pair_id"], second.pairs["split"], strict=True))
     assert second.report["pairs"] == {"train": 428, "eval": 72}
     assert all(after[pid] == split for pid, split in before.items())
-    assert all((s == "eval") == in_hashed_eval(p, 0.2) for p, s in after.items())
+    assert all((s == "eval") == in_hashed_split(p, 0.2) for p, s in after.items())
+
+
+def test_validation_split_is_carved_from_train_by_hash_and_stable(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", _pairs(200))
+    cfg = _cfg(str(path), eval_fraction=0.2, validation_fraction=0.25, max_train_pairs=50)
+    first = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    splits = dict(zip(first.pairs["pair_id"], first.pairs["split"], strict=True))
+    n_val = first.report["pairs"]["validation"]
+    assert 20 <= n_val <= 70 and first.report["pairs"]["train"] == 50
+    # eval and validation are independent hashes of pair_id; no pair is in two splits
+    assert all((s == "validation") == (not in_hashed_split(p, 0.2) and in_hashed_split(p, 0.25, "validation"))
+               for p, s in splits.items())
+    # the validation set does not depend on max_train_pairs, and appending data moves none of its pairs
+    _write_jsonl(path, _pairs(300, start=200) + _pairs(200))
+    second = ingest(_cfg(str(path), eval_fraction=0.2, validation_fraction=0.25, max_train_pairs=10),
+                    root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    after = dict(zip(second.pairs["pair_id"], second.pairs["split"], strict=True))
+    assert all(after[p] == "validation" for p, s in splits.items() if s == "validation")
+    rows = {r["split"]: r for r in report_rows(second.report)}
+    assert rows["validation"]["pairs"] == second.report["pairs"]["validation"]
+    assert rows["validation"]["quarantined_by_check"] == "(hashed from train)"
+    # the cap keeps the first N validation pairs in file order
+    capped = ingest(_cfg(str(path), eval_fraction=0.2, validation_fraction=0.25, max_validation_pairs=5),
+                    root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    val = capped.pairs.loc[capped.pairs["split"] == "validation", "pair_id"].tolist()
+    assert val == [p for p, s in after.items() if s == "validation"][:5]
+    assert capped.report["left_out_by_max_pairs"]["validation"] == second.report["pairs"]["validation"] - 5
+
+
+def test_validation_is_a_reserved_split_name(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", _pairs(10))
+    cfg = _cfg(str(path), extra_eval={"validation": {"path": str(path)}})
+    with pytest.raises(DataError, match="'validation' is reserved"):
+        ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
 
 
 def test_report_rows_flatten_the_report_per_split(tmp_path):
