@@ -10,6 +10,8 @@ from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from tracking.retry import is_transient
+
 log = logging.getLogger(__name__)
 
 # transformers' from_pretrained is not thread-safe (it initialises on the meta device and ties weights through
@@ -41,27 +43,8 @@ def preload_for_threads(judge_kind: str | None = None) -> None:
         import sentence_transformers  # noqa: F401
 
 
-# Retrying helps with I/O hiccups (a busy filesystem, a tracking server restarting); it never helps with bad data,
-# a bad config or a bug, so only these exception types are retried.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
-
-
-# OSErrors that say the input is wrong, not that the machine hiccupped: retrying them only delays the error.
-PERMANENT_OS_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                                                        PermissionError)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for an I/O-type failure a retry can fix; False for bad data, a bad config, a missing file or a bug."""
-    from data_contracts.errors import ContractError, DataError
-
-    if isinstance(exc, (DataError, ContractError, ValueError, *PERMANENT_OS_ERRORS)):
-        return False
-    return isinstance(exc, TRANSIENT_ERRORS)
-
-
 def retry_transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry only when the failure was transient (see `is_transient`)."""
+    """Prefect `retry_condition_fn`: retry only when the failure was transient (`tracking.retry.is_transient`)."""
     try:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - classifying, not handling

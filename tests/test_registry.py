@@ -19,7 +19,8 @@ from tracking.registry import (
     promotion_decision,
     register_policy,
 )
-from tracking.tracker import RetryPolicy, RunTracker, TrackingUnavailable
+from tracking.retry import RetryPolicy, TrackingUnavailable
+from tracking.tracker import RunTracker
 
 FAST = RetryPolicy(tries=2, base_delay=0.0, max_delay=0.0)
 
@@ -182,3 +183,33 @@ def test_real_smollm2_registers_and_chats_through_champion(cfg, smollm2_dir):
     message = reply["choices"][0]["message"]
     assert message["role"] == "assistant" and message["content"].strip()
     assert reply["usage"]["prompt_tokens"] > 10  # the chat template wrapped the question (system + user turns)
+
+
+def test_registry_calls_restore_the_process_wide_mlflow_uris(tmp_path, monkeypatch):
+    """`_mlflow_uris` points MLflow's globals at the run's store for one call, then puts back what was there."""
+    import mlflow
+
+    from tracking.registry import _mlflow_uris
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        with _mlflow_uris(store):
+            assert mlflow.get_tracking_uri() == store and mlflow.get_registry_uri() == store
+        assert not mlflow.is_tracking_uri_set()  # unset stays unset
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+
+        user_tracking, user_registry = "http://127.0.0.1:5999", f"sqlite:///{tmp_path / 'registry.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", user_tracking)
+        mlflow.set_registry_uri(user_registry)
+        with _mlflow_uris(store):
+            assert mlflow.get_tracking_uri() == store and mlflow.get_registry_uri() == store
+        assert mlflow.get_tracking_uri() == user_tracking and os.environ["MLFLOW_TRACKING_URI"] == user_tracking
+        assert mlflow.get_registry_uri() == user_registry and os.environ["MLFLOW_REGISTRY_URI"] == user_registry
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)

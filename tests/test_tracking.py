@@ -17,11 +17,10 @@ import yaml
 
 from dpo_core.config import RunConfig, load_config
 from tasks.curves import ema, plot_training_curves, save_training_curves
+from tracking.retry import RetryPolicy, TrackingUnavailable
 from tracking.tracker import (
     MAX_PARAM_VALUE,
-    RetryPolicy,
     RunTracker,
-    TrackingUnavailable,
     artifact_location,
     flatten_metrics,
     git_commit,

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from dpo_core.config import RunConfig, stable_hash
-from tracking.tracker import RetryPolicy, RunTracker, as_number, tracking_uri
+from tracking.retry import RetryPolicy
+from tracking.tracker import RunTracker, as_number, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -117,22 +118,27 @@ def promotion_decision(candidate: Mapping[str, float], champion: Mapping[str, fl
 @contextlib.contextmanager
 def _mlflow_uris(uri: str) -> Iterator[None]:
     """mlflow.transformers.log_model and `models:/` resolution use the process-wide tracking and registry URIs:
-    point both at `uri` for the call only, then restore exactly what was there (unset stays unset)."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    point both at `uri` for the call only, then restore what was there (unset stays unset).
 
-    previous_registry = registry_utils._registry_uri
-    previous_env = os.environ.get("MLFLOW_REGISTRY_URI")
-    registry_utils.set_registry_uri(uri)
+    `mlflow.set_tracking_uri` / `set_registry_uri` also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for
+    subprocesses, so the environment is restored as well; a registry URI is only ever set together with that variable,
+    which is how an unset one is told from a set one."""
+    import mlflow
+
+    previous_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    previous_tracking = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
-        with _use_tracking_uri(uri):
-            yield
+        yield
     finally:
-        registry_utils._registry_uri = previous_registry
-        if previous_env is None:
-            os.environ.pop("MLFLOW_REGISTRY_URI", None)
-        else:
-            os.environ["MLFLOW_REGISTRY_URI"] = previous_env
+        mlflow.set_tracking_uri(previous_tracking)
+        mlflow.set_registry_uri(previous_env["MLFLOW_REGISTRY_URI"])
+        for name, value in previous_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _pip_requirements() -> list[str]:
@@ -181,7 +187,7 @@ class _Registry:
         self.tracker, self.client, self.name = tracker, tracker.client, name
 
     def call(self, what: str, fn):
-        return self.tracker._call(what, fn)
+        return self.tracker.call(what, fn)
 
     def ensure_model(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -236,7 +242,7 @@ def log_policy_model(tracker: RunTracker, run_id: str, model_dir: Path, *, trust
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer in {model_dir} has no chat template; the chat task needs one")
-    run = tracker._call("get_run", lambda: tracker.client.get_run(run_id))
+    run = tracker.call("get_run", lambda: tracker.client.get_run(run_id))
 
     def log_it():
         # the logged model belongs to the run's experiment (mlflow would otherwise use the process's active one)
@@ -254,7 +260,7 @@ def log_policy_model(tracker: RunTracker, run_id: str, model_dir: Path, *, trust
                 metadata={"source_dir": str(model_dir.resolve())},
             )
 
-    return tracker._call("transformers.log_model", log_it)
+    return tracker.call("transformers.log_model", log_it)
 
 
 def register_policy(cfg: RunConfig, *, run_id: str, model_dir: Path, metrics: Mapping[str, Any], fingerprint: str,
@@ -325,7 +331,7 @@ def register_policy(cfg: RunConfig, *, run_id: str, model_dir: Path, metrics: Ma
     champion_version = version if decision["promote"] else decision["champion_version"]
     log.info("registry: %s v%s %s", reg.name, version, decision["reason"])
 
-    tracker._call("log_dict(decision)", lambda: tracker.client.log_dict(run_id, decision,
+    tracker.call("log_dict(decision)", lambda: tracker.client.log_dict(run_id, decision,
                                                                           f"registry/decision-v{version}.json"))
     tracker.set_tags(run_id, {"registry.model_name": reg.name, "registry.version": version,
                               "registry.promoted": str(decision["promote"]).lower(),

@@ -8,9 +8,9 @@ work from any Prefect task, thread or process, and no Prefect server is needed t
     tracker.log_config(run_id, cfg); tracker.log_dataset(run_id, fingerprint, source, pairs_df); ...
     tracker.end_run(run_id, "FINISHED")
 
-Every call to MLflow goes through `RetryPolicy.call`: transient failures (server down, connection refused, SQLite
-locked) are retried with exponential backoff, then `TrackingUnavailable` is raised with a one-line message naming
-the tracking URI. Errors that retrying cannot fix (a bad parameter value) are raised at once.
+Every call to MLflow goes through `tracking.retry.RetryPolicy.call`: transient failures (server down, connection
+refused, SQLite locked) are retried with exponential backoff, then `TrackingUnavailable` is raised with a one-line
+message naming the tracking URI. Errors that retrying cannot fix (a bad parameter value) are raised at once.
 
 Default store (MLflow 3 deprecates the file store and the registry needs a database): SQLite at
 `<state_dir>/mlflow/mlflow.db`, artifacts under `<state_dir>/mlflow/artifacts`. Browse it with
@@ -28,7 +28,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +36,7 @@ import pandas as pd
 import yaml
 
 from dpo_core.config import RunConfig
+from tracking.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,6 @@ PARAMS_PER_BATCH = 100  # MLflow's limit of params + tags per log_batch
 METRICS_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch
 QUARANTINE_SAMPLE_LINES = 50
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-# MLflow error codes that retrying cannot fix: raise them at once.
-_PERMANENT_CODES = frozenset(
-    {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
-     "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"}
-)
-
-
-class TrackingUnavailable(ConnectionError):
-    """MLflow could not be reached after all retries; the message names the tracking URI and the failed call."""
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Where runs go
@@ -96,66 +85,6 @@ def _quiet_http_retries() -> None:
     """MLflow's own HTTP client retries 7 times with backoff (minutes against a dead server) under our retries;
     cap it unless the user set it."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Retries
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _is_transient(exc: BaseException) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.error_code not in _PERMANENT_CODES
-    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
-        return True
-    try:  # a locked or unreachable SQLite file surfaces as SQLAlchemy's OperationalError
-        from sqlalchemy.exc import OperationalError
-
-        return isinstance(exc, OperationalError)
-    except ImportError:  # pragma: no cover - sqlalchemy ships with mlflow
-        return False
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff: `tries` attempts, sleeping base_delay * 2**k seconds (capped at max_delay) in between."""
-
-    tries: int = 4
-    base_delay: float = 1.0
-    max_delay: float = 8.0
-    # injectable so tests can record the backoff without patching time.sleep for every thread in the process
-    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.tries < 1:
-            raise ValueError(f"RetryPolicy.tries must be >= 1, got {self.tries}")
-        if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("RetryPolicy delays must be >= 0")
-
-    def delays(self) -> list[float]:
-        return [min(self.max_delay, self.base_delay * 2**k) for k in range(self.tries - 1)]
-
-    def call(self, fn: Callable[[], T], *, uri: str, what: str) -> T:
-        """Run `fn`, retrying transient MLflow failures; raise TrackingUnavailable naming `uri` when they persist."""
-        delays = self.delays()
-        for attempt in range(self.tries):
-            try:
-                return fn()
-            except Exception as exc:
-                if not _is_transient(exc):
-                    raise
-                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                if attempt == self.tries - 1:
-                    raise TrackingUnavailable(
-                        f"MLflow tracking at {uri} unavailable: {what} failed {self.tries} times; last error: "
-                        f"{type(exc).__name__}: {first_line}"
-                    ) from exc
-                log.warning("MLflow %s failed (attempt %d/%d, retrying in %.1fs): %s", what, attempt + 1,
-                            self.tries, delays[attempt], first_line)
-                self.sleep(delays[attempt])
-        raise AssertionError("unreachable")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -312,7 +241,8 @@ class RunTracker:
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn()` (an MLflow call) under this tracker's retry policy; `what` names it in errors and warnings."""
         return self.retry.call(fn, uri=self.uri, what=what)
 
     def experiment_id(self, name: str | None = None) -> str:
@@ -320,7 +250,7 @@ class RunTracker:
         from mlflow.exceptions import MlflowException
 
         name = name or self.cfg.registry.experiment
-        experiment = self._call("get_experiment_by_name", lambda: self.client.get_experiment_by_name(name))
+        experiment = self.call("get_experiment_by_name", lambda: self.client.get_experiment_by_name(name))
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
                 raise ValueError(
@@ -330,7 +260,7 @@ class RunTracker:
             return experiment.experiment_id
         location = artifact_location(self.cfg, self.uri)
         try:
-            return self._call("create_experiment",
+            return self.call("create_experiment",
                               lambda: self.client.create_experiment(name, artifact_location=location))
         except MlflowException as exc:  # created concurrently by another process
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -345,16 +275,16 @@ class RunTracker:
         metrics = list(metrics)
         for i in range(0, len(params), PARAMS_PER_BATCH):
             chunk = params[i : i + PARAMS_PER_BATCH]
-            self._call("log_batch(params)", lambda: self.client.log_batch(run_id, params=chunk))
+            self.call("log_batch(params)", lambda: self.client.log_batch(run_id, params=chunk))
         for i in range(0, len(tags), PARAMS_PER_BATCH):
             chunk = tags[i : i + PARAMS_PER_BATCH]
-            self._call("log_batch(tags)", lambda: self.client.log_batch(run_id, tags=chunk))
+            self.call("log_batch(tags)", lambda: self.client.log_batch(run_id, tags=chunk))
         for i in range(0, len(metrics), METRICS_PER_BATCH):
             chunk = metrics[i : i + METRICS_PER_BATCH]
-            self._call("log_batch(metrics)", lambda: self.client.log_batch(run_id, metrics=chunk))
+            self.call("log_batch(metrics)", lambda: self.client.log_batch(run_id, metrics=chunk))
 
     def _log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self._call(f"log_text({artifact_file})", lambda: self.client.log_text(run_id, text, artifact_file))
+        self.call(f"log_text({artifact_file})", lambda: self.client.log_text(run_id, text, artifact_file))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self._log_batch(run_id, tags=[(k, str(v)) for k, v in tags.items()])
@@ -364,7 +294,7 @@ class RunTracker:
     def find_run(self, flow_run_id: str) -> str | None:
         """The run tagged with this Prefect flow run id (a retried flow run), or None."""
         experiment_id = self.experiment_id()
-        runs = self._call(
+        runs = self.call(
             "search_runs",
             lambda: self.client.search_runs(
                 [experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1,
@@ -396,10 +326,10 @@ class RunTracker:
         run_id = self.find_run(flow_run_id)
         if run_id is not None:
             log.info("reusing MLflow run %s for flow run %s", run_id, flow_run_id)
-            self._call("update_run", lambda: self.client.update_run(run_id, status="RUNNING"))
+            self.call("update_run", lambda: self.client.update_run(run_id, status="RUNNING"))
         else:
             experiment_id = self.experiment_id()
-            run = self._call(
+            run = self.call(
                 "create_run",
                 lambda: self.client.create_run(experiment_id, run_name=flow_run_name, tags={"mlflow.runName":
                                                                                           flow_run_name}),
@@ -413,7 +343,7 @@ class RunTracker:
         run_id = self.find_run(flow_run_id)
         if run_id is None:
             return None
-        status = self._call("get_run", lambda: self.client.get_run(run_id).info.status)
+        status = self.call("get_run", lambda: self.client.get_run(run_id).info.status)
         if status != "RUNNING":
             return None
         self.end_run(run_id, "KILLED")
@@ -423,7 +353,7 @@ class RunTracker:
         """Mark the run FINISHED, FAILED or KILLED."""
         if status not in RUN_STATUSES:
             raise ValueError(f"end_run status must be one of {RUN_STATUSES}, got {status!r}")
-        self._call("set_terminated", lambda: self.client.set_terminated(run_id, status=status))
+        self.call("set_terminated", lambda: self.client.set_terminated(run_id, status=status))
 
     # -- what gets logged ------------------------------------------------------------------------------------------
 
@@ -439,7 +369,7 @@ class RunTracker:
                     *, name: str = "preference-pairs", context: str = "training") -> None:
         """The canonical pairs as the run's dataset input (digest = the data fingerprint) + a `data.fingerprint` tag."""
         import mlflow.data
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         if not fingerprint:
@@ -456,9 +386,9 @@ class RunTracker:
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local path, as intended
             warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
             dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=fingerprint)
-        dataset_input = DatasetInput(dataset=dataset._to_mlflow_entity(),
+        dataset_input = DatasetInput(dataset=Dataset(**dataset.to_dict()),
                                      tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
-        self._call("log_inputs", lambda: self.client.log_inputs(run_id, datasets=[dataset_input]))
+        self.call("log_inputs", lambda: self.client.log_inputs(run_id, datasets=[dataset_input]))
         split_counts = pairs_df["split"].value_counts().to_dict() if "split" in pairs_df else {}
         self.set_tags(run_id, {"data.fingerprint": fingerprint, "data.source": source[:MAX_PARAM_VALUE],
                                "data.pairs": len(pairs_df),
@@ -467,7 +397,7 @@ class RunTracker:
     def log_data_report(self, run_id: str, report: Mapping[str, Any], quarantine_path: Path | str | None) -> None:
         """The ingest report as `data/report.json` and the first 50 quarantined rows as `data/quarantine_sample.jsonl`
         (with the total count as tag `data.quarantined_lines`)."""
-        self._call("log_dict(report)", lambda: self.client.log_dict(run_id, _jsonable(report), "data/report.json"))
+        self.call("log_dict(report)", lambda: self.client.log_dict(run_id, _jsonable(report), "data/report.json"))
         if quarantine_path is None:
             return
         first, total = _head_lines(Path(quarantine_path), QUARANTINE_SAMPLE_LINES)
@@ -477,7 +407,7 @@ class RunTracker:
 
     def logged_steps(self, run_id: str, key: str = "train/loss") -> set[int]:
         """Steps already logged for `key` on this run (so a re-logged history adds nothing twice)."""
-        history = self._call("get_metric_history", lambda: self.client.get_metric_history(run_id, key))
+        history = self.call("get_metric_history", lambda: self.client.get_metric_history(run_id, key))
         return {m.step for m in history}
 
     def log_training(self, run_id: str, history: Sequence[Mapping[str, Any]], history_offset: int | None = None,
@@ -504,7 +434,7 @@ class RunTracker:
             figure = plot_training_curves(records, loss_type=self.cfg.train.loss,
                                           title=f"DPO training ({self.cfg.train.loss}, beta={self.cfg.train.beta})")
             try:
-                self._call("log_figure", lambda: self.client.log_figure(run_id, figure, "training/curves.png"))
+                self.call("log_figure", lambda: self.client.log_figure(run_id, figure, "training/curves.png"))
             finally:
                 import matplotlib.pyplot as plt
 
@@ -538,7 +468,7 @@ class RunTracker:
         report = evaluation_report(metrics, summary, generations_df)
         self._log_text(run_id, report, "eval/report.md")
         if summary:
-            self._call("log_dict(summary)", lambda: self.client.log_dict(run_id, _jsonable(summary),
+            self.call("log_dict(summary)", lambda: self.client.log_dict(run_id, _jsonable(summary),
                                                                          "eval/generation_summary.json"))
         return flat
 
@@ -549,16 +479,16 @@ class RunTracker:
             if frame[col].map(lambda v: isinstance(v, (list, dict)) or hasattr(v, "tolist")).any():
                 frame[col] = frame[col].map(lambda v: json.dumps(v.tolist() if hasattr(v, "tolist") else v,
                                                                  default=str))
-        existing = self._call("list_artifacts", lambda: self.client.list_artifacts(run_id))
+        existing = self.call("list_artifacts", lambda: self.client.list_artifacts(run_id))
         if any(a.path == artifact_file for a in existing):
             with tempfile.TemporaryDirectory() as tmp:
-                local = self._call("download_artifacts",
+                local = self.call("download_artifacts",
                                    lambda: self.client.download_artifacts(run_id, artifact_file, tmp))
                 payload = json.loads(Path(local).read_text())
             if payload.get("columns") == list(frame.columns) and len(payload.get("data", [])) >= len(frame):
                 log.info("table %s already logged on run %s; not appending it again", artifact_file, run_id)
                 return
-        self._call(f"log_table({artifact_file})", lambda: self.client.log_table(run_id, frame, artifact_file))
+        self.call(f"log_table({artifact_file})", lambda: self.client.log_table(run_id, frame, artifact_file))
 
     def log_timings(self, run_id: str, seconds: Mapping[str, float], tokens_per_second: float | None = None) -> None:
         """`time/<stage>_s` per stage (and `time/total_s`) + `tokens_per_second` when given."""
