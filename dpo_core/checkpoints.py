@@ -273,10 +273,12 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int | None = None,
+    protect: int | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `<root>/step-<step>/` atomically; then keep only the newest `keep` complete checkpoints.
+    """Write `<root>/step-<step>/` atomically; then keep only the newest `keep` complete checkpoints (and the one of
+    step `protect`, e.g. the best one so far on validation).
 
     `state` must be JSON-serialisable (step, data position, metric history, ...). `tensors` / `optimizer_state`
     replace `model_tensors(model)` / `optimizer.state_dict()` when the caller gathered them itself (FSDP: the
@@ -294,12 +296,13 @@ def save_checkpoint(
 
     write_atomic_dir(target, fill)
     if keep is not None:
-        prune_checkpoints(root, keep)
+        prune_checkpoints(root, keep, protect)
     return target
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (size check against the manifest); delete every other folder.
+def prune_checkpoints(root: Path, keep: int, protect: int | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints (size check against the manifest) and the one of step `protect`;
+    delete every other folder.
 
     A damaged newer folder therefore never causes the last good checkpoint to be deleted.
     """
@@ -307,7 +310,7 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         raise ValueError(f"keep must be >= 1, got {keep}")
     found = list_checkpoints(root)
     complete = [path for _, path in found if is_complete(path, hashes=False)]
-    kept = set(complete[-keep:])
+    kept = set(complete[-keep:]) | ({checkpoint_dir(root, protect)} if protect is not None else set())
     for _, path in found:
         if path not in kept:
             shutil.rmtree(path, ignore_errors=True)
@@ -330,6 +333,13 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
         )
     except Exception as exc:  # any failure to parse means this checkpoint is unusable
         raise CheckpointCorruptError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_checkpoint_weights(path: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> None:
+    """Copy only the weights of the checkpoint at `path` into `model` (verified against its manifest first)."""
+    path = Path(path)
+    verify_manifest(path)
+    load_model_tensors(model, load_file(str(path / MODEL_FILE), device=str(device)))
 
 
 def newest_checkpoint(root: Path, device: torch.device | str = "cpu") -> Checkpoint | None:

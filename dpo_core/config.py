@@ -26,6 +26,11 @@ LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
     "label_smoothing": ("sigmoid", "robust", "sigmoid_norm", "simpo"),
     "simpo_gamma": ("simpo",),
 }
+VALIDATION_SPLIT = "validation"  # the split data.validation_fraction carves from train (model selection only)
+# validation metrics a checkpoint or a sweep trial can be chosen by, and whether higher or lower is better
+VALIDATION_METRIC_MODE: dict[str, str] = {"val/rewards/accuracies": "max", "val/rewards/margins": "max",
+                                          "val/loss": "min"}
+ValidationMetric = Literal[tuple(VALIDATION_METRIC_MODE)]
 
 
 class _Section(BaseModel):
@@ -139,6 +144,13 @@ class TrainConfig(_Section):
     batch_layout: Literal["auto", "padded", "packed", "shared_prompt"] = "auto"
     checkpoint_every: int = Field(8, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    # score the validation split (data.validation_fraction) every N optimizer steps, policy log-probs only against
+    # the reference table; it is always scored after the last step when it exists. None: only then
+    eval_every: int | None = Field(None, gt=0)
+    # which weights the train stage outputs: the last step's, or the scored step with the best select_metric
+    # (ties: the earliest); best_val checkpoints every scored step and keeps the best checkpoint until the end
+    select: Literal["last", "best_val"] = "last"
+    select_metric: ValidationMetric = "val/rewards/accuracies"
     precompute_reference: bool = True  # False: a live frozen reference model (for comparison/benchmarks)
     reference_batch_size: int = Field(8, gt=0)
     # response positions per LM-head chunk: bounds the transient [chunk, vocab] float32 logits (256 x 49152 x 4 B =
@@ -157,6 +169,13 @@ class TrainConfig(_Section):
         problem = loss_settings_error(self.loss, {name: getattr(self, name) for name in LOSS_SETTINGS})
         if problem:
             raise ValueError(f"train.{problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _selection_has_candidates(self) -> "TrainConfig":
+        if self.select == "best_val" and self.eval_every is None:
+            raise ValueError("train.select=best_val needs train.eval_every (validation is otherwise scored after the "
+                             "last step only, leaving nothing to choose from)")
         return self
 
     @model_validator(mode="after")
@@ -237,6 +256,13 @@ class RunConfig(_Section):
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     # where artifacts, checkpoints, Prefect results and the default MLflow store live; None: $DPO_STATE_DIR or ./.dpo_state
     state_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _validation_exists(self) -> "RunConfig":
+        if self.train.eval_every is not None and self.data.validation_fraction == 0:
+            raise ValueError(f"train.eval_every={self.train.eval_every} scores the validation split: set "
+                             "data.validation_fraction (e.g. 0.1) to carve one from the train pairs")
+        return self
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir or os.environ.get("DPO_STATE_DIR") or ".dpo_state").resolve()

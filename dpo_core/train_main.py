@@ -64,6 +64,7 @@ class TrainJob(_Job):
     model: ModelConfig
     tokenized: str  # Parquet of tokenize_pairs output
     split: str | None = "train"  # rows to train on (None: every row)
+    validation_split: str | None = None  # rows scored on validation during training (none when absent)
     reference: str | None = None  # Parquet reference table; None: live / initial-policy reference (see trainer)
     ref_model_dir: str | None = None  # a frozen live reference model folder (train.precompute_reference=false)
     train: TrainConfig
@@ -126,7 +127,8 @@ def run_job(job: TrainJob) -> dict[str, Any]:
     """Train as ``job`` says in this process (one rank of a torchrun group, or alone); returns the result record.
 
     The record (also written by rank 0 to ``out_dir/train_main_result.json``) has ``status`` ("complete" or
-    "interrupted"), ``steps``, ``resumed_from_step``, ``tokens``, ``seconds``, ``model_dir``, ``world_size``,
+    "interrupted"), ``steps``, ``resumed_from_step``, ``tokens``, ``seconds``, ``model_dir``, ``selected_step``,
+    ``world_size``,
     ``strategy`` (``single``, ``ddp`` or ``fsdp``).
     """
     spec = pick_device(job.model)
@@ -137,6 +139,9 @@ def run_job(job: TrainJob) -> dict[str, Any]:
         tokenizer = load_tokenizer(job.model_dir, job.model)
         policy = load_model(job.model_dir, job.model, spec)
         table = pd.read_parquet(job.tokenized)
+        validation = None
+        if job.validation_split is not None:
+            validation = table[table["split"] == job.validation_split].reset_index(drop=True)
         if job.split is not None:
             table = table[table["split"] == job.split].reset_index(drop=True)
         reference = read_reference_table(job.reference) if job.reference else None
@@ -147,10 +152,11 @@ def run_job(job: TrainJob) -> dict[str, Any]:
         record: dict[str, Any] = {"world_size": ctx.world}
         try:
             result = train(policy, tokenizer, table, job.train, out_dir=out_dir, spec=spec, reference=reference,
-                           ref_model=ref_model, on_step=_progress_printer(ctx),
+                           ref_model=ref_model, validation=validation, on_step=_progress_printer(ctx),
                            stop_after_steps=job.stop_after_steps, progress_bar=False)
             record.update(status="complete", steps=result.steps, resumed_from_step=result.resumed_from_step,
-                          tokens=result.tokens, seconds=result.seconds, model_dir=str(result.model_dir))
+                          tokens=result.tokens, seconds=result.seconds, model_dir=str(result.model_dir),
+                          selected_step=result.selected_step)
         except TrainingInterrupted as exc:
             record.update(status="interrupted", steps=exc.step)
         # train() has accepted the combination by now

@@ -45,16 +45,18 @@ from tqdm.auto import tqdm
 
 from dpo_core.batching import PairBatch, length_grouped_batches, make_batch, pair_length
 from dpo_core.checkpoints import checkpoint_dir, is_peft_model, remove_stale_tmp, resume_latest, save_checkpoint
-from dpo_core.checkpoints import StateLoader, write_atomic_dir
-from dpo_core.config import TrainConfig, stable_hash
+from dpo_core.checkpoints import StateLoader, load_checkpoint_weights, write_atomic_dir
+from dpo_core.config import VALIDATION_METRIC_MODE, TrainConfig, stable_hash
 from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distributed_reference_logps, resolve_strategy
 from dpo_core.distributed import broadcast_object, current, shard
+from dpo_core.evaluation import pair_logps
 from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
 from dpo_core.losses import preference_loss, sft_nll
 from dpo_core.models import DeviceSpec
 from dpo_core.reference import read_reference_table, write_reference_table
 
-__all__ = ["TrainError", "NonFiniteError", "TrainingInterrupted", "TrainResult", "train", "total_steps"]
+__all__ = ["TrainError", "NonFiniteError", "TrainingInterrupted", "TrainResult", "train", "total_steps",
+           "best_validation_step"]
 
 log = logging.getLogger(__name__)
 _NEEDED = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")
@@ -89,6 +91,7 @@ class TrainResult:
     resumed_from_step: int | None = None
     tokens: int = 0  # non-padding tokens trained on over the whole run (resumed parts included)
     seconds: float = 0.0  # wall time of this call
+    selected_step: int | None = None  # whose weights model_dir holds (train.select); None: the last step
 
 
 def steps_per_epoch(n_pairs: int, cfg: TrainConfig) -> int:
@@ -112,6 +115,7 @@ def train(
     spec: DeviceSpec,
     reference: pd.DataFrame | None = None,
     ref_model: torch.nn.Module | None = None,
+    validation: pd.DataFrame | None = None,
     on_step: Callable[[dict], None] | None = None,
     stop_after_steps: int | None = None,
     progress_bar: bool = True,
@@ -119,15 +123,22 @@ def train(
     """Train ``model`` (in place) on ``tokenized_df`` with ``cfg``; resume from ``out_dir/checkpoints`` if any.
 
     ``tokenized_df`` holds the training pairs (``tokenize_pairs`` output; every row is trained on).
+    ``validation``: held-out pairs of the same form, never trained on; scored every ``cfg.eval_every`` steps and
+    after the last one (``val/...`` metrics in that step's history record), and what ``cfg.select`` chooses by.
     ``stop_after_steps``: checkpoint and raise ``TrainingInterrupted`` after that many steps of this call.
     """
     started = time.perf_counter()
     out_dir, ckpt_root = Path(out_dir), Path(out_dir) / "checkpoints"
     rows = _check_inputs(tokenized_df, cfg, tokenizer)
+    val_rows = _check_validation(validation, rows, cfg, tokenizer)
     ctx, strategy = _check_world(cfg, spec, model)
+    if val_rows and strategy == "fsdp":
+        raise TrainError("validation scoring during training (data.validation_fraction) does not run under "
+                         "train.strategy=fsdp; use ddp, or set data.validation_fraction=0")
     layout = layout_for(model, cfg.batch_layout)
     n_steps = total_steps(len(rows), cfg)
-    reference_fn = _reference_source(model, rows, cfg, spec, out_dir, reference, ref_model)
+    reference_fn = _reference_source(model, rows + val_rows, cfg, spec, out_dir, reference, ref_model)
+    validator = _Validator(val_rows, reference_fn, cfg, layout, tokenizer, spec) if val_rows else None
     fingerprint = _run_fingerprint(rows, cfg)
 
     torch.manual_seed(cfg.seed)
@@ -180,6 +191,9 @@ def train(
         tokens += stats.tokens
         metrics = stats.metrics(step=step, n_steps=n_steps, per_epoch=plan.per_epoch,
                                 grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0)
+        scoring = validator is not None and (step == n_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+        if scoring:  # rank 0 scores (the model is the same on every rank), every rank records the same numbers
+            metrics.update(broadcast_object(validator.score(model) if ctx.is_main else None, ctx))
         history.append(metrics)
         if ctx.is_main:
             _append_history(out_dir, metrics)
@@ -187,12 +201,15 @@ def train(
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
 
         stopping = stop_after_steps is not None and step - start >= stop_after_steps and step < n_steps
-        if step % cfg.checkpoint_every == 0 or step == n_steps or stopping:
+        selecting = scoring and cfg.select == "best_val"  # every candidate is a checkpoint, the best one is kept
+        if step % cfg.checkpoint_every == 0 or step == n_steps or stopping or selecting:
             state = {"history": history, "tokens": tokens, "fingerprint": fingerprint, "total_steps": n_steps}
             tensors, optimizer_state = _consolidated(model, optimizer, strategy)  # FSDP: a collective on all ranks
+            best = best_validation_step(history, cfg.select_metric) if cfg.select == "best_val" else None
             if ctx.is_main:  # DDP: weights and AdamW state are identical on every rank
                 save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                                keep=cfg.keep_checkpoints, tensors=tensors, optimizer_state=optimizer_state)
+                                keep=cfg.keep_checkpoints, protect=best, tensors=tensors,
+                                optimizer_state=optimizer_state)
             ctx.barrier()
             last_ckpt = checkpoint_dir(ckpt_root, step)
         if on_step is not None:  # after the checkpoint: a callback that raises loses nothing already saved
@@ -203,13 +220,29 @@ def train(
     bar.close()
 
     model_dir = out_dir / "final"
+    selected = n_steps
+    if cfg.select == "best_val":
+        selected = best_validation_step(history, cfg.select_metric)
+        if selected != n_steps and ctx.is_main:  # only rank 0 writes the final folder
+            load_checkpoint_weights(checkpoint_dir(ckpt_root, selected), model, spec.device)
     tensors, _ = _consolidated(model, None, strategy)
     if ctx.is_main:
         _save_final(model, tokenizer, model_dir, tensors)
     ctx.barrier()
     return TrainResult(model_dir=model_dir, steps=n_steps, history=history,
                        resumed_from_step=ckpt.step if ckpt else None, tokens=tokens,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, selected_step=selected)
+
+
+def best_validation_step(history: list[dict[str, Any]], metric: str) -> int:
+    """The step of the history record with the best ``metric`` (``VALIDATION_METRIC_MODE`` says whether higher or
+    lower is better; ties: the earliest step). TrainError when no record holds it."""
+    scored = [(float(r[metric]), int(r["step"])) for r in history if metric in r]
+    if not scored:
+        raise TrainError(f"no training step was scored on validation ({metric}); set train.eval_every and "
+                         "data.validation_fraction")
+    sign = -1.0 if VALIDATION_METRIC_MODE[metric] == "max" else 1.0
+    return min(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
 
 
 # ------------------------------------------------------------------------------------------------ one optimizer step
@@ -322,19 +355,62 @@ def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, s
     """
     logps, counts = score.logps(batch)
     chosen, rejected = split_pair_logps(logps)
-    chosen_tokens, rejected_tokens = split_pair_logps(counts)
-    out = preference_loss(cfg.loss, chosen, rejected, ref[0], ref[1], beta=cfg.beta,
-                          label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                          chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
-    losses, nll = out.losses, None
-    if cfg.sft_weight > 0:
-        nll = sft_nll(chosen, chosen_tokens)
-        losses = losses + cfg.sft_weight * nll
+    losses, nll, out = _pair_losses(cfg, chosen, rejected, ref, split_pair_logps(counts))
     if not bool(torch.isfinite(losses).all()):
         raise NonFiniteError(step, "loss", last_ckpt)
     (losses.sum() * weight).backward()
     if weight:
         stats.add(batch, losses, nll, out, chosen, rejected)
+
+
+def _pair_losses(cfg: TrainConfig, chosen: torch.Tensor, rejected: torch.Tensor, ref, tokens):
+    """(per-pair losses [B] with the SFT term when ``sft_weight`` > 0, its NLL [B] or None, the ``LossOutput``) of
+    the configured objective; ``ref`` and ``tokens`` are (chosen, rejected) pairs of [B] tensors."""
+    out = preference_loss(cfg.loss, chosen, rejected, ref[0], ref[1], beta=cfg.beta,
+                          label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                          chosen_tokens=tokens[0], rejected_tokens=tokens[1])
+    losses, nll = out.losses, None
+    if cfg.sft_weight > 0:
+        nll = sft_nll(chosen, tokens[0])
+        losses = losses + cfg.sft_weight * nll
+    return losses, nll, out
+
+
+class _Validator:
+    """Scores the validation pairs with the policy as it is now: its log-probs only (no grad, the one scorer),
+    against reference log-probs looked up once before training. ``score`` returns ``val/...`` metrics under the
+    training metrics' names: ``val/loss``, ``val/rewards/{chosen,rejected,accuracies,margins}``,
+    ``val/logps/{chosen,rejected}``."""
+
+    def __init__(self, rows: list[dict], reference_fn: RefFn, cfg: TrainConfig, layout: str, tokenizer: Any,
+                 spec: DeviceSpec) -> None:
+        self.rows, self.cfg, self.spec = rows, cfg, spec
+        ref_c, ref_r = [], []
+        for start in range(0, len(rows), cfg.reference_batch_size):
+            batch = _collate(rows[start : start + cfg.reference_batch_size], layout, tokenizer).to(spec.device)
+            c, r = reference_fn(batch)
+            if c is not None:
+                ref_c.append(c.detach().float().cpu())
+                ref_r.append(r.detach().float().cpu())
+        self.ref = (torch.cat(ref_c), torch.cat(ref_r)) if ref_c else (None, None)  # None: reference-free (SimPO)
+
+    def score(self, model: torch.nn.Module) -> dict[str, float]:
+        cfg = self.cfg
+        scores = pair_logps(model, self.rows, batch_size=cfg.reference_batch_size, spec=self.spec,
+                            chunk_size=cfg.logprob_chunk_size, layout=cfg.batch_layout)
+        chosen, rejected, chosen_tokens, rejected_tokens = (torch.from_numpy(a) for a in scores)
+        chosen, rejected = chosen.float(), rejected.float()
+        with torch.no_grad():
+            losses, _, out = _pair_losses(cfg, chosen, rejected, self.ref, (chosen_tokens, rejected_tokens))
+        return {
+            "val/loss": float(losses.mean()),
+            "val/rewards/chosen": float(out.chosen_rewards.mean()),
+            "val/rewards/rejected": float(out.rejected_rewards.mean()),
+            "val/rewards/accuracies": float((out.chosen_rewards > out.rejected_rewards).float().mean()),
+            "val/rewards/margins": float((out.chosen_rewards - out.rejected_rewards).mean()),
+            "val/logps/chosen": float(chosen.mean()),
+            "val/logps/rejected": float(rejected.mean()),
+        }
 
 
 def _collate(rows: list[dict], layout: str, tokenizer: Any) -> PairBatch:
@@ -402,6 +478,22 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
         rows.append({"pair_id": str(row["pair_id"]),
                      **{k: [int(x) for x in row[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}})
     return rows
+
+
+def _check_validation(validation: pd.DataFrame | None, rows: list[dict], cfg: TrainConfig,
+                      tokenizer: Any) -> list[dict]:
+    """The validation rows as plain dicts ([] when there are none); a TrainError for what cannot be scored, for
+    pairs that are also trained on, and for ``train.eval_every`` / ``select: best_val`` without validation pairs."""
+    if validation is None or len(validation) == 0:
+        if cfg.eval_every is not None or cfg.select == "best_val":
+            raise TrainError("train.eval_every / train.select=best_val need validation pairs (set "
+                             "data.validation_fraction); none were given")
+        return []
+    val_rows = _check_inputs(validation, cfg, tokenizer)
+    overlap = {r["pair_id"] for r in val_rows} & {r["pair_id"] for r in rows}
+    if overlap:
+        raise TrainError(f"{len(overlap)} validation pair(s) are also training pairs (e.g. {sorted(overlap)[:3]})")
+    return val_rows
 
 
 def _check_world(cfg: TrainConfig, spec: DeviceSpec, model: torch.nn.Module) -> tuple[Dist, str]:

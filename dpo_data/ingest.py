@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from data_contracts.errors import ContractError, DataError
 from data_contracts.pairs import PAIR_COLUMNS, pair_failures, validate_pairs
 from dpo_data.quarantine import QuarantineEntry, count_checks, write_quarantine
-from dpo_core.config import DataConfig, SourceConfig
+from dpo_core.config import VALIDATION_SPLIT, DataConfig, SourceConfig
 from dpo_data.formats import (
     FormatError,
     RawRecord,
@@ -51,7 +51,7 @@ from dpo_data.formats import (
 )
 
 __all__ = ["IngestResult", "ingest", "write_pairs", "read_pairs", "in_hashed_split", "pairs_fingerprint",
-           "report_rows", "CHECK_DESCRIPTIONS", "VALIDATION"]
+           "report_rows", "CHECK_DESCRIPTIONS"]
 
 # what each quarantine check means (reader, adapter and contract checks)
 CHECK_DESCRIPTIONS: dict[str, str] = {
@@ -82,7 +82,6 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "rejected_too_short": "rejected is shorter than data.min_chars",
 }
 _PRIVATE = ["_source", "_record"]
-VALIDATION = "validation"  # the split carved from train by data.validation_fraction (model selection only)
 _ARROW_SCHEMA = pa.schema([
     ("pair_id", pa.string()),
     ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -274,7 +273,7 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
             raise DataError("data.eval is an empty list: give eval sources, or null to split train by hash")
         groups.append(("eval", data_cfg.eval, data_cfg.max_eval_pairs))
     for name, src in data_cfg.extra_eval.items():
-        if name in {"train", "eval", VALIDATION} or not name.strip():
+        if name in {"train", "eval", VALIDATION_SPLIT} or not name.strip():
             raise DataError(f"data.extra_eval set name '{name}' is reserved or blank; pick another name")
         groups.append((name, [src], data_cfg.max_extra_eval_pairs))
     bounds = {"min_chars": data_cfg.min_chars, "max_prompt_chars": data_cfg.max_prompt_chars,
@@ -299,8 +298,8 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
         frames = _carve(frames, "eval", data_cfg.eval_fraction)
         caps["eval"] = data_cfg.max_eval_pairs
     if data_cfg.validation_fraction > 0:  # before the caps: max_train_pairs never changes the validation set
-        frames = _carve(frames, VALIDATION, data_cfg.validation_fraction)
-        caps[VALIDATION] = data_cfg.max_validation_pairs
+        frames = _carve(frames, VALIDATION_SPLIT, data_cfg.validation_fraction)
+        caps[VALIDATION_SPLIT] = data_cfg.max_validation_pairs
     left_out: dict[str, int] = {}
     for split, frame in frames.items():
         cap = caps.get(split)
@@ -348,7 +347,7 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "left_out_by_max_pairs": report["left_out_by_max_pairs"].get(split, 0),
             "quarantined_by_check": ", ".join(f"{c} {n}" for c, n in rep["quarantined_by_check"].items()) or "-",
         })
-    hashed = [split for split in ("eval", VALIDATION)
+    hashed = [split for split in ("eval", VALIDATION_SPLIT)
               if split in report["pairs"] and split not in report["splits"]]
     for split in hashed:  # the hashed splits have no sources of their own
         rows.append({"split": split, "read": 0, "accepted": 0, "quarantined": 0, "duplicates_removed": 0,

@@ -1,6 +1,7 @@
 """Training curves as one PNG: the four panels the seed tutorial plots (loss, reward accuracy, reward margin, chosen and
 rejected rewards against the optimizer step), done right: labelled axes and units, the raw per-step values drawn
 faint with an exponential moving average on top (DPO's per-batch metrics are noisy with a handful of pairs per step),
+the validation split's values (`val/...`, scored every `train.eval_every` steps) as dashed lines with markers,
 the chance level marked on the accuracy panel and, for sigmoid DPO, ln 2 (its loss at zero margin, i.e. at the
 start) on the loss panel. Uses matplotlib's Agg backend: no display needed, safe in worker threads.
 """
@@ -82,6 +83,10 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], *, title: str = "
                     label=f"{label} (raw)")
             if alpha > 0:
                 ax.plot(steps, ema(values, alpha), color=color, linewidth=2, label=f"{label} (EMA {alpha:.2f})")
+            val_steps, val_values = _series(history, f"val/{key}")  # validation scored during training, if any
+            if val_steps:
+                ax.plot(val_steps, val_values, color=color, linestyle="--", marker="o", markersize=4,
+                        label=f"{label} (validation)")
             drawn = True
         if panel_title == "Reward accuracy":
             ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")

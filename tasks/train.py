@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 from prefect import task
 
-from dpo_core.config import RunConfig
+from dpo_core.config import VALIDATION_SPLIT, RunConfig
 from dpo_core.distributed import resolve_strategy
 from dpo_core.models import load_model, load_tokenizer, pick_device
 from dpo_core.reference import read_reference_table
@@ -62,6 +62,7 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
         spec = pick_device(cfg.model)
         table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])
         train_rows = table[table["split"] == "train"].reset_index(drop=True)
+        validation = table[table["split"] == VALIDATION_SPLIT].reset_index(drop=True)
         tokenizer = load_tokenizer(model["model_dir"], cfg.model)
         policy = load_model(model["model_dir"], cfg.model, spec)
         ref_table, ref_model = None, None
@@ -80,7 +81,7 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
 
         result = train(
             policy, tokenizer, train_rows, cfg.train, out_dir=folder, spec=spec,
-            reference=ref_table, ref_model=ref_model, on_step=on_step, progress_bar=True,
+            reference=ref_table, ref_model=ref_model, validation=validation, on_step=on_step, progress_bar=True,
         )
         progress.update(result.steps, result.steps, force=True)
         return _finish(folder, key, result)
@@ -99,6 +100,7 @@ def _train_distributed(cfg: RunConfig, model: dict[str, Any], tokenized: dict[st
     job = TrainJob(
         model_dir=str(model["model_dir"]), model=cfg.model,
         tokenized=str(Path(tokenized["path"]) / tokenized["tokenized_file"]), split="train",
+        validation_split=VALIDATION_SPLIT,
         reference=str(Path(reference["path"]) / reference["reference_file"]) if precomputed else None,
         ref_model_dir=str(model["model_dir"]) if live else None,  # LoRA: the policy with adapters disabled
         train=cfg.train, out_dir=str(folder),
@@ -110,7 +112,7 @@ def _train_distributed(cfg: RunConfig, model: dict[str, Any], tokenized: dict[st
     history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
     return TrainResult(model_dir=Path(record["model_dir"]), steps=record["steps"], history=history,
                        resumed_from_step=record["resumed_from_step"], tokens=record["tokens"],
-                       seconds=record["seconds"])
+                       seconds=record["seconds"], selected_step=record["selected_step"])
 
 
 def _finish(folder: Path, key: str, result: TrainResult) -> dict[str, Any]:
@@ -118,6 +120,7 @@ def _finish(folder: Path, key: str, result: TrainResult) -> dict[str, Any]:
     model_subdir = Path(result.model_dir).relative_to(folder)
     weights = sorted((folder / model_subdir).glob("*.safetensors"))
     final_metrics = result.history[-1] if result.history else {}
+    selected = next((r for r in result.history if r.get("step") == result.selected_step), {})
     with open(folder / "history.jsonl", "w") as f:  # the whole run's history, resumed parts included
         for row in result.history:
             f.write(json.dumps(row, default=float) + "\n")
@@ -134,6 +137,9 @@ def _finish(folder: Path, key: str, result: TrainResult) -> dict[str, Any]:
         "tokens": result.tokens,
         "train_seconds": result.seconds,
         "final_metrics": {k: v for k, v in final_metrics.items() if isinstance(v, (int, float))},
+        # whose weights the stage outputs (train.select) and that step's validation metrics ({} without validation)
+        "selected_step": result.selected_step,
+        "validation": {k: v for k, v in selected.items() if k.startswith("val/")},
     }
 
 

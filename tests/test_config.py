@@ -43,3 +43,16 @@ def test_loss_settings_name_train_fields_and_known_losses():
     for name, users in LOSS_SETTINGS.items():
         assert name in TrainConfig.model_fields
         assert users and set(users) <= set(LOSS_TYPES)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.eval_every=4"], "train.eval_every=4 scores the validation split: set data.validation_fraction"),
+    (["data.validation_fraction=0.1", "train.select=best_val"], "train.select=best_val needs train.eval_every"),
+    (["data.validation_fraction=0.1", "train.eval_every=4", "train.select_metric=loss"], "'val/rewards/accuracies'"),
+])
+def test_validation_settings_are_checked_at_load(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        load_config("configs/default.yaml", overrides)
+    ok = load_config("configs/default.yaml", ["data.validation_fraction=0.1", "train.eval_every=4",
+                                              "train.select=best_val", "train.select_metric=val/loss"])
+    assert (ok.train.select, ok.train.select_metric) == ("best_val", "val/loss")

@@ -26,6 +26,7 @@ from tracking.tracker import (
     git_commit,
     flatten_params,
     tracking_uri,
+    training_metric_rows,
 )
 
 FAST = RetryPolicy(tries=2, base_delay=0.0, max_delay=0.0)
@@ -216,6 +217,11 @@ def test_log_training_every_step_idempotent_with_curves(tracker, run_id):
         tracker.log_training(run_id, [{"loss": 0.5}], history_offset=0)
 
 
+def test_validation_scored_during_training_keeps_its_val_names():
+    rows = training_metric_rows([{"step": 4, "loss": 0.6, "val/loss": 0.65, "val/rewards/accuracies": 0.5}])
+    assert sorted(rows) == [("train/loss", 0.6, 4), ("val/loss", 0.65, 4), ("val/rewards/accuracies", 0.5, 4)]
+
+
 def test_log_eval_metrics_table_report(tracker, run_id):
     metrics = {"test": {"reward_accuracy": 0.66, "reward_accuracy_ci_low": 0.55, "n_pairs": 64, "eval_set": "test"},
                "hh_harmless": {"reward_accuracy": 0.51}}
@@ -309,6 +315,10 @@ def test_ema_and_curves_figure(tmp_path):
     sigmoid_fig = plot_training_curves(_history(3), loss_type="sigmoid")
     assert any("ln 2" in line.get_label() for line in sigmoid_fig.axes[0].get_lines())
     assert not any("ln 2" in line.get_label() for line in fig.axes[0].get_lines())  # only meaningful for sigmoid DPO
+    scored = [{**r, "val/loss": r["loss"] + 0.05} if r["step"] % 5 == 0 else r for r in _history(20)]
+    val_line = next(line for line in plot_training_curves(scored).axes[0].get_lines()
+                    if line.get_label() == "loss (validation)")
+    assert list(val_line.get_xdata()) == [5, 10, 15, 20]
     out = save_training_curves(_history(3), tmp_path / "c" / "curves.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="at least one"):

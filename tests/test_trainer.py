@@ -251,3 +251,81 @@ def test_bad_inputs_are_clear_errors(tmp_path, tokenizer):
     train(model, tokenizer, df, _cfg(max_steps=1), out_dir=tmp_path / "run", spec=CPU, progress_bar=False)
     with pytest.raises(TrainError, match="different run"):
         train(_model(tokenizer), tokenizer, df, _cfg(max_steps=1, beta=0.2), out_dir=tmp_path / "run", spec=CPU)
+
+
+def _with_validation(n_train: int = 10, n_val: int = 6):
+    """Training pairs and validation pairs (other ids, split `validation`) with one reference table for both."""
+    df = _pairs(n_train)
+    val = _pairs(n_val, seed=1).assign(pair_id=lambda d: "v" + d["pair_id"], split="validation")
+    return df, val
+
+
+VAL_KEYS = {"val/loss", "val/rewards/chosen", "val/rewards/rejected", "val/rewards/accuracies", "val/rewards/margins",
+            "val/logps/chosen", "val/logps/rejected"}
+
+
+def test_validation_scoring_changes_nothing_but_the_history(tmp_path, tokenizer):
+    df, val = _with_validation()
+    ref = compute_reference_logps(_model(tokenizer), pd.concat([df, val]), batch_size=4, spec=CPU)
+    plain = train(_model(tokenizer), tokenizer, df, _cfg(), out_dir=tmp_path / "a", spec=CPU, reference=ref,
+                  progress_bar=False)
+    scored = train(_model(tokenizer), tokenizer, df, _cfg(eval_every=2), out_dir=tmp_path / "b", spec=CPU,
+                   reference=ref, validation=val, progress_bar=False)
+    a, b = _weights(plain), _weights(scored)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert scored.selected_step == scored.steps == 6
+    assert [r["step"] for r in scored.history if VAL_KEYS <= set(r)] == [2, 4, 6]
+    first = scored.history[1]
+    # the policy after step 2 scored against the reference: the same maths as the training metrics
+    assert first["val/rewards/margins"] == pytest.approx(first["val/rewards/chosen"] - first["val/rewards/rejected"])
+    assert 0.0 <= first["val/rewards/accuracies"] <= 1.0 and first["val/loss"] > 0
+    # without eval_every the validation split is still scored once, after the last step
+    last_only = train(_model(tokenizer), tokenizer, df, _cfg(), out_dir=tmp_path / "c", spec=CPU, reference=ref,
+                      validation=val, progress_bar=False)
+    assert [r["step"] for r in last_only.history if "val/loss" in r] == [6]
+
+
+def test_best_val_outputs_the_best_scored_checkpoint_and_resumes_exactly(tmp_path, tokenizer):
+    df, val = _with_validation()
+    ref = compute_reference_logps(_model(tokenizer), pd.concat([df, val]), batch_size=4, spec=CPU)
+    cfg = _cfg(eval_every=1, select="best_val", select_metric="val/loss", learning_rate=5e-2, checkpoint_every=4,
+               keep_checkpoints=1)
+    straight = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "a", spec=CPU, reference=ref,
+                     validation=val, progress_bar=False)
+    losses = {r["step"]: r["val/loss"] for r in straight.history}
+    assert sorted(losses) == list(range(1, straight.steps + 1))
+    best = min(losses, key=lambda s: (losses[s], s))
+    assert straight.selected_step == best and best != straight.steps  # this run overshoots: the best is not the last
+    # the output weights are the best step's checkpoint, kept past keep_checkpoints=1
+    kept = [s for s, _ in list_checkpoints(tmp_path / "a" / "checkpoints")]
+    assert kept == sorted({best, straight.steps})
+    best_weights = load_file(str(tmp_path / "a" / "checkpoints" / f"step-{best:06d}" / "model.safetensors"))
+    final = _weights(straight)
+    assert all(torch.equal(final[name], best_weights[name]) for name in best_weights)
+    last = train(_model(tokenizer), tokenizer, df, cfg.model_copy(update={"select": "last"}),
+                 out_dir=tmp_path / "last", spec=CPU, reference=ref, validation=val, progress_bar=False)
+    last_weights = _weights(last)
+    assert last.selected_step == last.steps and any(not torch.equal(final[n], last_weights[n]) for n in final)
+
+    with pytest.raises(TrainingInterrupted):
+        train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
+              validation=val, stop_after_steps=best + 1, progress_bar=False)
+    resumed = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
+                    validation=val, progress_bar=False)
+    assert resumed.resumed_from_step == best + 1 and resumed.selected_step == best
+    assert _strip(resumed.history) == _strip(straight.history)
+    resumed_weights = _weights(resumed)
+    assert all(torch.equal(final[name], resumed_weights[name]) for name in final)
+
+
+def test_validation_errors_are_clear(tmp_path, tokenizer):
+    df, val = _with_validation(4, 2)
+    with pytest.raises(TrainError, match="need validation pairs"):
+        train(_model(tokenizer), tokenizer, df, _cfg(eval_every=1), out_dir=tmp_path / "a", spec=CPU)
+    with pytest.raises(TrainError, match="also training pairs"):
+        train(_model(tokenizer), tokenizer, df, _cfg(eval_every=1), out_dir=tmp_path / "b", spec=CPU,
+              validation=df.iloc[:1])
+    with pytest.raises(TrainError, match="no training step was scored"):
+        from dpo_core.trainer import best_validation_step
+
+        best_validation_step([{"step": 1, "loss": 0.7}], "val/loss")

@@ -140,7 +140,8 @@ def flatten_metrics(tree: Mapping[str, Any], prefix: str) -> tuple[dict[str, flo
 
 
 def training_metric_rows(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int]]:
-    """(name, value, step) for every TRL metric of every history record, names prefixed `train/`.
+    """(name, value, step) for every TRL metric of every history record, names prefixed `train/`; validation metrics
+    scored during training keep their own `val/` names (`val/loss`, `val/rewards/accuracies`, ...).
 
     Raises ValueError when a record has no integer `step` (steps are the x axis; a guess would mislabel curves)."""
     rows: list[tuple[str, float, int]] = []
@@ -156,7 +157,7 @@ def training_metric_rows(history: Sequence[Mapping[str, Any]]) -> list[tuple[str
             if number is None:
                 ignored.add(key)
                 continue
-            rows.append((f"train/{key}", number, int(step)))
+            rows.append((key if key.startswith("val/") else f"train/{key}", number, int(step)))
     if ignored:
         log.warning("training history fields that are not numbers were not logged as metrics: %s",
                     ", ".join(sorted(ignored)))
