@@ -1,13 +1,16 @@
-"""Errors of the data stages. Both are ValueErrors whose message is one line a user can act on."""
+"""Errors of the data stages. Both are ValueErrors whose message is one line a user can act on; a DataError is a
+`dpo_core.config.UserError` (the input data needs fixing), a ContractError may also be a bug in a stage."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from dpo_core.config import UserError
+
 __all__ = ["DataError", "ContractError"]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data cannot be used: a source is missing/unreadable, or too many rows failed validation."""
 
 

@@ -33,6 +33,11 @@ VALIDATION_METRIC_MODE: dict[str, str] = {"val/rewards/accuracies": "max", "val/
 ValidationMetric = Literal[tuple(VALIDATION_METRIC_MODE)]
 
 
+class UserError(ValueError):
+    """Something the user fixes in their config, data or model folder, not a bug in the pipeline. The message is one
+    line that says what to fix; `python -m flows.dpo` prints it as `error: ...` and exits with code 2."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -208,6 +213,12 @@ class JudgeConfig(_Section):
     # `reward_model`: a local sequence-classification reward model folder (path required)
     kind: Literal["embedding", "reward_model"] = "embedding"
     path: str | None = None
+
+    @model_validator(mode="after")
+    def _reward_model_has_path(self) -> "JudgeConfig":
+        if self.kind == "reward_model" and not self.path:
+            raise ValueError("eval.judge.kind is 'reward_model' but eval.judge.path is not set; give the model folder")
+        return self
 
 
 class EvalConfig(_Section):

@@ -202,8 +202,6 @@ def make_judge(cfg: JudgeConfig, *, device: str | torch.device | None = None) ->
     """The judge `cfg` describes: the offline embedding judge, or a reward-model folder (`path` required)."""
     if cfg.kind == "embedding":
         return EmbeddingJudge(cfg.path, device=device)
-    if cfg.kind == "reward_model":
-        if not cfg.path:
-            raise JudgeError("eval.judge.kind is 'reward_model' but eval.judge.path is not set; give the model folder")
+    if cfg.kind == "reward_model":  # JudgeConfig requires its path
         return RewardModelJudge(cfg.path, device=device)
     raise JudgeError(f"unknown judge kind '{cfg.kind}'; use 'embedding' or 'reward_model'")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_core.config import EMBEDDED_MODEL, ModelConfig
+from dpo_core.config import EMBEDDED_MODEL, ModelConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = ".materialized"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model or tokenizer could not be loaded; the message says what is wrong and how to fix it."""
 
 
@@ -52,9 +52,8 @@ class DeviceSpec:
 
 def pick_device(cfg: ModelConfig) -> DeviceSpec:
     """CUDA when present (bf16 autocast over float32 master weights, SDPA or flash attention); CPU float32 otherwise."""
+    check_device(cfg)
     want = cfg.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if use_cuda:
         device = torch.device("cuda")
@@ -73,6 +72,12 @@ def pick_device(cfg: ModelConfig) -> DeviceSpec:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
     return DeviceSpec(device=device, dtype=dtype, autocast_dtype=autocast_dtype, attn_implementation=attn)
+
+
+def check_device(cfg: ModelConfig) -> None:
+    """ModelLoadError when the configured device is not on this machine."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
 
 
 def embedded_gguf_path() -> Path:
@@ -138,11 +143,12 @@ def _online() -> bool:
     ) not in ("1", "true", "True")
 
 
-def resolve_model_path(cfg: ModelConfig, cache_dir: Path | None = None) -> Path | str:
-    """The folder to load from: the materialised embedded model, a local folder, or a hub id (only when online)."""
+def locate_model(cfg: ModelConfig) -> Path | str | None:
+    """Where `cfg.name_or_path` points, checked without loading anything: None for the embedded model, a local model
+    folder (resolved Path), or a hub id (str, only when online). ModelLoadError when it is none of these."""
     name = cfg.name_or_path
     if name == EMBEDDED_MODEL:
-        return materialize_embedded(cache_dir)
+        return None
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -150,16 +156,20 @@ def resolve_model_path(cfg: ModelConfig, cache_dir: Path | None = None) -> Path 
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
         return path.resolve()
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_like_path or "/" not in name:
-        raise ModelLoadError(
-            f"model '{name}' is not the embedded '{EMBEDDED_MODEL}', not an existing folder, and not a hub id (org/name)"
-        )
-    if not _online():
-        raise ModelLoadError(
-            f"model '{name}' looks like a hub id but the hub is offline (HF_HUB_OFFLINE=1); download it to a folder first"
-        )
-    return name
+    hub_shaped = not name.startswith((".", "/", "~")) and name.count("/") == 1
+    if hub_shaped and _online():
+        return name
+    missing = f"model folder {path.resolve()} does not exist (model.name_or_path: {name})"
+    if hub_shaped:  # `org/name` is also a hub id, which cannot be fetched offline
+        raise ModelLoadError(f"{missing}; download the model there first (the hub is offline: HF_HUB_OFFLINE=1)")
+    raise ModelLoadError(f"{missing}; download the model there first, or set model.name_or_path to "
+                         f"'{EMBEDDED_MODEL}' (the embedded model) or a hub id (org/name, online only)")
+
+
+def resolve_model_path(cfg: ModelConfig, cache_dir: Path | None = None) -> Path | str:
+    """The folder to load from: the materialised embedded model, a local folder, or a hub id (only when online)."""
+    located = locate_model(cfg)
+    return materialize_embedded(cache_dir) if located is None else located
 
 
 def load_tokenizer(path: Path | str, cfg: ModelConfig):

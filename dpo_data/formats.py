@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpo_core.config import UserError
+
 __all__ = [
     "FORMATS",
     "FORMAT_FIELDS",
@@ -57,6 +59,7 @@ __all__ = [
     "CanonicalRecord",
     "file_kind",
     "list_data_files",
+    "locate_source",
     "read_records",
     "iter_file_records",
     "detect_format",
@@ -94,7 +97,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 _DETECT_LOOKAHEAD = 50
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """A source cannot be read at all (missing, unknown kind, unparseable file, offline hub id): one-line message."""
 
 
@@ -168,35 +171,42 @@ def _hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def read_records(path: str, *, root: Path, split: str | None = None) -> Iterator[RawRecord]:
-    """Every record of a source: a data file, a folder (all its data files, sorted), a ``save_to_disk`` folder, or a
-    hub dataset id (only when online). ``path`` is relative to ``root`` unless absolute. Raises FormatError for a
-    source that cannot be read at all; yields unreadable records with ``error`` set."""
+def locate_source(path: str, *, root: Path) -> Path | None:
+    """The local file or folder a source ``path`` names (relative to ``root`` unless absolute), or None for a hub
+    dataset id (only when online); checked without reading any record. FormatError when it is none of these."""
     local = Path(path) if Path(path).is_absolute() else root / path
     if local.is_dir():
-        if _is_save_to_disk(local):
-            yield from _iter_save_to_disk(local, split)
-            return
-        files = list_data_files(local)
-        if not files:
+        if not _is_save_to_disk(local) and not list_data_files(local):
             raise FormatError(
                 f"folder {local} holds no data files (expected {', '.join(FILE_KINDS)} or a save_to_disk folder)"
             )
-        for f in files:
-            yield from iter_file_records(f)
-        return
+        return local
     if local.is_file():
-        yield from iter_file_records(local)
-        return
+        return local
     if file_kind(path) is None and _HUB_ID.match(path) and "/" in path:
         if _hub_offline():
             raise FormatError(
                 f"data source '{path}' is not a local file or folder (looked in {local}) and the hub is offline "
                 f"(HF_HUB_OFFLINE=1): copy the dataset under data/ or unset HF_HUB_OFFLINE"
             )
-        yield from _iter_hub(path, split)
-        return
+        return None
     raise FormatError(f"data file not found: {local}")
+
+
+def read_records(path: str, *, root: Path, split: str | None = None) -> Iterator[RawRecord]:
+    """Every record of a source: a data file, a folder (all its data files, sorted), a ``save_to_disk`` folder, or a
+    hub dataset id (only when online). ``path`` is relative to ``root`` unless absolute. Raises FormatError for a
+    source that cannot be read at all (see ``locate_source``); yields unreadable records with ``error`` set."""
+    local = locate_source(path, root=root)
+    if local is None:
+        yield from _iter_hub(path, split)
+    elif local.is_dir() and _is_save_to_disk(local):
+        yield from _iter_save_to_disk(local, split)
+    elif local.is_dir():
+        for f in list_data_files(local):
+            yield from iter_file_records(f)
+    else:
+        yield from iter_file_records(local)
 
 
 def iter_file_records(path: Path) -> Iterator[RawRecord]:

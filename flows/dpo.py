@@ -38,13 +38,15 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.context import get_run_context  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from dpo_core.config import RunConfig, load_config  # noqa: E402
+from dpo_core.config import RunConfig, UserError  # noqa: E402
+from flows.preflight import load_checked_config, one_line, preflight  # noqa: E402
 from tasks.artifacts import needs_refresh  # noqa: E402
 from tasks.common import preload_for_threads  # noqa: E402
 from tasks.compare import compare_key, compare_stage  # noqa: E402
@@ -88,8 +90,11 @@ def dpo(
         config_path: a YAML config (relative paths resolve against the working directory).
         overrides: dotted `section.key=value` overrides applied on top, e.g. `["train.beta=0.2"]`.
         config: a full typed config; when given, `config_path` and `overrides` are ignored.
+
+    Raises a UserError (config, data or model path) before any stage runs when flows.preflight finds one.
     """
-    cfg = config if config is not None else load_config(config_path, overrides or [])
+    cfg = config if config is not None else load_checked_config(config_path, overrides)
+    preflight(cfg)
     flow_run_id = str(get_run_context().flow_run.id)
     _close_killed_runs(cfg, flow_run_id)
     entry = record_start(cfg.resolved_state_dir(), flow_run_id)  # dropped below; left behind only by a killed run
@@ -215,28 +220,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
               f"MLflow run {r.get('run_url') or r.get('run_id')}")
 
 
-def config_error_line(exc: BaseException) -> str:
-    """One readable line for a bad config: pydantic errors as `section.key: message`."""
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.dpo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set train.beta=0.2 (repeatable)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on a config, data or model-path error, print the traceback above the one-line message")
     args = parser.parse_args(argv)
     try:
-        load_config(args.config, args.overrides)  # fail fast on a bad config, before Prefect starts
-    except (OSError, ValueError) as exc:
-        print(f"error: {config_error_line(exc)}", file=sys.stderr)
+        preflight(load_checked_config(args.config, args.overrides))  # before Prefect starts
+        summary = dpo(config_path=args.config, overrides=args.overrides)
+    except UserError as exc:  # anything else is a bug: its traceback is shown as is
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    summary = dpo(config_path=args.config, overrides=args.overrides)
     _print_summary(summary)
     return 0
 

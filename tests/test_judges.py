@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from dpo_core.config import JudgeConfig
 from dpo_core.judges import EmbeddingJudge, Judge, JudgeError, RewardModelJudge, make_judge
@@ -113,7 +114,7 @@ def test_reward_model_judge_reports_weights_that_do_not_fit(reward_model_dir, tm
 
 
 def test_make_judge_errors(tmp_path):
-    with pytest.raises(JudgeError, match="eval.judge.path is not set"):
-        make_judge(JudgeConfig(kind="reward_model"))
+    with pytest.raises(ValidationError, match="eval.judge.path is not set"):
+        JudgeConfig(kind="reward_model")
     with pytest.raises(JudgeError, match="no config.json"):
         make_judge(JudgeConfig(kind="reward_model", path=str(tmp_path)))

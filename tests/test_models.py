@@ -39,14 +39,23 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name, message", [
-    ("./no/such/folder", "not an existing folder"),
-    ("not-a-model", "not an existing folder"),
-    ("some-org/some-model", "hub is offline"),
+    ("./no/such/folder", r"model folder /\S+/no/such/folder does not exist .*or a hub id"),
+    ("not-a-model", r"model folder /\S+/not-a-model does not exist"),
+    ("models/Qwen2.5-0.5B-Instruct", r"model folder /\S+/models/Qwen2.5-0.5B-Instruct does not exist .*hub is offline"),
 ])
-def test_unknown_model_names_are_clear_errors(name, message, monkeypatch):
+def test_unknown_model_names_are_clear_errors(name, message, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match=message):
+    with pytest.raises(ModelLoadError, match=message) as err:
         resolve_model_path(ModelConfig(name_or_path=name))
+    assert "\n" not in str(err.value) and "looks like" not in str(err.value)
+
+
+def test_a_hub_id_passes_through_when_online(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_model_path(ModelConfig(name_or_path="some-org/some-model")) == "some-org/some-model"
 
 
 def test_folder_without_config_or_tokenizer_is_a_clear_error(tmp_path, tiny_model_dir):
