@@ -1,20 +1,16 @@
-"""Parity with TRL's DPOTrainer (the bench's own check): `.venv/bin/python -m pytest bench/test_parity.py`.
-
-The tiny-model case is also in the unit suite (tests/test_bench_parity.py); the SmolLM2 case (~1-2 min on 2 cores)
-lives only here.
+"""Parity with TRL's DPOTrainer on the embedded SmolLM2 (~1-2 min on 2 cores): `.venv/bin/python -m pytest
+bench/test_parity.py`. The tiny-model case runs in `make test` (tests/test_bench_parity.py).
 """
 
 from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("trl", reason="TRL is a bench-only dependency: pip install -e .[bench]")
-
-from bench.parity import run  # noqa: E402
+from bench.parity import run
 
 
-@pytest.mark.parametrize("model", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
-def test_ours_equals_trl(model):
-    report = run(model, n_pairs=4)
+@pytest.mark.slow
+def test_ours_equals_trl_on_smollm2():
+    report = run("smollm2", n_pairs=4)
     assert report.rows, "nothing was compared"
     assert report.ok, report.render()

@@ -171,6 +171,7 @@ def _launch(job: TrainJob | ReferenceJob, job_file: Path, processes: int, on_pro
     finally:
         if timer is not None:
             timer.cancel()
+        proc.stdout.close()
     if expired.is_set():
         raise TimeoutError(f"distributed training did not finish within {timeout_s} s; its processes were stopped")
     if code != 0:

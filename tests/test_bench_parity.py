@@ -1,18 +1,15 @@
 """Our log-probs, rewards and loss equal TRL DPOTrainer's on the same batch (tiny random Llama, float32).
 
-Skipped when TRL (a bench-only dependency) is not installed. The SmolLM2 version: bench/test_parity.py.
+TRL (pinned in the dev extra) is the one external check of the log-probs and the loss. The SmolLM2 version:
+bench/test_parity.py.
 """
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("trl", reason="TRL is a bench-only dependency: pip install -e .[bench]")
+from bench.parity import ATOL, run
 
 
 def test_ours_equals_trl_on_the_same_batch(smollm2_dir):
-    from bench.parity import ATOL, run
-
     report = run("tiny", n_pairs=4)
     names = {r[0].split("[")[0] for r in report.rows}
     assert {"policy logps/chosen", "ref table logps/rejected", "rewards/chosen", "loss"} <= names

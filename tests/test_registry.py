@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -136,7 +137,7 @@ def test_register_load_back_promote_and_reuse(cfg, tiny_model_dir):
     assert str(client.get_model_version_by_alias(name, CANDIDATE).version) == "2"
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
     decision = client.download_artifacts(run2, "registry/decision-v2.json")
-    assert '"promote": false' in open(decision).read()
+    assert '"promote": false' in Path(decision).read_text()
 
     # a better one becomes champion
     better = register(run2, "h3", 0.62, 0.55)

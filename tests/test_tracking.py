@@ -189,9 +189,9 @@ def test_log_data_report_and_quarantine_sample(tracker, run_id, tmp_path):
     quarantine = tmp_path / "quarantine.jsonl"
     quarantine.write_text("".join(json.dumps({"row": i, "reason": "empty chosen"}) + "\n" for i in range(120)))
     tracker.log_data_report(run_id, {"read": 1000, "accepted": 880, "quarantined": 120}, quarantine)
-    report = json.loads(open(tracker.client.download_artifacts(run_id, "data/report.json")).read())
+    report = json.loads(Path(tracker.client.download_artifacts(run_id, "data/report.json")).read_text())
     assert report["quarantined"] == 120
-    sample = open(tracker.client.download_artifacts(run_id, "data/quarantine_sample.jsonl")).read().splitlines()
+    sample = Path(tracker.client.download_artifacts(run_id, "data/quarantine_sample.jsonl")).read_text().splitlines()
     assert len(sample) == 50 and json.loads(sample[0])["row"] == 0
     assert tracker.client.get_run(run_id).data.tags["data.quarantined_lines"] == "120"
 
@@ -209,7 +209,7 @@ def test_log_training_every_step_idempotent_with_curves(tracker, run_id):
                  "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second", "epoch"):
         assert f"train/{name}" in metrics
     png = tracker.client.download_artifacts(run_id, "training/curves.png")
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # explicit offset: the caller says how many leading records are already logged
     assert tracker.log_training(run_id, _history(3, start=13), history_offset=1, curves=False) == 2 * 11
     assert len(tracker.client.get_metric_history(run_id, "train/loss")) == 14
@@ -236,12 +236,12 @@ def test_log_eval_metrics_table_report(tracker, run_id):
     assert logged["eval/hh_harmless/reward_accuracy"] == pytest.approx(0.51)
     assert logged["eval/generation/win_rate"] == pytest.approx(0.75)
     assert "eval/test/eval_set" not in flat
-    table = json.loads(open(tracker.client.download_artifacts(run_id, "generations.json")).read())
+    table = json.loads(Path(tracker.client.download_artifacts(run_id, "generations.json")).read_text())
     assert table["columns"] == list(generations.columns) and len(table["data"]) == 2
-    report = open(tracker.client.download_artifacts(run_id, "eval/report.md")).read()
+    report = Path(tracker.client.download_artifacts(run_id, "eval/report.md")).read_text()
     assert "reward_accuracy | 0.6600" in report and "win_rate | 0.7500" in report and "Say hi" in report
     tracker.log_eval(run_id, metrics, generations, summary)  # a retried flow run does not append the rows again
-    table = json.loads(open(tracker.client.download_artifacts(run_id, "generations.json")).read())
+    table = json.loads(Path(tracker.client.download_artifacts(run_id, "generations.json")).read_text())
     assert len(table["data"]) == 2
 
 
