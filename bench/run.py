@@ -353,9 +353,9 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
           "reference copy, full logits on every position, response counted from the end, full log-softmax, "
           "per-sample Python loop, `gc.collect()` per step.",
           "", "## GPU", "",
-          "Not measured: this session had no GPU. The issue's GPU targets (>= 5x the seed loop's pairs/s, >= 40% "
-          "MFU in bf16 for a Qwen2.5-0.5B-shaped model) are open; `make bench-gpu` (`python -m bench.gpu`) measures "
-          "them on a machine with a GPU (a CUDA torch build)."]  # fmt: skip
+          "Not measured here: this report is CPU-only. The GPU targets (>= 5x the seed loop's pairs/s, >= 40% MFU "
+          "in bf16 for a Qwen2.5-0.5B-shaped model) are measured by `make bench-gpu` (`python -m bench.gpu`) on a "
+          "machine with a GPU (a CUDA torch build)."]  # fmt: skip
     L += ["", "## Notes", "", NOTES_BEGIN, (old_notes or "(no analysis written yet)").strip(), NOTES_END, ""]
     return "\n".join(L)
 

@@ -1,4 +1,5 @@
-"""Small helpers the stage tasks share: retry policy, Prefect artifacts that never break a run, progress updates."""
+"""Small helpers the stage tasks share: model loading one thread at a time, the import preload before stages run in
+threads, the Prefect retry condition, and progress artifacts that never break or stall a run."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def preload_for_threads(judge_kind: str | None = None) -> None:
 
     transformers resolves its classes lazily; two threads doing that first import at once can make one of them fail
     with `ImportError: cannot import name 'AutoModelForCausalLM' from 'transformers'` (Python hands a partially
-    initialised module to one thread to break an import-lock cycle). It shows when training was reused, so nothing
-    imported these before evaluate and compare start side by side (found by tests/faults).
+    initialised module to one thread to break an import-lock cycle). It happens when training was reused, so nothing
+    imported these before evaluate and compare start side by side (tests/faults/test_thread_imports.py reproduces it).
     """
     import transformers
 
@@ -85,7 +86,8 @@ class Progress:
             if not force:
                 return  # the API is slow or down (its client retries for ~1 min): skip, never make the work wait
             self._sender.join(timeout=2.0)  # keep the final update after the one in flight when that is quick
-        # sent from a thread: an unreachable Prefect server must not stall training (found by tests/faults)
+        # sent from a thread: an unreachable Prefect server must not stall training
+        # (tests/faults: test_prefect_server_restart_during_training)
         context = contextvars.copy_context()  # the run's Prefect settings and client context
         self._sender = threading.Thread(target=context.run, args=(self._send, 100.0 * done / max(total, 1)),
                                         name="prefect-progress", daemon=True)
