@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpo_core.fileio import atomic_file
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILE = REPO / "data" / "ultrafeedback_binarized_sample" / "train.jsonl"
 
@@ -308,10 +310,8 @@ def write_result(result: VariantResult, path: Path | None) -> None:
     if path is None:
         print(blob)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(blob)
-        os.replace(tmp, path)
+        with atomic_file(path) as handle:
+            handle.write(blob)
 
 
 def now() -> tuple[float, float]:

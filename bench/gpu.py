@@ -64,7 +64,6 @@ import copy
 import gc
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -81,6 +80,7 @@ from bench.common import step_intervals
 from bench.matmul_peak import measure as measure_gemm_peak
 from bench.ours import train_config
 from bench.seed_loop import left_pad_batch, train_step
+from dpo_core.fileio import atomic_file
 
 # Qwen/Qwen2.5-0.5B-Instruct's config.json (as mirrored at huggingface.co/unsloth/Qwen2.5-0.5B-Instruct, whose
 # "_name_or_path" is Qwen/Qwen2.5-0.5B-Instruct); the architecture fields, not the weights
@@ -627,10 +627,8 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args.settings)
     blob = json.dumps(report, indent=1, default=str)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(blob)
-        os.replace(tmp, args.json)
+        with atomic_file(args.json) as handle:
+            handle.write(blob)
     print(render(report))
 
 

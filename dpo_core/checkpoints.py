@@ -7,26 +7,23 @@ A checkpoint is a folder `<root>/step-000008/` holding
     scheduler.pt        scheduler.state_dict()
     rng.pt              torch / cuda / numpy / python RNG states
     state.json          step, data position, metric history and whatever else the trainer records
-    COMPLETE            a JSON manifest {file: {size, sha256}}, written last
+    MANIFEST.json       every file's size and sha256 (`dpo_core.fileio.write_manifest`), written last
 
-It is assembled in `<root>/.tmp-step-000008-XXXX/` and renamed into place, so a crash never leaves a half-written
-folder under a checkpoint name. A folder whose files no longer match its manifest (truncated, bit-flipped) or that
-fails to load is skipped with a warning and the previous complete checkpoint is used instead.
+It is assembled in `<root>/.step-000008.tmp-XXXXXXXX/` and renamed into place (`dpo_core.fileio.atomic_dir`), so a
+crash never leaves a half-written folder under a checkpoint name. A folder whose files no longer match its manifest
+(truncated, bit-flipped) or that fails to load is skipped with a warning and the previous complete checkpoint is used
+instead.
 
-`write_atomic_dir` is the same mechanism for any folder (the trainer's `final/` model folder uses it).
+`write_atomic_dir` writes any folder the same way (the trainer's `final/` model folder uses it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +33,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpo_core.fileio import atomic_dir, damage, is_complete, write_manifest
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-"
 
 
 class CheckpointWriteError(OSError):
@@ -59,68 +56,6 @@ class CheckpointCorruptError(ValueError):
 # --------------------------------------------------------------------------------------------------- atomic folders
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_manifest(folder: Path) -> None:
-    """fsync every file under `folder`, then write the manifest of their sizes and sha256 last."""
-    entries: dict[str, dict[str, Any]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        _fsync_file(path)
-        entries[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = folder / MANIFEST
-    manifest.write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
-    _fsync_file(manifest)
-    _fsync_dir(folder)
-
-
-def verify_manifest(folder: Path, *, hashes: bool = True) -> None:
-    """Raise CheckpointCorruptError unless `folder` has a manifest and every listed file matches it."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        raise CheckpointCorruptError(f"{folder} has no {MANIFEST} manifest (incomplete)")
-    try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointCorruptError(f"{manifest} is not a valid manifest: {exc}") from exc
-    for name, meta in entries.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointCorruptError(f"{path} is listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != meta["size"]:
-            raise CheckpointCorruptError(f"{path} has {size} bytes, the manifest says {meta['size']} (truncated?)")
-        if hashes and _sha256(path) != meta["sha256"]:
-            raise CheckpointCorruptError(f"{path} does not match its sha256 in the manifest")
-
-
-def is_complete(folder: Path, *, hashes: bool = True) -> bool:
-    try:
-        verify_manifest(folder, hashes=hashes)
-    except CheckpointCorruptError:
-        return False
-    return True
-
-
 def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
     """Create `target` atomically: `fill(tmp)` writes into a temporary sibling, a manifest is added, then rename.
 
@@ -128,35 +63,14 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
     CheckpointWriteError naming `target` (other exceptions propagate unchanged).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
     try:
-        fill(tmp)
-        _write_manifest(tmp)
-        if target.exists():  # an older, incomplete or superseded folder under the same name
-            trash = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{target.name}-", dir=target.parent))
-            os.replace(target, trash / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        with atomic_dir(target) as tmp:
+            fill(tmp)
+            write_manifest(tmp)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = exc.strerror or str(exc)
         raise CheckpointWriteError(exc.errno, f"could not write {target}: {reason}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
-
-
-def remove_stale_tmp(root: Path) -> None:
-    """Remove temporary folders left behind by a crash in the middle of a write."""
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith(_TMP_PREFIX) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------- model tensors
@@ -309,17 +223,24 @@ def prune_checkpoints(root: Path, keep: int, protect: int | None = None) -> None
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     found = list_checkpoints(root)
-    complete = [path for _, path in found if is_complete(path, hashes=False)]
+    complete = [path for _, path in found if is_complete(path, hash_limit=0)]
     kept = set(complete[-keep:]) | ({checkpoint_dir(root, protect)} if protect is not None else set())
     for _, path in found:
         if path not in kept:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _verify(path: Path) -> None:
+    """CheckpointCorruptError unless every file of the checkpoint at `path` matches its manifest (sizes and sha256)."""
+    why = damage(path)
+    if why is not None:
+        raise CheckpointCorruptError(why)
+
+
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
     """Verify `path` against its manifest and read every file; CheckpointCorruptError if anything is off."""
     path = Path(path)
-    verify_manifest(path)
+    _verify(path)
     try:
         state = json.loads((path / STATE_FILE).read_text())
         return Checkpoint(
@@ -338,7 +259,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
 def load_checkpoint_weights(path: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> None:
     """Copy only the weights of the checkpoint at `path` into `model` (verified against its manifest first)."""
     path = Path(path)
-    verify_manifest(path)
+    _verify(path)
     load_model_tensors(model, load_file(str(path / MODEL_FILE), device=str(device)))
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dpo_core.config import EMBEDDED_MODEL, ModelConfig, UserError
+from dpo_core.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +122,10 @@ def materialize_embedded(cache_dir: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=cache_dir))
-    try:
+    with atomic_dir(target) as tmp:  # replaces a stale, incomplete folder from an earlier crash
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE_MARKER).write_text(f"source: {gguf.name}\n")
-        if target.exists():  # a stale, incomplete folder from an earlier crash
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -7,8 +7,6 @@ keeping a second, frozen model in memory and running it every step. Pairs are sc
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pandas as pd
 import torch
 
 from dpo_core.batching import length_grouped_batches, make_batch, pair_length
+from dpo_core.fileio import atomic_file
 from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
 from dpo_core.models import DeviceSpec
 
@@ -103,15 +102,8 @@ def write_reference_table(df: pd.DataFrame, path: str | Path) -> Path:
     if missing:
         raise ReferenceError(f"reference table is missing column(s) {missing}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df[REFERENCE_COLUMNS].to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:
+        df[REFERENCE_COLUMNS].to_parquet(handle, index=False)
     return path
 
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dpo_core.config import ModelConfig, TrainConfig
 from dpo_core.distributed import Dist, destroy_process_group, device_for, distributed_reference_logps
 from dpo_core.distributed import init_process_group, resolve_strategy
+from dpo_core.fileio import atomic_file
 from dpo_core.models import load_model, load_tokenizer, pick_device
 from dpo_core.reference import read_reference_table, write_reference_table
 from dpo_core.trainer import TrainingInterrupted, train
@@ -199,10 +200,8 @@ def run_reference_job(job: ReferenceJob) -> dict[str, Any]:
 
 
 def _write_result(folder: Path, record: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, folder / RESULT_FILE)
+    with atomic_file(folder / RESULT_FILE) as handle:
+        handle.write(json.dumps(record, indent=1))
 
 
 def read_result(out_dir: Path) -> dict[str, Any]:

@@ -44,12 +44,13 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo_core.batching import PairBatch, length_grouped_batches, make_batch, pair_length
-from dpo_core.checkpoints import checkpoint_dir, is_peft_model, remove_stale_tmp, resume_latest, save_checkpoint
+from dpo_core.checkpoints import checkpoint_dir, is_peft_model, resume_latest, save_checkpoint
 from dpo_core.checkpoints import StateLoader, load_checkpoint_weights, write_atomic_dir
 from dpo_core.config import VALIDATION_METRIC_MODE, TrainConfig, stable_hash
 from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distributed_reference_logps, resolve_strategy
 from dpo_core.distributed import broadcast_object, current, shard
 from dpo_core.evaluation import pair_logps
+from dpo_core.fileio import remove_stale_temps
 from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
 from dpo_core.losses import preference_loss, sft_nll
 from dpo_core.models import DeviceSpec
@@ -151,7 +152,7 @@ def train(
     scheduler = _make_scheduler(optimizer, cfg, n_steps)
 
     if ctx.is_main:
-        remove_stale_tmp(ckpt_root)
+        remove_stale_temps(ckpt_root)
     # FSDP: the full state stays in CPU memory; each rank copies only its shard to the device
     ckpt = resume_latest(ckpt_root, model, optimizer, scheduler, "cpu" if strategy == "fsdp" else spec.device,
                          _state_loader(strategy))

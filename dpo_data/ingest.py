@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from data_contracts.errors import ContractError, DataError
 from data_contracts.pairs import PAIR_COLUMNS, pair_failures, validate_pairs
 from dpo_data.quarantine import QuarantineEntry, count_checks, write_quarantine
 from dpo_core.config import VALIDATION_SPLIT, DataConfig, SourceConfig
+from dpo_core.fileio import atomic_file
 from dpo_data.formats import (
     FormatError,
     RawRecord,
@@ -374,15 +373,8 @@ def write_pairs(df: pd.DataFrame, path: Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_file():
         raise DataError(f"cannot write pairs to {path}: it exists and is not a regular file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:
+        pq.write_table(table, handle)
     return path
 
 

@@ -9,14 +9,13 @@ it could be decoded, when the record could not be parsed).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpo_core.fileio import atomic_file
 from dpo_data.formats import json_safe
 
 __all__ = ["QuarantineEntry", "write_quarantine", "read_quarantine", "count_checks"]
@@ -47,16 +46,9 @@ def write_quarantine(entries: Iterable[QuarantineEntry], path: Path) -> Path:
             for entry in entries:
                 fh.write(entry.to_json() + "\n")
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for entry in entries:
-                fh.write(entry.to_json() + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        for entry in entries:
+            fh.write(entry.to_json() + "\n")
     return path
 
 

@@ -19,21 +19,19 @@ import ast
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from dpo_core.config import RunConfig, stable_hash
+from dpo_core.fileio import MANIFEST, atomic_dir, damage, is_complete, read_manifest, remove_stale_temps
+from dpo_core.fileio import sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # The top-level packages of this repository: a stage's code version covers the modules of these it imports.
@@ -112,14 +110,6 @@ def code_version(stage: str, root: Path = PROJECT_ROOT) -> str:
     return h.hexdigest()[:16]
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tree_hash(path: Path, patterns: Sequence[str] = ("*",)) -> str:
     """Content hash of a file or of every file under a folder (relative names + bytes); cached per (size, mtime)."""
     path = Path(path)
@@ -140,7 +130,7 @@ def _cached_file_hash(f: Path) -> str:
     st = f.stat()
     memo = (str(f.resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _HASH_MEMO:
-        _HASH_MEMO[memo] = file_sha256(f)
+        _HASH_MEMO[memo] = sha256_file(f)
     return _HASH_MEMO[memo]
 
 
@@ -160,59 +150,9 @@ def artifact_dir(cfg: RunConfig, stage: str, key: str) -> Path:
     return state_dir(cfg) / "artifacts" / stage / key
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # files up to this size are re-hashed (sha256) whenever a cached artifact is used; larger ones (model weights) are
 # checked by size only, which catches truncation but not a flipped byte
 VERIFY_HASH_BYTES = 256 * 2**20
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_records(folder: Path) -> dict[str, dict[str, Any]]:
-    """`{relative path: {"bytes": n, "sha256": hex or None}}` of an artifact's files (not its manifest, not the
-    resume-only `checkpoints/` a training folder drops once in place); the hash for files <= VERIFY_HASH_BYTES."""
-    records = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if not path.is_file() or rel == MANIFEST or rel.startswith("checkpoints/"):
-            continue
-        size = path.stat().st_size
-        records[rel] = {"bytes": size, "sha256": _sha256(path) if size <= VERIFY_HASH_BYTES else None}
-    return records
-
-
-def damage(folder: Path) -> str | None:
-    """Why a cached artifact folder must not be trusted (no manifest, a file missing, resized or changed), or None.
-
-    Manifests written before files were recorded (no `files` field) are trusted as before."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        return f"{folder} has no readable {MANIFEST}"
-    for rel, record in (manifest.get("files") or {}).items():
-        path = folder / rel
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != record["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {record['bytes']}"
-        if record.get("sha256") and _sha256(path) != record["sha256"]:
-            return f"{path} has changed since it was written (sha256 differs from the manifest)"
-    return None
-
-
-def is_complete(folder: Path) -> bool:
-    return damage(folder) is None
 
 
 @contextlib.contextmanager
@@ -240,50 +180,25 @@ def build_artifact(
     final = artifact_dir(cfg, stage, key)
     with key_lock(cfg, stage, key):
         done = read_manifest(final)
-        why = damage(final) if done is not None else None
+        why = damage(final, hash_limit=VERIFY_HASH_BYTES) if done is not None else None
         if done is not None and why is None:
             return done
         if why is not None:
             log.warning("rebuilding %s/%s: %s", stage, key, why)
         if final.exists():  # a folder without a manifest, or damaged since, is not ours to trust
             shutil.rmtree(final)
-        for stale in final.parent.glob(f".{key}.tmp-*"):  # left by a killed run; we hold the key's lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = work_dir or final.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final.parent, key)  # left by a killed run; we hold the key's lock
         started = time.time()
-        try:
-            fields = fill(tmp)
-        except BaseException:
-            if work_dir is None:  # a failed build keeps nothing half-written (a work_dir keeps its checkpoints)
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if "content_hash" not in fields:
-            raise ValueError(f"stage {stage} returned a manifest without content_hash")
-        manifest = {
-            "stage": stage,
-            "key": key,
-            "path": str(final),
-            "seconds": round(time.time() - started, 3),
-            **fields,
-            "files": file_records(tmp),  # re-checked on every cache hit (`damage`)
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        _fsync_tree(tmp)
-        os.replace(tmp, final)
+        # a failed build keeps nothing half-written (a work_dir keeps its checkpoints)
+        with atomic_dir(final, work_dir=work_dir) as folder:
+            fields = fill(folder)
+            if "content_hash" not in fields:
+                raise ValueError(f"stage {stage} returned a manifest without content_hash")
+            header = {"stage": stage, "key": key, "path": str(final), "seconds": round(time.time() - started, 3)}
+            # every file's size and sha256, re-checked on each cache hit; not the resume-only checkpoints/ the train
+            # stage drops once its artifact is in place
+            manifest = write_manifest(folder, {**header, **fields}, exclude=("checkpoints/",))
         return manifest
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prefect_cache_key(stage: str, key_fn: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:
@@ -301,7 +216,7 @@ def prefect_cache_key(stage: str, key_fn: Callable[..., str]) -> Callable[[Any, 
 
 def needs_refresh(cfg: RunConfig, stage: str, key: str) -> bool:
     """True when a cached result for `key` must not be trusted: its artifact folder is gone, incomplete or damaged."""
-    return not is_complete(artifact_dir(cfg, stage, key))
+    return not is_complete(artifact_dir(cfg, stage, key), hash_limit=VERIFY_HASH_BYTES)
 
 
 def relpath_for_display(path: Path | str) -> str:

@@ -12,9 +12,10 @@ from data_contracts.evaluation import validate_generations
 from dpo_data.ingest import read_pairs
 from dpo_core.config import RunConfig
 from dpo_core.evaluation import compare_generations
+from dpo_core.fileio import sha256_file
 from dpo_core.judges import make_judge
 from dpo_core.models import load_tokenizer, pick_device
-from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import MODEL_LOAD_LOCK, load_model_locked
 from tasks.reference import base_model_config
 from tasks.train import policy_dir
@@ -48,7 +49,7 @@ def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], 
         out = folder / "generations.parquet"
         table.to_parquet(out, index=False)
         (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        return {"content_hash": file_sha256(out)[:16], "generations_file": "generations.parquet",
+        return {"content_hash": sha256_file(out)[:16], "generations_file": "generations.parquet",
                 "summary": json.loads(json.dumps(summary, default=str))}
 
     return build_artifact(cfg, STAGE, compare_key(cfg, model, pairs, trained), fill)

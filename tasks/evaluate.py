@@ -12,9 +12,10 @@ from prefect import task
 from data_contracts.evaluation import validate_metrics
 from dpo_core.config import RunConfig
 from dpo_core.evaluation import EvaluationError, evaluate_preferences
+from dpo_core.fileio import sha256_file
 from dpo_core.models import pick_device
 from dpo_core.reference import read_reference_table
-from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import load_model_locked
 from tasks.reference import base_model_config
 from tasks.train import policy_dir
@@ -60,6 +61,6 @@ def evaluate_stage(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str,
         metrics.to_parquet(out, index=False)
         records = json.loads(metrics.to_json(orient="records"))
         (folder / "metrics.json").write_text(json.dumps(records, indent=1))
-        return {"content_hash": file_sha256(out)[:16], "metrics_file": "metrics.parquet", "metrics": records}
+        return {"content_hash": sha256_file(out)[:16], "metrics_file": "metrics.parquet", "metrics": records}
 
     return build_artifact(cfg, STAGE, evaluate_key(cfg, trained, tokenized, reference), fill)

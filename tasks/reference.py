@@ -13,9 +13,10 @@ from prefect import task
 
 from data_contracts.reference import validate_reference
 from dpo_core.config import RunConfig
+from dpo_core.fileio import sha256_file
 from dpo_core.models import load_model, pick_device
 from dpo_core.reference import compute_reference_logps, read_reference_table, write_reference_table
-from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import Progress
 
 STAGE = "reference"
@@ -68,6 +69,6 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
         progress.update(len(table), len(table), force=True)
         logps = validate_reference(logps, table)
         write_reference_table(logps, out)
-        return {"content_hash": file_sha256(out)[:16], "reference_file": "reference.parquet", "rows": len(logps)}
+        return {"content_hash": sha256_file(out)[:16], "reference_file": "reference.parquet", "rows": len(logps)}
 
     return build_artifact(cfg, STAGE, reference_key(cfg, model, tokenized), fill)

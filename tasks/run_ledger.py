@@ -19,6 +19,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from dpo_core.fileio import atomic_file
+
 log = logging.getLogger(__name__)
 
 __all__ = ["record_start", "record_end", "reap_killed", "process_alive"]
@@ -30,12 +32,9 @@ def _ledger(state_dir: Path) -> Path:
 
 def record_start(state_dir: Path, flow_run_id: str) -> Path:
     """Write this process's ledger entry for `flow_run_id` (atomically) and return its path."""
-    folder = _ledger(state_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    entry = folder / f"{flow_run_id}.json"
-    tmp = folder / f".{flow_run_id}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"flow_run_id": flow_run_id, "host": socket.gethostname(), "pid": os.getpid()}))
-    os.replace(tmp, entry)
+    entry = _ledger(state_dir) / f"{flow_run_id}.json"
+    with atomic_file(entry) as handle:
+        handle.write(json.dumps({"flow_run_id": flow_run_id, "host": socket.gethostname(), "pid": os.getpid()}))
     return entry
 
 

@@ -11,9 +11,10 @@ from prefect import task
 from dpo_data.ingest import read_pairs
 from data_contracts.tokenized import validate_tokenized
 from dpo_core.config import RunConfig
+from dpo_core.fileio import sha256_file
 from dpo_core.models import load_tokenizer
 from dpo_core.templating import ChatRenderer, tokenize_pairs
-from tasks.artifacts import build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 
 STAGE = "template"
 
@@ -46,7 +47,7 @@ def template_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any])
                 f.write(json.dumps(row) + "\n")
         (folder / "report.json").write_text(json.dumps(report_dict, indent=1, default=str))
         return {
-            "content_hash": file_sha256(out)[:16],
+            "content_hash": sha256_file(out)[:16],
             "tokenized_file": "tokenized.parquet",
             "report": {k: v for k, v in report_dict.items() if k != "rejected"},
             "rejected": len(report_dict.get("rejected", [])),

@@ -13,11 +13,12 @@ from prefect import task
 
 from dpo_core.config import VALIDATION_SPLIT, RunConfig
 from dpo_core.distributed import resolve_strategy
+from dpo_core.fileio import sha256_file
 from dpo_core.models import load_model, load_tokenizer, pick_device
 from dpo_core.reference import read_reference_table
 from dpo_core.train_main import TrainJob
 from dpo_core.trainer import TrainResult, train
-from tasks.artifacts import artifact_dir, build_artifact, file_sha256, prefect_cache_key, stage_key
+from tasks.artifacts import artifact_dir, build_artifact, prefect_cache_key, stage_key
 from tasks.common import Progress
 from tasks.launch import launch_training
 from tasks.reference import base_model_config
@@ -129,7 +130,7 @@ def _finish(folder: Path, key: str, result: TrainResult) -> dict[str, Any]:
                     "tokens": result.tokens, "seconds": result.seconds}, indent=1)
     )
     return {
-        "content_hash": file_sha256(weights[0])[:16] if weights else key,
+        "content_hash": sha256_file(weights[0])[:16] if weights else key,
         "model_subdir": str(model_subdir),
         "history_file": "history.jsonl",
         "steps": result.steps,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dpo_core.config import RunConfig
+from dpo_core.fileio import damage, is_complete, read_manifest
 from tasks import artifacts
 
 
@@ -121,7 +123,7 @@ def test_build_artifact_is_atomic_and_built_once(tmp_path):
     m2 = artifacts.build_artifact(cfg, "stage", "k1", fill)
     assert m1 == m2 and len(calls) == 1
     final = Path(m1["path"])
-    assert (final / "out.txt").read_text() == "hello" and artifacts.is_complete(final)
+    assert (final / "out.txt").read_text() == "hello" and is_complete(final)
     assert not artifacts.needs_refresh(cfg, "stage", "k1")
     # no temporary folders are left behind
     assert [p.name for p in final.parent.iterdir()] == ["k1"]
@@ -187,23 +189,29 @@ def test_a_damaged_cached_artifact_is_detected_and_rebuilt(tmp_path, monkeypatch
 
     monkeypatch.setattr(artifacts, "VERIFY_HASH_BYTES", 50)  # big.bin (64 bytes) is checked by size only
     final = Path(artifacts.build_artifact(cfg, "stage", "k", fill)["path"])
-    manifest = artifacts.read_manifest(final)
+    manifest = read_manifest(final)
     assert set(manifest["files"]) == {"table.parquet", "big.bin"}  # not the manifest, not checkpoints/
-    assert manifest["files"]["big.bin"]["sha256"] is None and manifest["files"]["table.parquet"]["sha256"]
+    assert manifest["files"]["big.bin"] == {"bytes": 64, "sha256": hashlib.sha256(b"x" * 64).hexdigest()}
+
     shutil.rmtree(final / "checkpoints")  # what the train stage does once its artifact is in place: still complete
     assert not artifacts.needs_refresh(cfg, "stage", "k")
 
+    def why() -> str | None:
+        return damage(final, hash_limit=artifacts.VERIFY_HASH_BYTES)
+
+    (final / "big.bin").write_bytes(b"y" * 64)  # same size: above the hash limit, not re-hashed on a cache hit
+    assert why() is None
     damaged = bytearray((final / "table.parquet").read_bytes())
     damaged[10] ^= 0xFF  # one flipped byte, same size
     (final / "table.parquet").write_bytes(bytes(damaged))
-    assert "has changed since it was written" in artifacts.damage(final)
+    assert "has changed since it was written" in why()
     assert artifacts.needs_refresh(cfg, "stage", "k")
     artifacts.build_artifact(cfg, "stage", "k", fill)
-    assert len(calls) == 2 and artifacts.damage(final) is None  # rebuilt in place
+    assert len(calls) == 2 and why() is None  # rebuilt in place
 
     (final / "big.bin").write_bytes(b"x" * 10)  # truncated
-    assert "has 10 bytes, the manifest says 64" in artifacts.damage(final)
+    assert "has 10 bytes, the manifest says 64" in why()
     (final / "big.bin").unlink()
-    assert "missing" in artifacts.damage(final)
+    assert "missing" in why()
     artifacts.build_artifact(cfg, "stage", "k", fill)
-    assert len(calls) == 3 and artifacts.damage(final) is None
+    assert len(calls) == 3 and why() is None

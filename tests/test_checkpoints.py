@@ -13,19 +13,17 @@ from dpo_core.checkpoints import (
     CheckpointWriteError,
     apply_checkpoint,
     capture_rng,
-    is_complete,
     list_checkpoints,
     load_model_tensors,
     newest_checkpoint,
     prune_checkpoints,
     read_checkpoint,
-    remove_stale_tmp,
     restore_rng,
     resume_latest,
     save_checkpoint,
-    verify_manifest,
     write_atomic_dir,
 )
+from dpo_core.fileio import damage, is_complete, remove_stale_temps
 
 
 def _setup(seed: int = 0):
@@ -71,8 +69,10 @@ def test_corrupt_newest_is_skipped_and_previous_used(tmp_path, caplog):
     newest = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, state={})
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated
-    with pytest.raises(CheckpointCorruptError, match="truncated"):
-        verify_manifest(newest)
+    size = weights.stat().st_size
+    assert damage(newest) == f"{weights} has {size} bytes, the manifest says {size + 10}"
+    with pytest.raises(CheckpointCorruptError, match="the manifest says"):
+        read_checkpoint(newest)
     assert newest_checkpoint(tmp_path).step == 1
     assert resume_latest(tmp_path, *_setup(3), device="cpu").step == 1
     assert "skipping checkpoint" in caplog.text
@@ -81,7 +81,7 @@ def test_corrupt_newest_is_skipped_and_previous_used(tmp_path, caplog):
     data = bytearray((flipped / "state.json").read_bytes())
     data[2] ^= 1  # same size, different content
     (flipped / "state.json").write_bytes(bytes(data))
-    assert not is_complete(flipped) and is_complete(flipped, hashes=False)
+    assert not is_complete(flipped) and is_complete(flipped, hash_limit=0)  # sizes only: still complete
     assert newest_checkpoint(tmp_path).step == 1
 
 
@@ -111,8 +111,8 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
     target = write_atomic_dir(tmp_path / "final", fine)
     assert (target / "a.txt").read_text() == "a" and is_complete(target)
-    (tmp_path / ".tmp-step-000002-abc").mkdir()  # debris of a crash mid-write
-    remove_stale_tmp(tmp_path)
+    (tmp_path / ".step-000002.tmp-abc").mkdir()  # debris of a crash mid-write
+    remove_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 

@@ -9,7 +9,7 @@ branches. Each is switched on by an environment variable and is a no-op otherwis
                              ingest             pairs.parquet written into the ingest stage's temporary folder
                              reference          reference.parquet written *truncated to half* (a torn write)
                              after-ckpt-N       checkpoint step N complete (between two checkpoint writes)
-                             in-ckpt-N          checkpoint step N's files written, its COMPLETE manifest not yet
+                             in-ckpt-N          checkpoint step N's files written, its manifest not yet
                              train              inside the train stage's key lock, before training starts
                              train-finished     training done, final model saved, the train artifact not yet
                                                 renamed into place
@@ -31,6 +31,7 @@ import errno
 import functools
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,11 +57,9 @@ def no_space(path: Any) -> OSError:
 
 
 def _step_of_tmp(folder: Path) -> int | None:
-    """The step of a checkpoint's temporary folder `.tmp-step-000003-xxxx` (None for other folders)."""
-    name = Path(folder).name
-    if name.startswith(".tmp-step-"):
-        return int(name[len(".tmp-step-"):].split("-")[0])
-    return None
+    """The step of a checkpoint's temporary folder `.step-000003.tmp-xxxxxxxx` (None for other folders)."""
+    match = re.match(r"^\.step-(\d+)\.tmp-", Path(folder).name)
+    return int(match.group(1)) if match else None
 
 
 def install() -> None:
@@ -107,16 +106,16 @@ def install() -> None:
 
     trainer.save_checkpoint = save_checkpoint_hook
 
-    write_manifest = checkpoints._write_manifest
+    write_manifest = checkpoints.write_manifest
 
     @functools.wraps(write_manifest)
-    def write_manifest_hook(folder):
+    def write_manifest_hook(folder, *args, **kwargs):
         step = _step_of_tmp(folder)
         if step is not None:
             pause(f"in-ckpt-{step}")
-        write_manifest(folder)
+        return write_manifest(folder, *args, **kwargs)
 
-    checkpoints._write_manifest = write_manifest_hook
+    checkpoints.write_manifest = write_manifest_hook
 
     save_tensors = checkpoints._save_tensors
 

@@ -44,7 +44,8 @@ def checkpoint_root(state: Path) -> Path:
 
 
 def complete_checkpoints(state: Path) -> list[int]:
-    from dpo_core.checkpoints import is_complete, list_checkpoints
+    from dpo_core.checkpoints import list_checkpoints
+    from dpo_core.fileio import is_complete
 
     return [step for step, path in list_checkpoints(checkpoint_root(state)) if is_complete(path)]
 
@@ -131,9 +132,9 @@ def test_overlapping_runs_train_once_and_share_the_artifact(uninterrupted):
     assert all(s2["stages"][s] == "Cached" for s in UPSTREAM), s2["stages"]
     assert s1["metrics"] == s2["metrics"]
     # nothing was corrupted: the shared artifact's weights still hash to what its manifest says
-    from tasks.artifacts import file_sha256
+    from dpo_core.fileio import sha256_file
 
-    assert file_sha256(uninterrupted.weights)[:16] == uninterrupted.weights_hash
+    assert sha256_file(uninterrupted.weights)[:16] == uninterrupted.weights_hash
     assert tmp_leftovers(uninterrupted.runner.state) == []
     # progress artifacts (sent from a background thread so a dead API never stalls training) still arrive
     assert latest_artifact_data(uninterrupted.runner.server.api_url, "training") == 100.0
@@ -176,10 +177,10 @@ def test_sigkill_at_every_stage_then_rerun_gives_the_uninterrupted_model(
     assert complete_checkpoints(state) == [1, 2]
     assert not list((state / "artifacts" / "reference").glob(".*tmp*")), "the torn reference folder was not swept"
 
-    # 4. during a checkpoint write: step 3's files are there, its COMPLETE manifest is not
+    # 4. during a checkpoint write: step 3's files are there, its manifest is not
     runner.kill_at("in-ckpt-3")
     assert complete_checkpoints(state) == [1, 2]
-    assert list(checkpoint_root(state).glob(".tmp-step-000003-*")), "expected step 3's half-written folder"
+    assert list(checkpoint_root(state).glob(".step-000003.tmp-*")), "expected step 3's half-written folder"
 
     # 5. training finished (final model saved), the artifact not yet renamed into place: the checkpoints are kept
     runner.kill_at("train-finished")
@@ -250,7 +251,7 @@ def test_full_disk_fails_clearly_and_a_corrupt_newest_checkpoint_is_skipped(
     assert rc != 0
     assert "could not write" in log and "step-000003: No space left on device" in log, log[-4000:]
     assert complete_checkpoints(state) == [1, 2]
-    assert not list(checkpoint_root(state).glob(".tmp-*"))
+    assert not list(checkpoint_root(state).glob(".*.tmp-*"))
 
     # the newest checkpoint gets truncated on disk: the re-run warns, resumes from step 1 and ends identical
     newest = checkpoint_root(state) / "step-000002" / "model.safetensors"
