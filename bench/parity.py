@@ -91,7 +91,7 @@ def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport
     from dpo_core.batching import collate_pairs, share_prompt_pairs
     from dpo_core.losses import preference_loss
     from dpo_core.logprobs import sequence_logps, split_pair_logps
-    from dpo_core.models import DeviceSpec
+    from dpo_core.models import DeviceSpec, pad_id
     from dpo_core.reference import compute_reference_logps
 
     torch.manual_seed(0)
@@ -108,12 +108,13 @@ def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport
     spec = DeviceSpec(device=torch.device("cpu"), dtype=torch.float32, autocast_dtype=None, attn_implementation="sdpa")
     ref_table = compute_reference_logps(reference, data.tokenized, batch_size=2, spec=spec)
     rows = data.tokenized.to_dict("records")
-    batch = collate_pairs(rows, tokenizer.pad_token_id)
+    pad = pad_id(tokenizer)
+    batch = collate_pairs(rows, pad)
     with torch.no_grad():
         pol_c, pol_r = split_pair_logps(sequence_logps(policy, batch)[0])
         live_c, live_r = split_pair_logps(sequence_logps(reference, batch)[0])
         # the trainer's default layout: one row prompt + chosen + rejected per pair
-        shared_c, shared_r = split_pair_logps(sequence_logps(policy, share_prompt_pairs(rows, tokenizer.pad_token_id))[0])
+        shared_c, shared_r = split_pair_logps(sequence_logps(policy, share_prompt_pairs(rows, pad))[0])
     ref_c = torch.tensor(ref_table.chosen_logps.to_numpy(), dtype=torch.float32)
     ref_r = torch.tensor(ref_table.rejected_logps.to_numpy(), dtype=torch.float32)
     ours = preference_loss("sigmoid", pol_c, pol_r, ref_c, ref_r, beta=beta)

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import add_fused_lm_head
 
+    from dpo_core.models import pad_id
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=BenchSettings().threads)
     parser.add_argument("--pairs", type=int, default=4)
@@ -121,15 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     trl_model = copy.deepcopy(base)
     add_fused_lm_head(trl_model, outputs=("log_probs", "entropy", "is_top1", "mean_logits"))  # what DPOTrainer asks
     trl_opt = torch.optim.AdamW(trl_model.parameters(), lr=1e-5, fused=True)
-    collator = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=s.max_length)
+    pad = pad_id(tok)
+    collator = DataCollatorForPreference(pad_token_id=pad, max_length=s.max_length)
     examples = [{"prompt_ids": list(r["prompt_ids"]), "chosen_ids": list(r["chosen_ids"]),
                  "rejected_ids": list(r["rejected_ids"])} for r in rows]  # fmt: skip
 
     results = {
-        "ours": profile_once(lambda: _ours_step(ours_model, ours_opt, rows, tok.pad_token_id, ref, s.beta,
-                                                "shared_prompt")),
-        "ours, two padded rows": profile_once(lambda: _ours_step(ours_model, ours_opt, rows, tok.pad_token_id, ref,
-                                                                 s.beta, "padded")),
+        "ours": profile_once(lambda: _ours_step(ours_model, ours_opt, rows, pad, ref, s.beta, "shared_prompt")),
+        "ours, two padded rows": profile_once(lambda: _ours_step(ours_model, ours_opt, rows, pad, ref, s.beta,
+                                                                 "padded")),
         "trl": profile_once(lambda: _trl_step(trl_model, trl_opt, examples, collator, ref, s.beta)),
     }
     del trl_model, trl_opt

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import add_fused_lm_head
 
+    from dpo_core.models import pad_id
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=BenchSettings().threads)
     parser.add_argument("--repeats", type=int, default=5)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(path)
     rows = load_bench_data(tok, s, args.pairs).tokenized.to_dict("records")
     ref = (torch.full((args.pairs,), -150.0), torch.full((args.pairs,), -150.0))
-    pad = tok.pad_token_id
+    pad = pad_id(tok)
 
     ours = load_policy(path).train()
     shared = copy.deepcopy(ours)

@@ -2,9 +2,11 @@
 
 `generate(model, tokenizer, prompts, max_new_tokens=...)` renders every prompt (a chat message list) through the
 tokenizer's chat template with the generation prompt (`dpo_core.templating`, the same renderer the training data
-goes through), left-pads each batch so all prompts end at the same position, and decodes with Hugging Face
-`model.generate` under a fully explicit `GenerationConfig` (no sampling knob is inherited from the model's own
-`generation_config.json`, so the reference and the policy decode under exactly the same settings).
+goes through), left-pads each batch (with `dpo_core.models.pad_id` of the tokenizer) so all prompts end at the same
+position, and decodes with Hugging Face `model.generate` under a fully explicit `GenerationConfig` (no sampling knob
+is inherited from the model's own `generation_config.json`, so the reference and the policy decode under exactly the
+same settings). Each `Generation` carries the prompt ids it was generated from, so a caller that scores the answer
+uses exactly those ids and does not render the prompt again.
 
 Stopping: a sequence stops at the first *stop token*: the tokenizer's eos, the model's configured eos ids, and the
 special token(s) the chat template writes right after an assistant turn (`<|im_end|>` for SmolLM2 and Qwen,
@@ -22,16 +24,26 @@ from typing import Any
 
 import torch
 
-from dpo_core.models import DeviceSpec
-from dpo_core.templating import ChatRenderer
+from dpo_core.models import DeviceSpec, model_spec, pad_id
+from dpo_core.templating import ChatRenderer, PairRenderError
 
-__all__ = ["Generation", "GenerationError", "generate", "stop_token_ids"]
+__all__ = ["Generation", "GenerationError", "PromptRenderError", "generate", "stop_token_ids"]
 
 _PROBE_ANSWER = "Probe answer for end-of-turn detection."
 
 
 class GenerationError(ValueError):
     """Generation cannot run with these inputs; the message says what to fix."""
+
+
+class PromptRenderError(GenerationError):
+    """A prompt cannot be rendered through the chat template: ``index`` is its position in the prompts given,
+    ``reason`` what is wrong with it."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"prompt {index} cannot be rendered: {reason}")
+        self.index = index
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -43,14 +55,19 @@ class Generation:
         n_tokens: number of tokens the model generated, the stop token included when it emitted one.
         stopped_at_eos: True when the model emitted a stop token within `max_new_tokens`; False when it was cut.
         token_ids: the generated ids (`n_tokens` of them; the stop token last when `stopped_at_eos`), no padding.
-        prompt_tokens: length of the rendered prompt the model saw (after any left cut).
+        prompt_ids: the rendered prompt the model generated from (after any left cut), no padding.
     """
 
     text: str
     n_tokens: int
     stopped_at_eos: bool
     token_ids: list[int]
-    prompt_tokens: int = 0
+    prompt_ids: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Length of the rendered prompt the model saw."""
+        return len(self.prompt_ids)
 
     @property
     def content_ids(self) -> list[int]:
@@ -93,13 +110,6 @@ def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
             "end-of-turn token; set an eos token on the tokenizer"
         )
     return sorted(ids)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +161,7 @@ def generate(
 
     Args:
         model: any Hugging Face causal LM (or a peft wrapper of one) with `.generate`.
-        tokenizer: its tokenizer, with a chat template and a pad token (`dpo_core.models.load_tokenizer` sets one).
+        tokenizer: its tokenizer, with a chat template and a pad or eos token (`dpo_core.models.pad_id`).
         prompts: chat message lists `[{"role", "content"}, ...]` ending with a user turn.
         max_new_tokens: the most tokens generated per answer (the stop token included).
         do_sample: False = greedy; True = sample with `temperature` and nucleus `top_p` (no top-k).
@@ -163,18 +173,25 @@ def generate(
             training data (the generation header at the end is kept).
 
     Returns:
-        One `Generation` per prompt.
+        One `Generation` per prompt, holding the prompt ids it was generated from.
+
+    Raises:
+        PromptRenderError: a prompt the chat template cannot render (it names the prompt's position).
     """
     _check_args(prompts, max_new_tokens, temperature, top_p, batch_size)
     if not prompts:
         return []
     from transformers import GenerationConfig
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise GenerationError("the tokenizer has neither a pad nor an eos token; left padding needs one")
+    pad = pad_id(tokenizer)
     renderer = ChatRenderer(tokenizer, system_prompt)
-    prompt_ids = renderer.encode([renderer.prompt_text(p) for p in prompts])
+    texts = []
+    for i, messages in enumerate(prompts):
+        try:
+            texts.append(renderer.prompt_text(messages))
+        except PairRenderError as exc:
+            raise PromptRenderError(i, str(exc)) from exc
+    prompt_ids = renderer.encode(texts)
     if max_prompt_length is not None:
         prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
     stops = stop_token_ids(tokenizer, model)
@@ -184,28 +201,28 @@ def generate(
         repetition_penalty=1.0,
         num_beams=1,
         eos_token_id=stops,
-        pad_token_id=int(pad_id),
+        pad_token_id=pad,
         # sampling knobs only when sampling (greedy decoding warns about them otherwise); top_k=0 disables top-k
         **({"temperature": float(temperature), "top_p": float(top_p), "top_k": 0} if do_sample else {}),
     )
-    device = spec.device if spec is not None else _model_device(model)
-    autocast = spec.autocast() if spec is not None else torch.autocast(device_type=device.type, enabled=False)
+    spec = spec if spec is not None else model_spec(model)
+    device = spec.device
     was_training = model.training
     model.eval()
     out: list[Generation] = []
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), spec.autocast():
             torch.manual_seed(seed)
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = prompt_ids[start : start + batch_size]
-                input_ids, attention = _left_pad(chunk, int(pad_id), device)
+                input_ids, attention = _left_pad(chunk, pad, device)
                 result = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
                 new_tokens = result[:, input_ids.shape[1] :].tolist()
                 for ids, row in zip(chunk, new_tokens):
                     token_ids, stopped = _cut_at_stop(row, set(stops))
                     text = tokenizer.decode(token_ids, skip_special_tokens=True)
-                    out.append(Generation(text, len(token_ids), stopped, token_ids, len(ids)))
+                    out.append(Generation(text, len(token_ids), stopped, token_ids, list(ids)))
     finally:
         model.train(was_training)
     return out

@@ -49,6 +49,15 @@ class DeviceSpec:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
+def model_spec(model: torch.nn.Module) -> DeviceSpec:
+    """The spec a model already runs under: its weights' device and dtype, no autocast (when no spec is given)."""
+    weight = next(model.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    dtype = weight.dtype if weight is not None else torch.float32
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    return DeviceSpec(device=device, dtype=dtype, autocast_dtype=None, attn_implementation=attn)
+
+
 def pick_device(cfg: ModelConfig) -> DeviceSpec:
     """CUDA when present (bf16 autocast over float32 master weights, SDPA or flash attention); CPU float32 otherwise."""
     check_device(cfg)
@@ -185,6 +194,24 @@ def load_tokenizer(path: Path | str, cfg: ModelConfig):
             raise ModelLoadError(f"the tokenizer in {path} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def pad_id(source) -> int:
+    """The token id that pads a batch: ``source.pad_token_id``, else its (first) ``eos_token_id``.
+
+    ``source`` is a tokenizer or a model config (of a multimodal config, its text config). Scoring and training mask
+    padded positions, so there the id only has to be a valid token; generation also gives it to ``model.generate``
+    as the id of rows that have finished.
+    """
+    if hasattr(source, "get_text_config"):
+        source = source.get_text_config()
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(source, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    raise ModelLoadError(f"{type(source).__name__} has neither a pad nor an eos token id; padding a batch needs one")
 
 
 def load_model(path: Path | str, cfg: ModelConfig, spec: DeviceSpec | None = None) -> torch.nn.Module:

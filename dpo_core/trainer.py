@@ -49,12 +49,12 @@ from dpo_core.checkpoints import StateLoader, load_checkpoint_weights, write_ato
 from dpo_core.config import VALIDATION_METRIC_MODE, TrainConfig, stable_hash
 from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distributed_reference_logps, resolve_strategy
 from dpo_core.distributed import broadcast_object, current, shard
-from dpo_core.evaluation import pair_logps
 from dpo_core.fileio import remove_stale_temps
 from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
 from dpo_core.losses import preference_loss, sft_nll
-from dpo_core.models import DeviceSpec
+from dpo_core.models import DeviceSpec, pad_id
 from dpo_core.reference import read_reference_table, write_reference_table
+from dpo_core.scoring import score_pairs
 
 __all__ = ["TrainError", "NonFiniteError", "TrainingInterrupted", "TrainResult", "train", "total_steps",
            "best_validation_step"]
@@ -397,10 +397,11 @@ class _Validator:
 
     def score(self, model: torch.nn.Module) -> dict[str, float]:
         cfg = self.cfg
-        scores = pair_logps(model, self.rows, batch_size=cfg.reference_batch_size, spec=self.spec,
-                            chunk_size=cfg.logprob_chunk_size, layout=cfg.batch_layout)
-        chosen, rejected, chosen_tokens, rejected_tokens = (torch.from_numpy(a) for a in scores)
-        chosen, rejected = chosen.float(), rejected.float()
+        scores = score_pairs(model, self.rows, batch_size=cfg.reference_batch_size, spec=self.spec,
+                             chunk_size=cfg.logprob_chunk_size, layout=cfg.batch_layout)
+        chosen = torch.from_numpy(scores.chosen_logps).float()
+        rejected = torch.from_numpy(scores.rejected_logps).float()
+        chosen_tokens, rejected_tokens = torch.from_numpy(scores.chosen_tokens), torch.from_numpy(scores.rejected_tokens)
         with torch.no_grad():
             losses, _, out = _pair_losses(cfg, chosen, rejected, self.ref, (chosen_tokens, rejected_tokens))
         return {
@@ -417,7 +418,7 @@ class _Validator:
 def _collate(rows: list[dict], layout: str, tokenizer: Any) -> PairBatch:
     """The micro-batch in the run's layout (``train.batch_layout``; ``auto``: one shared-prompt row per pair where
     the attention takes a 4-D mask, see ``dpo_core.batching``)."""
-    return make_batch(rows, tokenizer.pad_token_id, layout)
+    return make_batch(rows, pad_id(tokenizer), layout)
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:

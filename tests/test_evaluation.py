@@ -1,9 +1,13 @@
-"""dpo_core.evaluation (metric maths, evaluate_preferences, compare_generations) and data_contracts.evaluation."""
+"""dpo_core.metrics (maths on arrays), dpo_core.evaluation (evaluate_preferences, compare_generations) and
+data_contracts.evaluation."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,20 +18,18 @@ from data_contracts.errors import ContractError
 from data_contracts.evaluation import GENERATION_COLUMNS, METRIC_COLUMNS, validate_generations, validate_metrics
 from dpo_core.batching import collate_pairs
 from dpo_core.config import EvalConfig, ModelConfig
-from dpo_core.evaluation import (
+from dpo_core.evaluation import compare_generations, evaluate_preferences
+from dpo_core.logprobs import sequence_logps
+from dpo_core.metrics import (
     EvaluationError,
     bootstrap_ci,
-    compare_generations,
     distinct_n,
-    evaluate_preferences,
     length_ratio,
     longest_repeated_ngram,
-    pair_logps,
     preference_metrics,
     trl_metric_names,
     win_rate,
 )
-from dpo_core.logprobs import sequence_logps
 from dpo_core.models import pick_device, tiny_llama
 from dpo_core.reference import compute_reference_logps
 from dpo_core.templating import tokenize_pairs
@@ -121,10 +123,19 @@ def test_win_rate_length_ratio_and_trl_names():
     assert winners == ["policy", "reference", "tie"] and rate == pytest.approx(0.5)
     assert win_rate([2.0, 2.0], [1.0, 2.0 + 1e-9])[0] == pytest.approx(0.75)
     assert length_ratio([20, 40], [15, 15]) == pytest.approx(2.0)
-    with pytest.raises(EvaluationError, match="mean length 0"):
-        length_ratio([3], [0])
+    assert math.isnan(length_ratio([3], [0]))  # every reference answer empty: no length to compare with
+    with pytest.raises(EvaluationError, match="at least one length"):
+        length_ratio([], [1])
     names = trl_metric_names({"reward_accuracy": 0.6, "margin_mean": 0.1, "n_pairs": 8})
     assert names == {"eval_rewards/accuracies": 0.6, "eval_rewards/margins": 0.1}
+
+
+def test_metrics_module_needs_no_torch():
+    """dpo_core.metrics works on arrays alone: importing it loads neither torch nor any model code."""
+    code = "import sys, dpo_core.metrics; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -208,12 +219,6 @@ def test_evaluate_preferences_errors(tokenizer, tokenized, tiny_model):
         evaluate_preferences(tiny_model, tokenized, reference_df=pd.concat([ref_df, ref_df]), **kwargs)
     with pytest.raises(EvaluationError, match="missing column"):
         evaluate_preferences(tiny_model, tokenized.drop(columns="chosen_ids"), reference_df=ref_df, **kwargs)
-
-
-def test_pair_logps_restores_training_mode(tokenizer, tokenized, tiny_model):
-    tiny_model.train()
-    pair_logps(tiny_model, tokenized.to_dict("records"), batch_size=2)
-    assert tiny_model.training
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_core.generation import Generation, GenerationError, generate, stop_token_ids
+from dpo_core.generation import Generation, GenerationError, PromptRenderError, generate, stop_token_ids
 from dpo_core.models import tiny_llama
+from dpo_core.templating import render_prompt_ids
 
 PROMPTS = [
     [{"role": "user", "content": "Hi."}],
@@ -67,15 +68,17 @@ def test_stops_at_end_of_turn_and_reports_it(tokenizer, tiny_model):
     tiny_model.config.tie_word_embeddings = False
     out = generate(tiny_model, tokenizer, PROMPTS[:2], max_new_tokens=5, batch_size=2)
     for g in out:
-        assert g == Generation(text="", n_tokens=1, stopped_at_eos=True, token_ids=[im_end], prompt_tokens=g.prompt_tokens)
+        assert g == Generation(text="", n_tokens=1, stopped_at_eos=True, token_ids=[im_end], prompt_ids=g.prompt_ids)
         assert g.content_ids == []
 
 
-def test_prompt_is_cut_from_the_left(tokenizer):
+def test_generations_carry_their_prompt_ids_cut_from_the_left(tokenizer):
     model = _untied_model(tokenizer)
-    full = generate(model, tokenizer, PROMPTS[1:2], max_new_tokens=2)[0]
+    rendered = [render_prompt_ids(p, tokenizer, None) for p in PROMPTS]
+    full = generate(model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=3)
+    assert [g.prompt_ids for g in full] == rendered  # no padding in them, though the batch was left-padded
     cut = generate(model, tokenizer, PROMPTS[1:2], max_new_tokens=2, max_prompt_length=10)[0]
-    assert cut.prompt_tokens == 10 < full.prompt_tokens
+    assert cut.prompt_ids == rendered[1][-10:] and cut.prompt_tokens == 10 < full[1].prompt_tokens
 
 
 def test_peft_wrapped_model_generates_like_its_base(tokenizer):
@@ -109,11 +112,11 @@ def test_bad_arguments_give_a_clear_error(tokenizer, tiny_model, kwargs, message
         generate(tiny_model, tokenizer, PROMPTS, **kwargs)
 
 
-def test_a_prompt_not_ending_with_a_user_turn_is_refused(tokenizer, tiny_model):
-    from dpo_core.templating import PairRenderError
-
-    with pytest.raises(PairRenderError, match="end with a user message"):
-        generate(tiny_model, tokenizer, [[{"role": "assistant", "content": "x"}]], max_new_tokens=2)
+def test_a_prompt_not_ending_with_a_user_turn_is_refused_by_position(tokenizer, tiny_model):
+    prompts = [PROMPTS[0], [{"role": "assistant", "content": "x"}]]
+    with pytest.raises(PromptRenderError, match="prompt 1 cannot be rendered: .*end with a user message") as err:
+        generate(tiny_model, tokenizer, prompts, max_new_tokens=2)
+    assert err.value.index == 1
 
 
 def test_no_prompts_no_generations(tokenizer, tiny_model):

@@ -16,6 +16,7 @@ from dpo_core.reference import (
     read_reference_table,
     write_reference_table,
 )
+from dpo_core.scoring import ScoringError
 
 CPU = DeviceSpec(torch.device("cpu"), torch.float32, None, "eager")
 
@@ -56,7 +57,7 @@ def test_write_and_read_round_trip(tmp_path, tiny_model):
 def test_bad_inputs_are_clear_errors(tmp_path, tiny_model):
     with pytest.raises(ReferenceError, match="missing column"):
         compute_reference_logps(tiny_model, _tokenized().drop(columns=["chosen_ids"]), batch_size=2, spec=CPU)
-    with pytest.raises(ReferenceError, match="batch_size"):
+    with pytest.raises(ScoringError, match="batch_size"):
         compute_reference_logps(tiny_model, _tokenized(), batch_size=0, spec=CPU)
     with pytest.raises(ReferenceError, match="does not exist"):
         read_reference_table(tmp_path / "nope.parquet")
