@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
-FormatName = Literal["auto", "trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt"]
+# the preference-data formats dpo_data.formats reads (its FORMAT_FIELDS has one entry per name)
+FORMAT_NAMES = ("trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt")
+FormatName = Literal["auto", *FORMAT_NAMES]
 # The preference objectives of dpo_core.losses (one function each); TrainConfig.loss is one of these names.
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
 LossType = Literal[LOSS_TYPES]

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_core.config import UserError
+from dpo_core.config import FORMAT_NAMES, UserError
 
 __all__ = [
     "FORMATS",
@@ -79,7 +79,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "hh_rlhf": ("chosen", "rejected"),
     "sharegpt": ("conversations", "chosen", "rejected", "system"),
 }
-FORMATS = tuple(FORMAT_FIELDS)
+FORMATS = FORMAT_NAMES
 # file kind by (compound) suffix; checked longest first
 FILE_KINDS: dict[str, str] = {
     ".jsonl.gz": "jsonl",

@@ -338,3 +338,11 @@ def test_a_single_json_object_document_is_a_clear_error(tmp_path):
         list(iter_file_records(tmp_path / "wrapped.json"))
     (tmp_path / "one_line.json").write_text(json.dumps(TRL) + "\n")  # one JSON Lines record is fine
     assert [r.record for r in iter_file_records(tmp_path / "one_line.json")] == [TRL]
+
+
+def test_every_config_format_name_has_an_adapter():
+    """config.FORMAT_NAMES (what a config may name) and FORMAT_FIELDS (what the readers adapt) list the same formats."""
+    from dpo_core.config import FORMAT_NAMES
+    from dpo_data.formats import FORMAT_FIELDS
+
+    assert sorted(FORMAT_FIELDS) == sorted(FORMAT_NAMES)
