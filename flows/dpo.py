@@ -124,13 +124,10 @@ def _close_killed_runs(cfg: RunConfig, flow_run_id: str) -> None:
                        "KILLED)", killed)
 
 
-def _stages(cfg: RunConfig) -> dict[str, Any]:
-    """The stages of the flow, in order; returns the run's summary."""
-    logger = get_run_logger()
+def upstream_stages(cfg: RunConfig, stages: dict[str, str], timings: dict[str, float]) -> tuple[dict, ...]:
+    """materialize -> ingest -> template -> reference: the stages a sweep's trials share. Returns their manifests
+    (model, pairs, tokenized, reference); records each stage's state name and wall time."""
     t = cfg.timeouts
-    stages: dict[str, str] = {}
-    timings: dict[str, float] = {}
-
     model = _run(_configured(materialize_model, cfg, "materialize", None, t.materialize), stages, timings,
                  "materialize", cfg=cfg)
     pairs = _run(_configured(ingest_stage, cfg, "ingest", ingest_key(cfg), t.ingest), stages, timings,
@@ -143,10 +140,27 @@ def _stages(cfg: RunConfig) -> dict[str, Any]:
         _configured(reference_stage, cfg, "reference", reference_key(cfg, model, tokenized), t.reference),
         stages, timings, "reference", cfg=cfg, model=model, tokenized=tokenized,
     )
-    trained = _run(
-        _configured(train_stage, cfg, "train", train_key(cfg, model, tokenized, reference), t.train),
+    return model, pairs, tokenized, reference
+
+
+def train_stage_run(cfg: RunConfig, stages: dict[str, str], timings: dict[str, float], model: dict,
+                    tokenized: dict, reference: dict) -> dict[str, Any]:
+    """The train stage on the upstream manifests; returns its manifest."""
+    return _run(
+        _configured(train_stage, cfg, "train", train_key(cfg, model, tokenized, reference), cfg.timeouts.train),
         stages, timings, "train", cfg=cfg, model=model, tokenized=tokenized, reference=reference,
     )
+
+
+def _stages(cfg: RunConfig) -> dict[str, Any]:
+    """The stages of the flow, in order; returns the run's summary."""
+    logger = get_run_logger()
+    t = cfg.timeouts
+    stages: dict[str, str] = {}
+    timings: dict[str, float] = {}
+
+    model, pairs, tokenized, reference = upstream_stages(cfg, stages, timings)
+    trained = train_stage_run(cfg, stages, timings, model, tokenized, reference)
     logger.info("training: %s steps (resumed from step %s)", trained["steps"], trained.get("resumed_from_step"))
 
     # evaluation and the generation comparison are independent: run them concurrently
@@ -186,7 +200,8 @@ def _stages(cfg: RunConfig) -> dict[str, Any]:
         "stages": stages,
         "timings_s": timings,
         "data_fingerprint": pairs["fingerprint"],
-        "train": {k: trained.get(k) for k in ("steps", "resumed_from_step", "tokens", "train_seconds", "path")},
+        "train": {k: trained.get(k) for k in ("steps", "resumed_from_step", "tokens", "train_seconds", "path",
+                                              "selected_step", "validation")},
         "metrics": metrics["metrics"],
         "comparison": comparison["summary"] if comparison else None,
         "registration": registration,

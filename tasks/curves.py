@@ -117,3 +117,40 @@ def save_training_curves(history: Sequence[Mapping[str, Any]], path: Path | str,
     finally:
         plt.close(fig)
     return path
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str,
+               winner: int | None = None) -> Figure:
+    """The validation metric of every completed sweep trial against each swept key: one panel per key. Rows hold
+    `trial` (index), `status`, each key's value and `metric`; the winner is drawn as a star. Numeric values go on a
+    linear axis (log when they are all positive and span 10x or more), anything else on a categorical one."""
+    if not keys:
+        raise ValueError("plot_sweep needs at least one swept key")
+    done = [r for r in rows if r.get("status") == "completed" and r.get(metric) is not None]
+    failed = len(rows) - len(done)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), constrained_layout=True, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        values = [r[key] for r in done]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = [float(v) for v in values]
+            if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
+                ax.set_xscale("log")
+        else:  # categories in order of first appearance
+            labels = list(dict.fromkeys(str(v) for v in values))
+            xs = [labels.index(str(v)) for v in values]
+            ax.set_xticks(range(len(labels)), labels)
+        ys = [float(r[metric]) for r in done]
+        ax.scatter(xs, ys, color="tab:blue", zorder=2, label="trial")
+        for x, y, r in zip(xs, ys, done):
+            if r["trial"] == winner:
+                ax.scatter([x], [y], marker="*", s=220, color="tab:orange", zorder=3, label="winner")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+        if not done:
+            ax.text(0.5, 0.5, "no completed trial", ha="center", va="center", transform=ax.transAxes)
+        elif winner is not None:
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{metric} per trial ({len(done)} completed" + (f", {failed} failed)" if failed else ")"))
+    return fig

@@ -305,9 +305,10 @@ class RunTracker:
         return runs[0].info.run_id if runs else None
 
     def start_run(self, cfg: RunConfig, *, flow_run_id: str, flow_run_name: str, prefect_ui_url: str | None = None,
-                  device: str | None = None) -> str:
+                  device: str | None = None, parent_run_id: str | None = None) -> str:
         """One MLflow run per Prefect flow run: reuse the run tagged with `flow_run_id` if it exists (set back to
-        RUNNING), else create it named `flow_run_name`. Returns the MLflow run id."""
+        RUNNING), else create it named `flow_run_name`; `parent_run_id` nests it under that run (a sweep's trial).
+        Returns the MLflow run id."""
         if not flow_run_id or not str(flow_run_id).strip():
             raise ValueError("start_run needs a non-empty Prefect flow_run_id")
         if device is None:
@@ -323,6 +324,7 @@ class RunTracker:
             "base_model": cfg.model.name_or_path,
             "device": device,
             "config_hash": cfg.config_hash(),
+            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
         }
         run_id = self.find_run(flow_run_id)
         if run_id is not None:
@@ -434,12 +436,7 @@ class RunTracker:
 
             figure = plot_training_curves(records, loss_type=self.cfg.train.loss,
                                           title=f"DPO training ({self.cfg.train.loss}, beta={self.cfg.train.beta})")
-            try:
-                self.call("log_figure", lambda: self.client.log_figure(run_id, figure, "training/curves.png"))
-            finally:
-                import matplotlib.pyplot as plt
-
-                plt.close(figure)
+            self.log_figure(run_id, figure, "training/curves.png")
         return len(metrics)
 
     def log_eval(self, run_id: str, metrics: Mapping[str, Mapping[str, Any]], generations_df: pd.DataFrame | None,
@@ -465,7 +462,7 @@ class RunTracker:
         now = int(time.time() * 1000)
         self._log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in sorted(flat.items())])
         if generations_df is not None and len(generations_df):
-            self._log_table_once(run_id, generations_df, table_file)
+            self.log_table(run_id, generations_df, table_file)
         report = evaluation_report(metrics, summary, generations_df)
         self._log_text(run_id, report, "eval/report.md")
         if summary:
@@ -473,8 +470,31 @@ class RunTracker:
                                                                          "eval/generation_summary.json"))
         return flat
 
-    def _log_table_once(self, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
-        """MLflow's log_table appends to an existing table file: on a retried run, do not append the same rows."""
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Plain `name -> number` metrics at `step` (non-numbers are a ValueError)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = []
+        for key, value in metrics.items():
+            number = as_number(value)
+            if number is None:
+                raise ValueError(f"metric '{key}' must be a number, got {value!r}")
+            rows.append(Metric(key, number, now, step))
+        self._log_batch(run_id, metrics=rows)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact; the figure is closed afterwards."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self.call(f"log_figure({artifact_file})", lambda: self.client.log_figure(run_id, figure, artifact_file))
+        finally:
+            plt.close(figure)
+
+    def log_table(self, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
+        """A table artifact the MLflow UI shows (`artifact_file` ends in .json). MLflow's log_table appends to an
+        existing table file: on a retried run, the same rows are not appended again."""
         frame = df.copy()
         for col in frame.columns:  # token-id lists and message lists -> JSON text (the table viewer shows strings)
             if frame[col].map(lambda v: isinstance(v, (list, dict)) or hasattr(v, "tolist")).any():
