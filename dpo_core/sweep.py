@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dpo_core.config import VALIDATION_METRIC_MODE, RunConfig, ValidationMetric, load_config, parse_override
+from dpo_core.config import VALIDATION_METRIC_MODE, RunConfig, UserError, ValidationMetric, load_config, parse_override
 
 __all__ = ["Range", "SweepSettings", "SweepSpec", "Trial", "load_sweep", "plan_trials", "trial_config",
            "base_config", "pick_winner"]
@@ -153,7 +153,7 @@ def base_config(spec: SweepSpec) -> RunConfig:
     """The run config shared by every trial (before its own values); a sweep needs a validation split to pick on."""
     cfg = load_config(spec.config, _overrides(spec))
     if cfg.data.validation_fraction == 0:
-        raise ValueError("a sweep picks its winner on the validation split: set data.validation_fraction (e.g. 0.1) "
+        raise UserError("a sweep picks its winner on the validation split: set data.validation_fraction (e.g. 0.1) "
                          "in the run config or the sweep's overrides")
     return cfg
 

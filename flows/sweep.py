@@ -26,11 +26,12 @@ import contextlib
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
 # flows.dpo first: importing it keeps Prefect's results and ephemeral database under the state folder
-from flows.dpo import config_error_line, dpo, train_stage_run, upstream_stages
+from flows.dpo import dpo, train_stage_run, upstream_stages
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -39,10 +40,28 @@ from prefect.futures import wait  # noqa: E402
 from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.task_runners import ProcessPoolTaskRunner  # noqa: E402
 
+import yaml  # noqa: E402
+
+from dpo_core.config import RunConfig, UserError  # noqa: E402
 from dpo_core.sweep import (  # noqa: E402
     SweepSpec, Trial, base_config, load_sweep, pick_winner, plan_trials, trial_config,
 )
+from flows.preflight import config_error_line, one_line, preflight  # noqa: E402
 from tasks.sweep import TrialRun, log_sweep, start_sweep_run  # noqa: E402
+
+
+def load_checked_sweep(path: str, sets: list[str] | None = None,
+                       spec: SweepSpec | None = None) -> tuple[SweepSpec, RunConfig, list[Trial]]:
+    """The sweep (read from `path` with `sets` applied, unless `spec` is given), its base run config and its trials;
+    any problem with the file, the base config, its model or its data as one UserError line."""
+    try:
+        spec = spec if spec is not None else load_sweep(path, sets)
+        base = base_config(spec)
+        trials = plan_trials(spec.sweep)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"sweep {path}: {config_error_line(exc)}") from exc
+    preflight(base)
+    return spec, base, trials
 
 
 @flow(name="dpo-sweep-trial", flow_run_name="{trial.name}", log_prints=True)
@@ -138,9 +157,7 @@ def dpo_sweep(
         spec: a full typed sweep; when given, `config_path` and `overrides` are ignored.
     """
     logger = get_run_logger()
-    spec = spec if spec is not None else load_sweep(config_path, overrides or [])
-    base = base_config(spec)
-    trials = plan_trials(spec.sweep)
+    spec, base, trials = load_checked_sweep(config_path, overrides or [], spec)
     logger.info("%d trials over %s, %d at a time; winner by %s on validation", len(trials),
                 ", ".join(spec.sweep.params), spec.sweep.concurrency, spec.sweep.metric)
     tracker, parent_run_id = start_sweep_run(base, spec, trials) if base.registry.enabled else (None, None)
@@ -194,15 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/sweep.yaml", help="sweep file (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="sweep.<field>=... changes the sweep; any other key every trial's config (repeatable)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on a sweep, config, data or model-path error, print the traceback above the message")
     args = parser.parse_args(argv)
-    try:  # fail fast on a bad sweep file or base config, before Prefect starts
-        spec = load_sweep(args.config, args.overrides)
-        base_config(spec)
-        plan_trials(spec.sweep)
-    except (OSError, ValueError) as exc:
-        print(f"error: {config_error_line(exc)}", file=sys.stderr)
+    try:
+        spec, _, _ = load_checked_sweep(args.config, args.overrides)  # before Prefect starts
+        summary = dpo_sweep(config_path=args.config, overrides=args.overrides)
+    except UserError as exc:  # anything else is a bug: its traceback is shown as is
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    summary = dpo_sweep(config_path=args.config, overrides=args.overrides)
     _print_summary(summary, spec)
     return 0
 
