@@ -158,6 +158,8 @@ class TrainConfig(_Section):
     # (ties: the earliest); best_val checkpoints every scored step and keeps the best checkpoint until the end
     select: Literal["last", "best_val"] = "last"
     select_metric: ValidationMetric = "val/rewards/accuracies"
+    # early stopping: end training once select_metric has not improved for this many validation scorings in a row
+    patience: int | None = Field(None, gt=0)
     precompute_reference: bool = True  # False: a live frozen reference model (for comparison/benchmarks)
     reference_batch_size: int = Field(8, gt=0)
     # response positions per LM-head chunk: bounds the transient [chunk, vocab] float32 logits (256 x 49152 x 4 B =
@@ -183,6 +185,8 @@ class TrainConfig(_Section):
         if self.select == "best_val" and self.eval_every is None:
             raise ValueError("train.select=best_val needs train.eval_every (validation is otherwise scored after the "
                              "last step only, leaving nothing to choose from)")
+        if self.patience is not None and self.eval_every is None:
+            raise ValueError(f"train.patience={self.patience} counts validation scorings: set train.eval_every")
         return self
 
     @model_validator(mode="after")

@@ -87,7 +87,7 @@ class TrainingInterrupted(RuntimeError):
 @dataclass
 class TrainResult:
     model_dir: Path  # out_dir / "final": HF folder (safetensors + tokenizer), LoRA merged
-    steps: int
+    steps: int  # optimizer steps trained: the planned total unless train.patience stopped the run early
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_step: int | None = None
     tokens: int = 0  # non-padding tokens trained on over the whole run (resumed parts included)
@@ -169,6 +169,8 @@ def train(
     plan = _DataPlan(rows, cfg)
     bar = tqdm(total=n_steps, initial=start, desc="dpo", unit="step", disable=not progress_bar or not ctx.is_main)
     for step in range(start + 1, n_steps + 1):
+        if _patience_ran_out(history, cfg):  # early stopping (a resumed run that had stopped stays stopped)
+            break
         t0 = time.perf_counter()
         stats = _Stats()
         micro_batches = plan.step_batches(step)
@@ -221,18 +223,29 @@ def train(
     bar.close()
 
     model_dir = out_dir / "final"
-    selected = n_steps
+    last = int(history[-1]["step"])  # n_steps unless train.patience stopped the run early
+    selected = last
     if cfg.select == "best_val":
         selected = best_validation_step(history, cfg.select_metric)
-        if selected != n_steps and ctx.is_main:  # only rank 0 writes the final folder
+        if selected != last and ctx.is_main:  # only rank 0 writes the final folder
             load_checkpoint_weights(checkpoint_dir(ckpt_root, selected), model, spec.device)
     tensors, _ = _consolidated(model, None, strategy)
     if ctx.is_main:
         _save_final(model, tokenizer, model_dir, tensors)
     ctx.barrier()
-    return TrainResult(model_dir=model_dir, steps=n_steps, history=history,
+    return TrainResult(model_dir=model_dir, steps=last, history=history,
                        resumed_from_step=ckpt.step if ckpt else None, tokens=tokens,
                        seconds=time.perf_counter() - started, selected_step=selected)
+
+
+def _patience_ran_out(history: list[dict[str, Any]], cfg: TrainConfig) -> bool:
+    """``train.patience``: the last ``patience`` validation scorings all came after the best one (a tie is no
+    improvement)."""
+    scored = [int(r["step"]) for r in history if cfg.select_metric in r]
+    if cfg.patience is None or not scored:
+        return False
+    best = best_validation_step(history, cfg.select_metric)
+    return sum(step > best for step in scored) >= cfg.patience
 
 
 def best_validation_step(history: list[dict[str, Any]], metric: str) -> int:

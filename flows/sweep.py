@@ -30,24 +30,21 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-# flows.dpo first: importing it keeps Prefect's results and ephemeral database under the state folder
+# flows.dpo before prefect: importing it keeps Prefect's results and ephemeral database under the state folder
 from flows.dpo import dpo, train_stage_run, upstream_stages
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.context import get_run_context  # noqa: E402
-from prefect.futures import wait  # noqa: E402
-from prefect.settings import PREFECT_API_URL  # noqa: E402
-from prefect.task_runners import ProcessPoolTaskRunner  # noqa: E402
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.futures import wait
+from prefect.settings import PREFECT_API_URL
+from prefect.task_runners import ProcessPoolTaskRunner
 
-import yaml  # noqa: E402
-
-from dpo_core.config import RunConfig, UserError  # noqa: E402
-from dpo_core.sweep import (  # noqa: E402
-    SweepSpec, Trial, base_config, load_sweep, pick_winner, plan_trials, trial_config,
-)
-from flows.preflight import config_error_line, one_line, preflight  # noqa: E402
-from tasks.sweep import TrialRun, log_sweep, start_sweep_run  # noqa: E402
+from dpo_core.config import RunConfig, UserError
+from dpo_core.sweep import SweepSpec, Trial, base_config, load_sweep, pick_winner, plan_trials, trial_config
+from flows.preflight import config_error_line, one_line, preflight
+from tasks.sweep import TrialRun, log_sweep, start_sweep_run
 
 
 def load_checked_sweep(path: str, sets: list[str] | None = None,

@@ -221,3 +221,20 @@ def test_sweep_cli_fails_fast_on_a_bad_sweep_file(tmp_path, capsys):
     assert "picks its winner on the validation split" in capsys.readouterr().err
     assert main(["--config", str(path), "--set", "sweep.method=random"]) == 2
     assert "needs sweep.trials" in capsys.readouterr().err
+
+
+def test_sweep_plot_has_a_panel_per_key_and_marks_the_winner():
+    from tasks.curves import plot_sweep
+
+    rows = [{"trial": i, "status": "completed", "train.learning_rate": lr, "train.loss": loss,
+             "val/rewards/accuracies": acc}
+            for i, (lr, loss, acc) in enumerate([(1e-6, "sigmoid", 0.5), (1e-4, "ipo", 0.7), (1e-5, "sigmoid", 0.6)])]
+    rows.append({"trial": 3, "status": "failed", "train.learning_rate": 1e-3, "train.loss": "ipo",
+                 "val/rewards/accuracies": None})
+    fig = plot_sweep(rows, ["train.learning_rate", "train.loss"], "val/rewards/accuracies", winner=1)
+    rate_ax, loss_ax = fig.axes
+    assert rate_ax.get_xscale() == "log" and rate_ax.get_xlabel() == "train.learning_rate"
+    assert [t.get_text() for t in loss_ax.get_xticklabels()] == ["sigmoid", "ipo"]
+    winner_points = [c for c in rate_ax.collections if c.get_label() == "winner"]
+    assert len(winner_points) == 1 and list(winner_points[0].get_offsets()[0]) == [1e-4, 0.7]
+    assert "3 completed, 1 failed" in fig._suptitle.get_text()

@@ -329,3 +329,31 @@ def test_validation_errors_are_clear(tmp_path, tokenizer):
         from dpo_core.trainer import best_validation_step
 
         best_validation_step([{"step": 1, "loss": 0.7}], "val/loss")
+
+
+def test_patience_stops_early_on_validation_and_a_resumed_run_stays_stopped(tmp_path, tokenizer):
+    df, val = _with_validation()
+    ref = compute_reference_logps(_model(tokenizer), pd.concat([df, val]), batch_size=4, spec=CPU)
+    cfg = _cfg(eval_every=1, select="best_val", select_metric="val/loss", learning_rate=5e-2, checkpoint_every=4,
+               keep_checkpoints=1)
+    full = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "full", spec=CPU, reference=ref,
+                 validation=val, progress_bar=False)
+    # where patience 1 stops: the first scoring that does not improve on the best so far (lower val/loss)
+    best_so_far, stop, best_at_stop = float("inf"), None, None
+    for row in full.history:
+        if row["val/loss"] < best_so_far:
+            best_so_far, best_step = row["val/loss"], row["step"]
+        elif stop is None:
+            stop, best_at_stop = row["step"], best_step
+    assert stop is not None and stop < full.steps  # this run overshoots, so patience has something to stop
+
+    early = train(_model(tokenizer), tokenizer, df, cfg.model_copy(update={"patience": 1}), out_dir=tmp_path / "e",
+                  spec=CPU, reference=ref, validation=val, progress_bar=False)
+    assert early.steps == stop and early.selected_step == best_at_stop
+    assert _strip(early.history) == _strip(full.history[:stop])
+    kept = load_file(str(tmp_path / "e" / "checkpoints" / f"step-{best_at_stop:06d}" / "model.safetensors"))
+    final = _weights(early)
+    assert all(torch.equal(final[name], kept[name]) for name in kept)
+    again = train(_model(tokenizer), tokenizer, df, cfg.model_copy(update={"patience": 1}), out_dir=tmp_path / "e",
+                  spec=CPU, reference=ref, validation=val, progress_bar=False)
+    assert again.resumed_from_step == stop and again.steps == stop and again.selected_step == best_at_stop
