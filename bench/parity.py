@@ -14,7 +14,10 @@ What is compared, per pair of the batch (4 UltraFeedback pairs, the benchmark's 
 * reference log-prob sums: TRL's `compute_ref_log_probs` (its precompute path) against both
   `dpo_core.reference.compute_reference_logps` (our precomputed table) and a live `sequence_logps`;
 * rewards (beta * log-ratio) and the loss: TRL's `_compute_loss` itself (loss and its logged metric means)
-  against `dpo_core.losses.preference_loss("sigmoid", ...)`.
+  against `dpo_core.losses.preference_loss("sigmoid", ...)`;
+* with `--objectives`, every objective TRL's `DPOTrainer` has (`OBJECTIVE_CASES`: each `loss_type`, the
+  f-divergences, a weighted mixture): loss, mean rewards and every policy parameter's gradient
+  (`objective_parity`).
 
 Tolerance: |ours - TRL| <= ATOL + RTOL * |TRL| with ATOL = RTOL = 1e-4 (log-prob sums over ~100 tokens are in the
 hundreds; float32 summation order alone moves them by ~1e-5 relative).
@@ -26,6 +29,8 @@ import argparse
 import copy
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +58,20 @@ class ParityReport:
             self.rows.append((label, a, b, diff))
             if not diff <= ATOL + RTOL * abs(b):
                 self.failures.append(f"{label}: ours {a:.6f} vs TRL {b:.6f} (diff {diff:.2e})")
+
+    def check_max(self, name: str, ours, trl) -> None:
+        """One row for a whole tensor: its largest |ours - TRL|, failing where any element is out of tolerance."""
+        ours_t, trl_t = torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(trl, dtype=torch.float64)
+        if ours_t.shape != trl_t.shape:
+            self.failures.append(f"{name}: shape {tuple(ours_t.shape)} vs TRL {tuple(trl_t.shape)}")
+            return
+        diff = (ours_t - trl_t).abs()
+        worst = int(diff.argmax())
+        self.rows.append((name, float(ours_t.flatten()[worst]), float(trl_t.flatten()[worst]), float(diff.max())))
+        bad = int((diff > ATOL + RTOL * trl_t.abs()).sum())
+        if bad:
+            self.failures.append(f"{name}: {bad} of {diff.numel()} elements out of tolerance (max diff "
+                                 f"{float(diff.max()):.2e})")
 
     @property
     def ok(self) -> bool:
@@ -84,13 +103,30 @@ def _models(kind: str, tokenizer, path):
     return policy, reference
 
 
-def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport:
+@dataclass
+class Setup:
+    """One batch scored both ways: our rows, log-probs and reference table, and TRL's trainer and collated inputs."""
+
+    beta: float
+    policy: torch.nn.Module
+    rows: list[dict]
+    batch: object  # dpo_core.batching.PairBatch, two padded rows per pair (TRL's layout)
+    ref_chosen: torch.Tensor  # our precomputed reference table, Float[B]
+    ref_rejected: torch.Tensor
+    trainer: object  # trl.DPOTrainer
+    inputs: dict  # TRL's collated batch
+    trl_logps: torch.Tensor  # TRL's policy log-prob sums, Float[2B] (chosen then rejected), no grad
+    trl_ref: tuple[torch.Tensor, torch.Tensor]  # TRL's reference log-prob sums (chosen, rejected), Float[B] each
+
+
+@contextmanager
+def trl_setup(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, **trl_args) -> Iterator[Setup]:
+    """The benchmark's pairs, a policy and a reference, our reference table, and a TRL ``DPOTrainer`` (live
+    reference, CPU, float32) with its collated batch of the same pairs. ``trl_args`` go to ``DPOConfig``."""
     from trl import DPOConfig, DPOTrainer
 
     from bench.trl_dpo import conversational_dataset
-    from dpo_core.batching import collate_pairs, share_prompt_pairs
-    from dpo_core.losses import preference_loss
-    from dpo_core.logprobs import sequence_logps, split_pair_logps
+    from dpo_core.batching import collate_pairs
     from dpo_core.models import DeviceSpec, pad_id
     from dpo_core.reference import compute_reference_logps
 
@@ -102,30 +138,14 @@ def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport
     policy, reference = _models(kind, tokenizer, path)
     policy.float().eval()
     reference.float().eval()
-    report = ParityReport()
-
-    # --- ours: precomputed reference table, live reference, policy log-probs, loss
     spec = DeviceSpec(device=torch.device("cpu"), dtype=torch.float32, autocast_dtype=None, attn_implementation="sdpa")
     ref_table = compute_reference_logps(reference, data.tokenized, batch_size=2, spec=spec)
     rows = data.tokenized.to_dict("records")
-    pad = pad_id(tokenizer)
-    batch = collate_pairs(rows, pad)
-    with torch.no_grad():
-        pol_c, pol_r = split_pair_logps(sequence_logps(policy, batch)[0])
-        live_c, live_r = split_pair_logps(sequence_logps(reference, batch)[0])
-        # the trainer's default layout: one row prompt + chosen + rejected per pair
-        shared_c, shared_r = split_pair_logps(sequence_logps(policy, share_prompt_pairs(rows, pad))[0])
-    ref_c = torch.tensor(ref_table.chosen_logps.to_numpy(), dtype=torch.float32)
-    ref_r = torch.tensor(ref_table.rejected_logps.to_numpy(), dtype=torch.float32)
-    ours = preference_loss("sigmoid", pol_c, pol_r, ref_c, ref_r, beta=beta)
-    ours_shared = preference_loss("sigmoid", shared_c, shared_r, ref_c, ref_r, beta=beta)
-
-    # --- TRL: its tokenization, collator, fused-head log-probs, reference pass and _compute_loss
     with tempfile.TemporaryDirectory(prefix="bench-parity-") as out_dir:
         args = DPOConfig(
             output_dir=out_dir, per_device_train_batch_size=n_pairs, max_length=s.max_length, beta=beta,
-            loss_type=["sigmoid"], bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-            report_to="none", save_strategy="no", disable_tqdm=True, precompute_ref_log_probs=False,
+            bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
+            save_strategy="no", disable_tqdm=True, precompute_ref_log_probs=False, **trl_args,
         )  # fmt: skip
         trainer = DPOTrainer(
             model=policy, ref_model=reference, args=args, train_dataset=conversational_dataset(data),
@@ -134,16 +154,51 @@ def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport
         examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
         inputs = trainer.data_collator(examples)
         trainer.model.eval()
-        with torch.no_grad():
+        with torch.no_grad():  # TRL's fused-LM-head forward (the lines of `DPOTrainer._compute_loss`)
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-            out = trainer.model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                fused_lm_head=True, use_cache=False,
-            )  # fmt: skip
-            trl_c, trl_r = out.log_probs.sum(dim=1).chunk(2, dim=0)
-            trl_ref_c, trl_ref_r = trainer.compute_ref_log_probs(trainer.ref_model, inputs)
-            trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
-        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # the model is in eval mode
+            out = trainer.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                labels=labels, fused_lm_head=True, use_cache=False)
+            trl_ref = trainer.compute_ref_log_probs(trainer.ref_model, inputs)
+        yield Setup(beta=beta, policy=policy, rows=rows, batch=collate_pairs(rows, pad_id(tokenizer)),
+                    ref_chosen=torch.tensor(ref_table.chosen_logps.to_numpy(), dtype=torch.float32),
+                    ref_rejected=torch.tensor(ref_table.rejected_logps.to_numpy(), dtype=torch.float32),
+                    trainer=trainer, inputs=inputs, trl_logps=out.log_probs.sum(dim=1), trl_ref=trl_ref)
+
+
+def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, setup: Setup | None = None) -> ParityReport:
+    """The log-probs, reference, rewards and sigmoid loss of both (see the module docstring); on ``setup`` when
+    given (its ``beta``), else on a new one."""
+    if setup is None:
+        with trl_setup(kind, n_pairs, beta) as setup:
+            return run(setup=setup)
+    return _compare_scoring(setup)
+
+
+def _compare_scoring(setup: Setup) -> ParityReport:
+    from dpo_core.batching import share_prompt_pairs
+    from dpo_core.logprobs import sequence_logps, split_pair_logps
+    from dpo_core.losses import preference_loss
+    from dpo_core.models import pad_id
+
+    report, beta, trainer, inputs, batch = ParityReport(), setup.beta, setup.trainer, setup.inputs, setup.batch
+    ref_c, ref_r = setup.ref_chosen, setup.ref_rejected
+    # --- ours: policy log-probs (TRL's two padded rows per pair, and the trainer's default shared-prompt rows), a
+    # live reference, the loss on our precomputed reference table
+    with torch.no_grad():
+        pol_c, pol_r = split_pair_logps(sequence_logps(setup.policy, batch)[0])
+        live_c, live_r = split_pair_logps(sequence_logps(trainer.ref_model, batch)[0])
+        shared = share_prompt_pairs(setup.rows, pad_id(trainer.processing_class))
+        shared_c, shared_r = split_pair_logps(sequence_logps(setup.policy, shared)[0])
+    ours = preference_loss("sigmoid", pol_c, pol_r, ref_c, ref_r, beta=beta)
+    ours_shared = preference_loss("sigmoid", shared_c, shared_r, ref_c, ref_r, beta=beta)
+
+    # --- TRL: its fused-head log-probs and reference pass (both in the setup), and _compute_loss
+    trl_c, trl_r = setup.trl_logps.chunk(2, dim=0)
+    trl_ref_c, trl_ref_r = setup.trl_ref
+    _use_objective(trainer, [("sigmoid", 1.0)], {})
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # the model is in eval mode
 
     same_ids = torch.equal(inputs["input_ids"], batch.input_ids) and torch.equal(
         inputs["completion_mask"][:, 1:].bool(), batch.response_mask[:, 1:]
@@ -171,15 +226,109 @@ def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1) -> ParityReport
     return report
 
 
+# TRL's names of our f-divergences (DPOConfig.f_divergence_type)
+TRL_F_DIVERGENCE = {"reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "js": "js_divergence",
+                    "alpha": "alpha_divergence"}
+# objectives whose rewards we report per token (beta * log-ratio / |y|); TRL reports beta * log-ratio for all
+PER_TOKEN_REWARDS = ("ipo", "sigmoid_norm")
+# every objective TRL's DPOTrainer has, as (label, objective, settings); `sft` is left out: TRL averages its NLL over
+# all chosen tokens of the batch, ours per pair (dpo_core.losses.sft_loss)
+OBJECTIVE_CASES: list[tuple[str, list[tuple[str, float]], dict]] = [
+    *((name, [(name, 1.0)], {}) for name in ("sigmoid", "hinge", "ipo", "sigmoid_norm", "nca_pair", "bco_pair",
+                                             "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")),
+    ("robust, label_smoothing=0.1", [("robust", 1.0)], {"label_smoothing": 0.1}),
+    ("exo_pair, label_smoothing=1e-3", [("exo_pair", 1.0)], {"label_smoothing": 1e-3}),
+    ("aot, label_smoothing=0.1", [("aot", 1.0)], {"label_smoothing": 0.1}),
+    ("discopop, tau=0.5", [("discopop", 1.0)], {"discopop_tau": 0.5}),
+    ("sigmoid, f_divergence=forward_kl", [("sigmoid", 1.0)], {"f_divergence": "forward_kl"}),
+    ("sigmoid, f_divergence=js", [("sigmoid", 1.0)], {"f_divergence": "js"}),
+    ("sigmoid, f_divergence=alpha, f_alpha=0.3", [("sigmoid", 1.0)], {"f_divergence": "alpha", "f_alpha": 0.3}),
+    ("ipo, f_divergence=js", [("ipo", 1.0)], {"f_divergence": "js"}),
+    ("0.8 sigmoid + 0.2 bco_pair (MPO)", [("sigmoid", 0.8), ("bco_pair", 0.2)], {}),
+]
+
+
+def _use_objective(trainer, objective: list[tuple[str, float]], settings: dict) -> None:
+    """Point the trainer's ``_compute_loss`` at ``objective`` with our ``settings``, as the ``DPOConfig`` fields of the
+    same meaning would (``loss_type``, ``loss_weights``, ``label_smoothing``, ``f_divergence_type``, ...)."""
+    trainer.loss_types, trainer.loss_weights = [name for name, _ in objective], [w for _, w in objective]
+    trainer.label_smoothing = settings.get("label_smoothing", 0.0)
+    trainer.f_divergence_type = TRL_F_DIVERGENCE[settings.get("f_divergence", "reverse_kl")]
+    trainer.f_alpha_divergence_coef = settings.get("f_alpha", 0.5)
+    trainer.args.discopop_tau = settings.get("discopop_tau", 0.05)
+
+
+def objective_parity(setup: Setup, objective: list[tuple[str, float]], **settings) -> ParityReport:
+    """An objective (one loss, or a weighted mixture) on the setup's batch: our ``mixture_loss`` against TRL's
+    ``_compute_loss`` with ``loss_type`` / ``loss_weights`` set to it: the loss, the mean rewards and the gradient of
+    every policy parameter.
+
+    Our loss is evaluated at TRL's own values of the log-probs (``run`` checks that ours equal them to float32
+    rounding) with the gradient taken through our scorer (``dpo_core.logprobs.sequence_logps``): the few-ulp
+    differences of sums in the thousands would otherwise be amplified by the steeper objectives (SPPO, DiscoPOP,
+    the f-divergences) into gradient differences above the tolerance. So this checks the objective's formula and
+    its gradient path, with the log-probs checked by ``run``.
+
+    ``settings`` are ours (``label_smoothing``, ``f_divergence``, ``f_alpha``, ``discopop_tau``); they are set on the
+    trainer where its ``DPOConfig`` fields of the same meaning put them.
+    """
+    from dpo_core.logprobs import sequence_logps, split_pair_logps
+    from dpo_core.losses import mixture_loss
+
+    trainer, policy, beta = setup.trainer, setup.policy, setup.beta
+    _use_objective(trainer, objective, settings)
+
+    policy.zero_grad(set_to_none=True)
+    trl_loss = trainer._compute_loss(trainer.model, setup.inputs, return_outputs=False)
+    trl_loss.backward()
+    trl_grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # the model is in eval mode
+
+    policy.zero_grad(set_to_none=True)
+    logps, counts = sequence_logps(policy, setup.batch)
+    logps = logps + (setup.trl_logps - logps).detach()  # TRL's values forward, our scorer's graph backward
+    (chosen, rejected), (chosen_tokens, rejected_tokens) = split_pair_logps(logps), split_pair_logps(counts)
+    ours = mixture_loss(objective, chosen, rejected, *setup.trl_ref, beta=beta, chosen_tokens=chosen_tokens,
+                        rejected_tokens=rejected_tokens, **settings)
+    ours.losses.mean().backward()
+    our_grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(set_to_none=True)
+
+    report = ParityReport()
+    report.check("loss", ours.losses.mean(), trl_loss.detach())
+    chosen_r, rejected_r = ours.chosen_rewards, ours.rejected_rewards
+    if objective[0][0] in PER_TOKEN_REWARDS:  # back to TRL's beta * log-ratio of the sums
+        chosen_r, rejected_r = chosen_r * chosen_tokens, rejected_r * rejected_tokens
+    report.check("rewards/chosen (mean)", chosen_r.mean(), metrics["rewards/chosen"])
+    report.check("rewards/rejected (mean)", rejected_r.mean(), metrics["rewards/rejected"])
+    if our_grads.keys() != trl_grads.keys():
+        report.failures.append(f"gradients reach different parameters: {sorted(our_grads.keys() ^ trl_grads.keys())}")
+    for name in sorted(our_grads.keys() & trl_grads.keys()):
+        report.check_max(f"grad {name}", our_grads[name], trl_grads[name])
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--objectives", action="store_true",
+                        help="also check every objective TRL has (loss, rewards, gradients; see objective_parity)")
     args = parser.parse_args(argv)
-    report = run(args.model, args.pairs)
     print(f"model: {args.model}, pairs: {args.pairs}")
-    print(report.render())
-    return 0 if report.ok else 1
+    with trl_setup(args.model, args.pairs) as setup:
+        report = run(setup=setup)
+        print(report.render())
+        ok = report.ok
+        if args.objectives:
+            print(f"\n{'objective':<44}{'loss':>12}{'TRL loss':>12}{'|diff|':>10}{'max grad |diff|':>17}  ok")
+            for label, objective, settings in OBJECTIVE_CASES:
+                one = objective_parity(setup, objective, **settings)
+                _, ours, trl, diff = one.rows[0]
+                grad = max(r[3] for r in one.rows if r[0].startswith("grad "))
+                print(f"{label:<44}{ours:>12.6f}{trl:>12.6f}{diff:>10.2e}{grad:>17.2e}  {one.ok}")
+                ok = ok and one.ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -21,12 +21,20 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 FORMAT_NAMES = ("trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt")
 FormatName = Literal["auto", *FORMAT_NAMES]
 # The preference objectives of dpo_core.losses (one function each); TrainConfig.loss is one of these names.
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "exo_pair", "nca_pair", "bco_pair",
+              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft")
 LossType = Literal[LOSS_TYPES]
+# losses that read no reference log-probs
+REFERENCE_FREE_LOSSES = ("simpo", "sft")
+# losses that see a pair only through its log-ratios' difference, so an f-divergence (f-DPO) applies to them
+F_DIVERGENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "discopop")
 # TrainConfig fields that only some losses read, with the losses that read them
 LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
-    "label_smoothing": ("sigmoid", "robust", "sigmoid_norm", "simpo"),
+    "label_smoothing": ("sigmoid", "robust", "sigmoid_norm", "simpo", "exo_pair", "aot", "aot_unpaired"),
     "simpo_gamma": ("simpo",),
+    "f_divergence": F_DIVERGENCE_LOSSES,
+    "f_alpha": F_DIVERGENCE_LOSSES,
+    "discopop_tau": ("discopop",),
 }
 VALIDATION_SPLIT = "validation"  # the split data.validation_fraction carves from train (model selection only)
 # validation metrics a checkpoint or a sweep trial can be chosen by, and whether higher or lower is better
@@ -128,11 +136,20 @@ class TemplateConfig(_Section):
 
 
 class TrainConfig(_Section):
-    loss: LossType = "sigmoid"
+    # one objective, or a mixture (MPO): a list of names with `loss_weights` (default: all 1)
+    loss: LossType | list[LossType] = "sigmoid"
+    loss_weights: list[float] | None = None
     beta: float = Field(0.1, gt=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative / robust DPO epsilon
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative / robust DPO, EXO and AOT epsilon
     simpo_gamma: float = Field(0.5, ge=0.0)  # SimPO target margin (gamma / beta in TRL's notation is gamma_beta_ratio)
-    sft_weight: float = Field(0.0, ge=0.0)  # RPO: weight of the NLL term on chosen
+    # f-DPO: the divergence that replaces the reverse KL (dpo_core.losses.FDivergence); f_alpha is the coefficient of
+    # `alpha` in TRL's convention (f_alpha_divergence_coef: 1 is the reverse KL, 0 the forward KL)
+    f_divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = "reverse_kl"
+    f_alpha: float = 0.5
+    discopop_tau: float = Field(0.05, gt=0.0)  # DiscoPOP's temperature of the logistic/exponential mix
+    # BCO: shift rewards by the running mean of all rewards seen so far (the paper's delta; kept in checkpoints)
+    bco_running_delta: bool = False
+    sft_weight: float = Field(0.0, ge=0.0)  # RPO: weight of the NLL term on chosen (the `sft` objective)
     learning_rate: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -175,10 +192,44 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _settings_fit_loss(self) -> "TrainConfig":
-        problem = loss_settings_error(self.loss, {name: getattr(self, name) for name in LOSS_SETTINGS})
+        names = [self.loss] if isinstance(self.loss, str) else self.loss
+        if not names:
+            raise ValueError("train.loss is an empty list; name at least one objective")
+        if len(set(names)) < len(names):
+            raise ValueError(f"train.loss={names} names an objective twice; give it one weight instead")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ValueError(f"train.loss_weights has {len(self.loss_weights)} weight(s) for {len(names)} loss(es) "
+                             f"{names}; give one weight per loss")
+        if self.loss_weights is not None and not all(w > 0 for w in self.loss_weights):
+            raise ValueError(f"train.loss_weights={self.loss_weights} must all be > 0")
+        if self.sft_weight and "sft" in names:
+            raise ValueError("train.sft_weight and the `sft` loss are the same term; use one of them")
+        if self.bco_running_delta and "bco_pair" not in names:
+            raise ValueError(f"train.bco_running_delta=true has no meaning for loss {self.loss!r} (only bco_pair "
+                             "reads it); leave it at false")
+        problem = loss_settings_error(names, self.loss_settings())
         if problem:
             raise ValueError(f"train.{problem}")
         return self
+
+    def objective(self) -> list[tuple[str, float]]:
+        """The (loss name, weight) components the trainer sums, RPO's `sft_weight` as an `sft` component."""
+        names = [self.loss] if isinstance(self.loss, str) else list(self.loss)
+        weights = self.loss_weights or [1.0] * len(names)
+        return list(zip(names, weights)) + ([("sft", self.sft_weight)] if self.sft_weight else [])
+
+    def objective_name(self) -> str:
+        """A short label of the objective: `sigmoid`, or `0.8*sigmoid+0.2*bco_pair+1*sft` for a mixture."""
+        parts = self.objective()
+        return parts[0][0] if len(parts) == 1 else "+".join(f"{w:g}*{name}" for name, w in parts)
+
+    def loss_settings(self) -> dict[str, Any]:
+        """The loss-specific settings by name (the keyword arguments of dpo_core.losses.preference_loss)."""
+        return {name: getattr(self, name) for name in LOSS_SETTINGS}
+
+    def needs_reference(self) -> bool:
+        """Whether any component of the objective reads reference log-probs."""
+        return any(name not in REFERENCE_FREE_LOSSES for name, _ in self.objective())
 
     @model_validator(mode="after")
     def _selection_has_candidates(self) -> "TrainConfig":
@@ -200,17 +251,25 @@ class TrainConfig(_Section):
         return self
 
 
-def loss_settings_error(loss: str, settings: dict[str, Any]) -> str | None:
-    """A one-line message for the first loss-specific setting that `loss` does not read but is not at its default.
+def loss_settings_error(losses: str | list[str], settings: dict[str, Any]) -> str | None:
+    """A one-line message for the first loss-specific setting that no loss of `losses` reads but is not at its
+    default, or a combination the losses cannot use.
 
     `settings` maps LOSS_SETTINGS names to values (the TrainConfig fields, or preference_loss's keyword arguments).
     """
+    names = [losses] if isinstance(losses, str) else losses
+    shown = names[0] if len(names) == 1 else names
     for name, value in settings.items():
         users = LOSS_SETTINGS[name]
         default = TrainConfig.model_fields[name].default
-        if loss not in users and value != default:
-            return (f"{name}={value} has no meaning for loss {loss!r} (only {', '.join(users)} read it); "
+        if not set(names) & set(users) and value != default:
+            return (f"{name}={value} has no meaning for loss {shown!r} (only {', '.join(users)} read it); "
                     f"leave it at {default}")
+    if "exo_pair" in names and not settings.get("label_smoothing"):
+        return "loss 'exo_pair' needs label_smoothing > 0 (its label distribution [1 - eps, eps]; the paper uses 1e-3)"
+    alpha_default = TrainConfig.model_fields["f_alpha"].default
+    if settings.get("f_alpha", alpha_default) != alpha_default and settings.get("f_divergence") != "alpha":
+        return f"f_alpha={settings['f_alpha']} is read only with f_divergence=alpha; leave it at {alpha_default}"
     return None
 
 

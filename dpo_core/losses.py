@@ -7,17 +7,24 @@ Reference log-probs are detached too: gradients flow only through the policy. Th
 
     z = (log pi(y_w|x) - log pi(y_l|x)) - (log pi_ref(y_w|x) - log pi_ref(y_l|x))     (the "logits" of TRL)
 
-``preference_loss(loss_type, ...)`` dispatches on ``TrainConfig.loss``; ``sft_nll`` is RPO's extra term.
+and r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)), r_l likewise (the implicit rewards). Unless a docstring says
+otherwise, rewards are r_w and r_l, as TRL reports them.
+
+``preference_loss(loss_type, ...)`` dispatches on one name of ``TrainConfig.loss``. The losses that see the pair only
+through z also take an ``FDivergence`` (f-DPO), which replaces each log-ratio log(pi / pi_ref) by the derivative
+f'(pi / pi_ref) of the divergence's generator.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from dpo_core.config import LOSS_TYPES, loss_settings_error
+from dpo_core.config import LOSS_SETTINGS, LOSS_TYPES, loss_settings_error
 
 __all__ = [
     "LossError",
@@ -29,8 +36,21 @@ __all__ = [
     "hinge_loss",
     "sigmoid_norm_loss",
     "simpo_loss",
+    "exo_pair_loss",
+    "nca_pair_loss",
+    "bco_pair_loss",
+    "sppo_hard_loss",
+    "aot_loss",
+    "aot_unpaired_loss",
+    "apo_zero_loss",
+    "apo_down_loss",
+    "discopop_loss",
+    "sft_loss",
+    "FDivergence",
+    "REVERSE_KL",
     "preference_loss",
-    "sft_nll",
+    "MixtureOutput",
+    "mixture_loss",
 ]
 
 
@@ -57,6 +77,45 @@ def _per_token(logps: torch.Tensor, tokens: torch.Tensor | None, name: str) -> t
     return logps / tokens.to(logps.dtype).clamp(min=1)
 
 
+def _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """(log pi(y_w|x) - log pi_ref(y_w|x), the same for y_l), Float[B] each; the reference is detached."""
+    return policy_chosen_logps - ref_chosen_logps.detach(), policy_rejected_logps - ref_rejected_logps.detach()
+
+
+@dataclass(frozen=True)
+class FDivergence:
+    """f-DPO (Wang et al. 2023, arXiv 2309.16240, Thm. 1 and Table 1): regularising with an f-divergence instead of
+    the reverse KL turns the implicit reward beta log(pi / pi_ref) into beta f'(u), u = pi / pi_ref. With l = log u:
+
+        reverse_kl:  f'(u) = log u                                  = l
+        forward_kl:  f'(u) = 1 - 1/u (the paper's -1/u plus 1)      = 1 - exp(-l)
+        js:          f'(u) = log(2u / (1 + u))                      = log 2 + log sigma(l)
+        alpha:       f'(u) = (u^(a - 1) - 1) / (a - 1)              = (exp((a - 1) l) - 1) / (a - 1)
+
+    ``alpha`` uses TRL's coefficient ``a`` (``f_alpha_divergence_coef``; the paper's alpha is 1 - a): a -> 1 is the
+    reverse KL, a = 0 the forward KL. As in TRL, (a - 1) l is clamped at 80 so that exp stays finite in float32.
+    Constants cancel in the chosen - rejected difference.
+    """
+
+    kind: str = "reverse_kl"
+    alpha: float = 0.5
+
+    def __call__(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """f'(pi / pi_ref) from log(pi / pi_ref), elementwise."""
+        if self.kind == "reverse_kl" or (self.kind == "alpha" and abs(self.alpha - 1.0) < 1e-6):
+            return log_ratio
+        if self.kind == "forward_kl":
+            return 1 - torch.exp(-log_ratio)
+        if self.kind == "js":
+            return math.log(2) + F.logsigmoid(log_ratio)
+        if self.kind == "alpha":
+            return (torch.exp(torch.clamp((self.alpha - 1) * log_ratio, max=80.0)) - 1) / (self.alpha - 1)
+        raise LossError(f"unknown f-divergence {self.kind!r}; expected reverse_kl, forward_kl, js or alpha")
+
+
+REVERSE_KL = FDivergence()
+
+
 def dpo_sigmoid_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -65,6 +124,7 @@ def dpo_sigmoid_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
+    divergence: FDivergence = REVERSE_KL,
 ) -> LossOutput:
     """DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7) with conservative-DPO label smoothing (cDPO).
 
@@ -74,9 +134,9 @@ def dpo_sigmoid_loss(
     ``label_smoothing`` eps = 0 is plain DPO; eps > 0 assumes labels are flipped with probability eps (cDPO,
     Mitchell 2023).
     """
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps.detach()
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps.detach()
-    losses = _smoothed_sigmoid(beta * (chosen_ratio - rejected_ratio), label_smoothing)
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    losses = _smoothed_sigmoid(beta * (divergence(chosen_ratio) - divergence(rejected_ratio)), label_smoothing)
     return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
 
 
@@ -88,6 +148,7 @@ def robust_dpo_loss(
     *,
     beta: float,
     label_smoothing: float,
+    divergence: FDivergence = REVERSE_KL,
 ) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409, eq. 10): an unbiased loss under label noise eps.
 
@@ -95,9 +156,9 @@ def robust_dpo_loss(
     """
     if not 0.0 <= label_smoothing < 0.5:
         raise LossError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps.detach()
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps.detach()
-    logits = beta * (chosen_ratio - rejected_ratio)
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    logits = beta * (divergence(chosen_ratio) - divergence(rejected_ratio))
     losses = (-F.logsigmoid(logits) * (1 - label_smoothing) + F.logsigmoid(-logits) * label_smoothing) / (
         1 - 2 * label_smoothing
     )
@@ -111,14 +172,15 @@ def hinge_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
+    divergence: FDivergence = REVERSE_KL,
 ) -> LossOutput:
     """SLiC-HF hinge loss (Zhao et al. 2023, arXiv 2305.10425) on the DPO logits, as in TRL:
 
         loss = max(0, 1 - beta z)
     """
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps.detach()
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps.detach()
-    losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    losses = torch.relu(1 - beta * (divergence(chosen_ratio) - divergence(rejected_ratio)))
     return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
 
 
@@ -131,18 +193,23 @@ def ipo_loss(
     beta: float,
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
+    divergence: FDivergence = REVERSE_KL,
 ) -> LossOutput:
     """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17; beta plays the role of tau):
 
         loss = (z_avg - 1 / (2 beta))^2
 
     where, as in TRL, every log-prob is first averaged over its response tokens
-    (z_avg = (lp_w/|y_w| - lp_l/|y_l|) - (ref_w/|y_w| - ref_l/|y_l|)). Rewards: beta * averaged log-ratio.
+    (z_avg = (lp_w/|y_w| - lp_l/|y_l|) - (ref_w/|y_w| - ref_l/|y_l|)). Rewards: beta * averaged log-ratio (TRL reports
+    the sums' log-ratios). With an f-divergence, each f'(u) is averaged instead of each log-ratio.
     """
-    chosen_ratio = _per_token(policy_chosen_logps - ref_chosen_logps.detach(), chosen_tokens, "chosen_tokens")
-    rejected_ratio = _per_token(policy_rejected_logps - ref_rejected_logps.detach(), rejected_tokens, "rejected_tokens")
-    losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
-    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    chosen_avg = _per_token(divergence(chosen_ratio), chosen_tokens, "chosen_tokens")
+    rejected_avg = _per_token(divergence(rejected_ratio), rejected_tokens, "rejected_tokens")
+    losses = (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2
+    return LossOutput(losses, (beta * _per_token(chosen_ratio, chosen_tokens, "chosen_tokens")).detach(),
+                      (beta * _per_token(rejected_ratio, rejected_tokens, "rejected_tokens")).detach())
 
 
 def sigmoid_norm_loss(
@@ -155,6 +222,7 @@ def sigmoid_norm_loss(
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
     label_smoothing: float = 0.0,
+    divergence: FDivergence = REVERSE_KL,
 ) -> LossOutput:
     """Length-normalised DPO (TRL's ``sigmoid_norm``): DPO on log-ratios divided by response length.
 
@@ -163,10 +231,13 @@ def sigmoid_norm_loss(
 
     Rewards are the normalised ones, beta (lp - ref) / |y|, so that their margin is what the loss sees.
     """
-    chosen_ratio = _per_token(policy_chosen_logps - ref_chosen_logps.detach(), chosen_tokens, "chosen_tokens")
-    rejected_ratio = _per_token(policy_rejected_logps - ref_rejected_logps.detach(), rejected_tokens, "rejected_tokens")
-    losses = _smoothed_sigmoid(beta * (chosen_ratio - rejected_ratio), label_smoothing)
-    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    chosen_avg = _per_token(divergence(chosen_ratio), chosen_tokens, "chosen_tokens")
+    rejected_avg = _per_token(divergence(rejected_ratio), rejected_tokens, "rejected_tokens")
+    losses = _smoothed_sigmoid(beta * (chosen_avg - rejected_avg), label_smoothing)
+    return LossOutput(losses, (beta * _per_token(chosen_ratio, chosen_tokens, "chosen_tokens")).detach(),
+                      (beta * _per_token(rejected_ratio, rejected_tokens, "rejected_tokens")).detach())
 
 
 def simpo_loss(
@@ -192,6 +263,246 @@ def simpo_loss(
     return LossOutput(losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach())
 
 
+def exo_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float,
+    divergence: FDivergence = REVERSE_KL,
+) -> LossOutput:
+    """EXO-pref (Ji et al. 2024, arXiv 2402.00856, eq. 16 with K = 2): the reverse KL from the policy's preference
+    distribution over the pair to the label distribution [1 - eps, eps]:
+
+        q_w = sigma(beta z),  q_l = sigma(-beta z) = 1 - q_w
+        loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps),     0 < eps < 1
+
+    ``label_smoothing`` is eps (the paper recommends 1e-3); eps = 0 would put log 0 in the loss.
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise LossError(f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    logits = beta * (divergence(chosen_ratio) - divergence(rejected_ratio))
+    log_qw, log_ql = F.logsigmoid(logits), F.logsigmoid(-logits)
+    losses = (log_qw.exp() * (log_qw - math.log1p(-label_smoothing))
+              + log_ql.exp() * (log_ql - math.log(label_smoothing)))
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def nca_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """NCA (Chen et al. 2024, arXiv 2402.05369, eq. 11 for a pair): noise-contrastive alignment, which scores each
+    response on its own reward and so pushes the chosen likelihood up rather than only the margin:
+
+        loss = -log sigma(r_w) - 1/2 log sigma(-r_w) - 1/2 log sigma(-r_l)
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    r_w, r_l = beta * chosen_ratio, beta * rejected_ratio
+    losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+    return LossOutput(losses, r_w.detach(), r_l.detach())
+
+
+def bco_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    delta: float = 0.0,
+) -> LossOutput:
+    """BCO on pairs (Jung et al. 2024, arXiv 2404.04656, eq. 7): a binary classifier whose logit is the reward,
+    chosen labelled 1 and rejected 0, around a reward shift delta:
+
+        loss = -log sigma(r_w - delta) - log sigma(-(r_l - delta))
+
+    ``delta = 0`` is TRL ``DPOTrainer``'s ``bco_pair``. The paper's delta is the running mean of all rewards seen so
+    far; the trainer keeps it (``train.bco_running_delta``) and passes it here as a constant.
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    r_w, r_l = beta * chosen_ratio, beta * rejected_ratio
+    losses = -F.logsigmoid(r_w - delta) - F.logsigmoid(-(r_l - delta))
+    return LossOutput(losses, r_w.detach(), r_l.detach())
+
+
+def sppo_hard_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """SPPO with hard labels (Wu et al. 2024, arXiv 2405.00675, eq. 4.7 of Algorithm 1 with P(y_w > y_l) = 1 for the
+    winner and 0 for the loser, as TRL implements it; eta = 1 / beta):
+
+        loss = (log(pi/pi_ref)(y_w) - 1 / (2 beta))^2 + (log(pi/pi_ref)(y_l) + 1 / (2 beta))^2
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    losses = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def aot_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """AOT, paired (Melnyk et al. 2024, arXiv 2406.05882, eq. 9): distributional alignment by optimal transport in
+    one dimension, i.e. the logistic loss between the *sorted* policy and reference log-ratio margins of the batch:
+
+        m = sort_B(log pi(y_w|x) - log pi(y_l|x)),  m_ref = sort_B(log pi_ref(y_w|x) - log pi_ref(y_l|x))
+        loss_k = -(1 - eps) log sigma(beta (m_k - m_ref_k)) - eps log sigma(-beta (m_k - m_ref_k))
+
+    Entry k of ``losses`` belongs to the k-th quantile of the batch, not to pair k (rewards are per pair). The pairs of
+    a batch are coupled: the trainer sorts within each micro-batch (per process), as TRL sorts within its batch.
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    margins, _ = torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0)
+    ref_margins, _ = torch.sort((ref_chosen_logps - ref_rejected_logps).detach(), dim=0)
+    losses = _smoothed_sigmoid(beta * (margins - ref_margins), label_smoothing)
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def aot_unpaired_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """AOT, unpaired (Melnyk et al. 2024, arXiv 2406.05882, eq. 8): the chosen log-ratios' distribution should
+    dominate the rejected ones' quantile by quantile, so each is sorted on its own:
+
+        u = sort_B(log(pi/pi_ref)(y_w)),  v = sort_B(log(pi/pi_ref)(y_l))
+        loss_k = -(1 - eps) log sigma(beta (u_k - v_k)) - eps log sigma(-beta (u_k - v_k))
+
+    As for ``aot_loss``, entry k of ``losses`` is the k-th quantile and sorting is within the micro-batch.
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    chosen_sorted, _ = torch.sort(chosen_ratio, dim=0)
+    rejected_sorted, _ = torch.sort(rejected_ratio, dim=0)
+    losses = _smoothed_sigmoid(beta * (chosen_sorted - rejected_sorted), label_smoothing)
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def apo_zero_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7): for chosen answers better than the model's
+    own, raise the chosen likelihood and lower the rejected one, each anchored at zero reward:
+
+        loss = (1 - sigma(r_w)) + sigma(r_l)
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    r_w, r_l = beta * chosen_ratio, beta * rejected_ratio
+    losses = 1 - torch.sigmoid(r_w) + torch.sigmoid(r_l)
+    return LossOutput(losses, r_w.detach(), r_l.detach())
+
+
+def apo_down_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 8): for chosen answers worse than the model's own,
+    lower both likelihoods, the rejected one more:
+
+        loss = sigma(r_w) + (1 - sigma(r_w - r_l))
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    r_w, r_l = beta * chosen_ratio, beta * rejected_ratio
+    losses = torch.sigmoid(r_w) + 1 - torch.sigmoid(r_w - r_l)
+    return LossOutput(losses, r_w.detach(), r_l.detach())
+
+
+def discopop_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    tau: float = 0.05,
+    divergence: FDivergence = REVERSE_KL,
+) -> LossOutput:
+    """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, arXiv 2406.08414, eq. 5): a blend of the logistic
+    and the exponential loss on beta z, mixed by sigma(beta z / tau):
+
+        m = sigma(beta z / tau)
+        loss = (1 - m) (-log sigma(beta z)) + m exp(-beta z)
+
+    ``tau`` is TRL's ``discopop_tau`` (the paper's 0.05). The loss is not monotonic in z: with tau = 0.05 its slope
+    at z = 0 is 5 (1 - log 2) - 3/4 = +0.78, so from policy = reference it first lowers the loss by lowering the margin,
+    down to a minimum at a small negative margin.
+    """
+    chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                               ref_rejected_logps)
+    logits = beta * (divergence(chosen_ratio) - divergence(rejected_ratio))
+    mix = torch.sigmoid(logits / tau)
+    losses = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def sft_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+) -> LossOutput:
+    """The NLL of the chosen response, token-averaged per pair: RPO's extra term (Pang et al. 2024, arXiv 2404.19733)
+    and MPO's ``sft`` component (Wang et al. 2024, arXiv 2411.10442):
+
+        loss = -log pi(y_w|x) / |y_w|
+
+    TRL's ``sft`` averages over all chosen tokens of the batch instead of per pair (equal when the lengths are).
+    Rewards: r_w, r_l with a reference; without one, the reference-free beta log pi(y|x) / |y| (as SimPO's).
+    """
+    chosen_avg = _per_token(policy_chosen_logps, chosen_tokens, "chosen_tokens")
+    rejected_avg = _per_token(policy_rejected_logps, rejected_tokens, "rejected_tokens")
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        chosen_reward, rejected_reward = beta * chosen_avg, beta * rejected_avg
+    else:
+        chosen_ratio, rejected_ratio = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                   ref_rejected_logps)
+        chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
+    return LossOutput(-chosen_avg, chosen_reward.detach(), rejected_reward.detach())
+
+
 def preference_loss(
     loss_type: str,
     policy_chosen_logps: torch.Tensor,
@@ -200,47 +511,112 @@ def preference_loss(
     ref_rejected_logps: torch.Tensor | None,
     *,
     beta: float,
-    label_smoothing: float = 0.0,
-    simpo_gamma: float = 0.5,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    discopop_tau: float = 0.05,
+    bco_delta: float = 0.0,
 ) -> LossOutput:
-    """Dispatch on ``loss_type`` (``TrainConfig.loss``); all inputs Float[B], token counts Long[B].
+    """Dispatch on ``loss_type`` (one name of ``TrainConfig.loss``); all inputs Float[B], token counts Long[B].
 
-    Reference log-probs may be None only for ``simpo``. A ``label_smoothing`` or ``simpo_gamma`` the chosen loss does
-    not read is an error rather than silently ignored (the same rule ``TrainConfig`` applies when a config loads).
+    The keyword settings are the ``TrainConfig`` fields of the same names (``bco_delta`` is the trainer's running
+    shift). Reference log-probs may be None only for the reference-free losses. A setting the chosen loss does not
+    read is an error rather than silently ignored (the rule ``TrainConfig`` applies when a config loads).
     """
     if loss_type not in LOSS_TYPES:
         raise LossError(f"unknown loss type {loss_type!r}; expected one of {list(LOSS_TYPES)}")
     if beta <= 0:
         raise LossError(f"beta must be > 0, got {beta}")
-    problem = loss_settings_error(loss_type, {"label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma})
+    settings = {"label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma, "f_divergence": f_divergence,
+                "f_alpha": f_alpha, "discopop_tau": discopop_tau}
+    problem = loss_settings_error(loss_type, settings)
     if problem:
         raise LossError(problem)
     policy = (policy_chosen_logps, policy_rejected_logps)
+    tokens = {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens}
     if loss_type == "simpo":
-        return simpo_loss(*policy, beta=beta, gamma=simpo_gamma, chosen_tokens=chosen_tokens,
-                          rejected_tokens=rejected_tokens, label_smoothing=label_smoothing)
+        return simpo_loss(*policy, beta=beta, gamma=simpo_gamma, label_smoothing=label_smoothing, **tokens)
+    if loss_type == "sft":
+        return sft_loss(*policy, ref_chosen_logps, ref_rejected_logps, beta=beta, **tokens)
     if ref_chosen_logps is None or ref_rejected_logps is None:
         raise LossError(f"loss {loss_type!r} needs reference log-probs")
     both = (*policy, ref_chosen_logps, ref_rejected_logps)
+    div = FDivergence(f_divergence, f_alpha)
     if loss_type == "sigmoid":
-        return dpo_sigmoid_loss(*both, beta=beta, label_smoothing=label_smoothing)
+        return dpo_sigmoid_loss(*both, beta=beta, label_smoothing=label_smoothing, divergence=div)
     if loss_type == "robust":
-        return robust_dpo_loss(*both, beta=beta, label_smoothing=label_smoothing)
+        return robust_dpo_loss(*both, beta=beta, label_smoothing=label_smoothing, divergence=div)
     if loss_type == "hinge":
-        return hinge_loss(*both, beta=beta)
+        return hinge_loss(*both, beta=beta, divergence=div)
     if loss_type == "ipo":
-        return ipo_loss(*both, beta=beta, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
-    return sigmoid_norm_loss(*both, beta=beta, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
-                             label_smoothing=label_smoothing)
+        return ipo_loss(*both, beta=beta, divergence=div, **tokens)
+    if loss_type == "sigmoid_norm":
+        return sigmoid_norm_loss(*both, beta=beta, label_smoothing=label_smoothing, divergence=div, **tokens)
+    if loss_type == "exo_pair":
+        return exo_pair_loss(*both, beta=beta, label_smoothing=label_smoothing, divergence=div)
+    if loss_type == "discopop":
+        return discopop_loss(*both, beta=beta, tau=discopop_tau, divergence=div)
+    if loss_type == "bco_pair":
+        return bco_pair_loss(*both, beta=beta, delta=bco_delta)
+    if loss_type == "aot":
+        return aot_loss(*both, beta=beta, label_smoothing=label_smoothing)
+    if loss_type == "aot_unpaired":
+        return aot_unpaired_loss(*both, beta=beta, label_smoothing=label_smoothing)
+    if loss_type == "nca_pair":
+        return nca_pair_loss(*both, beta=beta)
+    if loss_type == "sppo_hard":
+        return sppo_hard_loss(*both, beta=beta)
+    if loss_type == "apo_zero":
+        return apo_zero_loss(*both, beta=beta)
+    return apo_down_loss(*both, beta=beta)
 
 
-def sft_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
-    """RPO's NLL term on the chosen response (Pang et al. 2024, arXiv 2404.19733), per pair, token-averaged:
+class MixtureOutput(NamedTuple):
+    """losses Float[B]: the weighted sum of the components per pair; chosen_rewards, rejected_rewards Float[B]: those
+    of the first component; components: each component's own ``LossOutput`` (unweighted), by loss name."""
 
-        nll = -log pi(y_w|x) / |y_w|
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    components: dict[str, LossOutput]
 
-    The trainer adds ``sft_weight * nll`` to the preference loss (TRL's ``rpo_alpha``).
+
+def mixture_loss(
+    objective: list[tuple[str, float]],
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
+    bco_delta: float = 0.0,
+    **settings,
+) -> MixtureOutput:
+    """A weighted sum of objectives (MPO, Wang et al. 2024, arXiv 2411.10442, eq. 1), e.g. ``[("sigmoid", 0.8),
+    ("bco_pair", 0.2), ("sft", 1.0)]``; ``TrainConfig.objective()`` builds the list. A single ``(name, 1.0)`` is that
+    objective alone.
+
+        loss = w_pair * sum_i weight_i * loss_i
+
+    ``settings`` are ``preference_loss``'s (``TrainConfig.loss_settings()``); each component gets those it reads.
+    ``pair_weights`` Float[B] (detached), when given, multiply each pair's loss (WPO).
     """
-    return -chosen_logps / chosen_tokens.to(chosen_logps.dtype).clamp(min=1)
+    components = {}
+    for name, _ in objective:
+        own = {key: value for key, value in settings.items() if name in LOSS_SETTINGS[key]}
+        if name == "bco_pair":
+            own["bco_delta"] = bco_delta
+        components[name] = preference_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                           ref_rejected_logps, beta=beta, chosen_tokens=chosen_tokens,
+                                           rejected_tokens=rejected_tokens, **own)
+    losses = sum(weight * components[name].losses for name, weight in objective)
+    if pair_weights is not None:
+        losses = losses * pair_weights.detach()
+    first = components[objective[0][0]]
+    return MixtureOutput(losses, first.chosen_rewards, first.rejected_rewards, components)

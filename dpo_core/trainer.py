@@ -9,8 +9,8 @@ checkpoint stores weights, optimizer, scheduler and RNG states; resuming from it
 uninterrupted run's final weights bit for bit.
 
 Reference log-probs come from, in this order: the precomputed ``reference`` table; a live frozen ``ref_model``;
-the policy itself with its LoRA adapters disabled (peft; no second copy); nothing for the reference-free
-``simpo``. Otherwise the initial policy's table is computed once before training (``out_dir/reference.parquet``).
+the policy itself with its LoRA adapters disabled (peft; no second copy); nothing when every loss of the objective
+is reference-free (``TrainConfig.needs_reference``). Otherwise the initial policy's table is computed once before training (``out_dir/reference.parquet``).
 
 Data parallel (``train.strategy: ddp``, started by torchrun, see ``dpo_core.distributed``): ``batch_size`` and
 ``grad_accum`` stay global, each rank trains on a strided shard of every micro-batch through
@@ -51,7 +51,7 @@ from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distri
 from dpo_core.distributed import broadcast_object, current, shard
 from dpo_core.fileio import remove_stale_temps
 from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
-from dpo_core.losses import preference_loss, sft_nll
+from dpo_core.losses import MixtureOutput, mixture_loss
 from dpo_core.models import DeviceSpec, pad_id
 from dpo_core.reference import read_reference_table, write_reference_table
 from dpo_core.scoring import score_pairs
@@ -159,6 +159,7 @@ def train(
     start = ckpt.step if ckpt else 0
     history: list[dict[str, Any]] = ckpt.state["history"] if ckpt else []
     tokens = int(ckpt.state["tokens"]) if ckpt else 0
+    bco = _RewardMean(**ckpt.state["bco_rewards"]) if ckpt and cfg.bco_running_delta else _RewardMean()
     if ckpt and ckpt.state.get("fingerprint") != fingerprint:
         raise TrainError(f"checkpoints in {ckpt_root} belong to a different run (data or train config differ); "
                          "use a new out_dir or delete them")
@@ -172,7 +173,7 @@ def train(
         if _patience_ran_out(history, cfg):  # early stopping (a resumed run that had stopped stays stopped)
             break
         t0 = time.perf_counter()
-        stats = _Stats()
+        stats = _Stats(cfg, bco_delta=bco.value)
         micro_batches = plan.step_batches(step)
         pairs_in_step = sum(len(indices) for indices in micro_batches)
         for i, indices in enumerate(micro_batches):
@@ -181,8 +182,10 @@ def train(
             weight = ctx.world / pairs_in_step if mine else 0.0  # DDP averages over ranks: scale back to a sum
             batch = _collate([rows[j] for j in (mine or indices[:1])], layout, tokenizer).to(spec.device)
             with score.sync(last=i == len(micro_batches) - 1):
-                _forward_backward(score, batch, reference_fn(batch), cfg, stats, weight, step, last_ckpt)
+                _forward_backward(score, batch, reference_fn(batch), cfg, stats, weight, step, last_ckpt, bco.value)
         stats.reduce(ctx, spec.device)
+        if cfg.bco_running_delta:  # BCO's delta for the next step: the mean reward of all steps so far
+            bco.add(stats.sums["bco_rewards"], 2 * stats.pairs)
         grad_norm = _clip(params, cfg.max_grad_norm)
         if not math.isfinite(grad_norm):
             raise NonFiniteError(step, "gradient norm", last_ckpt)
@@ -196,7 +199,7 @@ def train(
                                 grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0)
         scoring = validator is not None and (step == n_steps or (cfg.eval_every and step % cfg.eval_every == 0))
         if scoring:  # rank 0 scores (the model is the same on every rank), every rank records the same numbers
-            metrics.update(broadcast_object(validator.score(model) if ctx.is_main else None, ctx))
+            metrics.update(broadcast_object(validator.score(model, bco.value) if ctx.is_main else None, ctx))
         history.append(metrics)
         if ctx.is_main:
             _append_history(out_dir, metrics)
@@ -206,7 +209,8 @@ def train(
         stopping = stop_after_steps is not None and step - start >= stop_after_steps and step < n_steps
         selecting = scoring and cfg.select == "best_val"  # every candidate is a checkpoint, the best one is kept
         if step % cfg.checkpoint_every == 0 or step == n_steps or stopping or selecting:
-            state = {"history": history, "tokens": tokens, "fingerprint": fingerprint, "total_steps": n_steps}
+            state = {"history": history, "tokens": tokens, "fingerprint": fingerprint, "total_steps": n_steps,
+                     "bco_rewards": vars(bco)}
             tensors, optimizer_state = _consolidated(model, optimizer, strategy)  # FSDP: a collective on all ranks
             best = best_validation_step(history, cfg.select_metric) if cfg.select == "best_val" else None
             if ctx.is_main:  # DDP: weights and AdamW state are identical on every rank
@@ -263,11 +267,14 @@ def best_validation_step(history: list[dict[str, Any]], metric: str) -> int:
 
 
 class _Stats:
-    """Sums over the pairs of one optimizer step, turned into TRL-named metrics."""
+    """Sums over the pairs of one optimizer step, turned into TRL-named metrics plus ``loss/<name>`` per objective."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: TrainConfig, bco_delta: float) -> None:
         self.pairs, self.tokens = 0, 0
-        self.sums = dict.fromkeys(("loss", "nll", "chosen", "rejected", "correct", "logps_c", "logps_r"), 0.0)
+        self.bco_delta = bco_delta if cfg.bco_running_delta else None
+        self.components = [name for name, _ in cfg.objective()]
+        keys = ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r", "bco_rewards")
+        self.sums = dict.fromkeys((*keys, *(f"loss/{name}" for name in self.components)), 0.0)
 
     def reduce(self, ctx: Dist, device: torch.device) -> None:
         """Sum pairs, tokens and per-pair sums over all ranks (exact means: total sum / total pairs)."""
@@ -278,20 +285,25 @@ class _Stats:
         self.pairs, self.tokens = int(round(totals[0])), int(round(totals[1]))
         self.sums = dict(zip(keys, totals[2:]))
 
-    def add(self, batch: PairBatch, losses, nll, out, chosen_logps, rejected_logps) -> None:
+    def add(self, batch: PairBatch, out: MixtureOutput, chosen_logps, rejected_logps) -> None:
         self.pairs += batch.n_pairs
         self.tokens += batch.n_sequence_tokens  # the same count in every layout
-        for key, value in (("loss", losses), ("nll", nll), ("chosen", out.chosen_rewards),
-                           ("rejected", out.rejected_rewards),
-                           ("correct", (out.chosen_rewards > out.rejected_rewards).float()),
-                           ("logps_c", chosen_logps), ("logps_r", rejected_logps)):
-            if value is not None:
-                self.sums[key] += float(value.detach().float().sum())
+        bco = out.components.get("bco_pair")
+        values = [("loss", out.losses), ("chosen", out.chosen_rewards), ("rejected", out.rejected_rewards),
+                  ("correct", (out.chosen_rewards > out.rejected_rewards).float()),
+                  ("logps_c", chosen_logps), ("logps_r", rejected_logps),
+                  *((f"loss/{name}", part.losses) for name, part in out.components.items())]
+        if bco is not None:
+            values.append(("bco_rewards", bco.chosen_rewards + bco.rejected_rewards))
+        for key, value in values:
+            self.sums[key] += float(value.detach().float().sum())
 
     def metrics(self, *, step: int, n_steps: int, per_epoch: int, grad_norm: float, lr: float, seconds: float):
         mean = {k: v / max(self.pairs, 1) for k, v in self.sums.items()}
-        out = {
+        bco = {} if self.bco_delta is None else {"bco/delta": self.bco_delta}
+        return {
             "loss": mean["loss"],
+            **{f"loss/{name}": mean[f"loss/{name}"] for name in self.components},
             "rewards/chosen": mean["chosen"],
             "rewards/rejected": mean["rejected"],
             "rewards/accuracies": mean["correct"],
@@ -304,10 +316,24 @@ class _Stats:
             "step": step,
             "epoch": step / per_epoch,
             "total_steps": n_steps,
+            **bco,
         }
-        if self.sums["nll"]:
-            out["nll_loss"] = mean["nll"]
-        return out
+
+
+@dataclass
+class _RewardMean:
+    """BCO's reward shift delta (``train.bco_running_delta``): the mean of every chosen and rejected reward of the
+    optimizer steps so far, 0 before the first. Kept in checkpoints, so a resumed run uses the same deltas."""
+
+    total: float = 0.0
+    count: int = 0
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def add(self, total: float, count: int) -> None:
+        self.total, self.count = self.total + total, self.count + count
 
 
 class _Scorer(torch.nn.Module):
@@ -360,7 +386,7 @@ def _scorer(model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, ctx: Dis
 
 
 def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, stats: _Stats, weight: float,
-                      step: int, last_ckpt: Path | None) -> None:
+                      step: int, last_ckpt: Path | None, bco_delta: float) -> None:
     """Policy forward on the concatenated batch, loss, backward of ``weight * sum of losses``.
 
     ``weight`` is ``world / pairs in the step`` (DDP and FSDP average gradients over ranks, so the result is the
@@ -369,25 +395,20 @@ def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, s
     """
     logps, counts = score.logps(batch)
     chosen, rejected = split_pair_logps(logps)
-    losses, nll, out = _pair_losses(cfg, chosen, rejected, ref, split_pair_logps(counts))
-    if not bool(torch.isfinite(losses).all()):
+    out = _objective(cfg, chosen, rejected, ref, split_pair_logps(counts), bco_delta)
+    if not bool(torch.isfinite(out.losses).all()):
         raise NonFiniteError(step, "loss", last_ckpt)
-    (losses.sum() * weight).backward()
+    (out.losses.sum() * weight).backward()
     if weight:
-        stats.add(batch, losses, nll, out, chosen, rejected)
+        stats.add(batch, out, chosen, rejected)
 
 
-def _pair_losses(cfg: TrainConfig, chosen: torch.Tensor, rejected: torch.Tensor, ref, tokens):
-    """(per-pair losses [B] with the SFT term when ``sft_weight`` > 0, its NLL [B] or None, the ``LossOutput``) of
-    the configured objective; ``ref`` and ``tokens`` are (chosen, rejected) pairs of [B] tensors."""
-    out = preference_loss(cfg.loss, chosen, rejected, ref[0], ref[1], beta=cfg.beta,
-                          label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                          chosen_tokens=tokens[0], rejected_tokens=tokens[1])
-    losses, nll = out.losses, None
-    if cfg.sft_weight > 0:
-        nll = sft_nll(chosen, tokens[0])
-        losses = losses + cfg.sft_weight * nll
-    return losses, nll, out
+def _objective(cfg: TrainConfig, chosen: torch.Tensor, rejected: torch.Tensor, ref, tokens,
+               bco_delta: float) -> MixtureOutput:
+    """The configured objective (``TrainConfig.objective``: one loss, a mixture, RPO's SFT term) per pair; ``ref``
+    and ``tokens`` are (chosen, rejected) pairs of [B] tensors, ``bco_delta`` BCO's current reward shift."""
+    return mixture_loss(cfg.objective(), chosen, rejected, ref[0], ref[1], beta=cfg.beta, chosen_tokens=tokens[0],
+                        rejected_tokens=tokens[1], bco_delta=bco_delta, **cfg.loss_settings())
 
 
 class _Validator:
@@ -406,9 +427,9 @@ class _Validator:
             if c is not None:
                 ref_c.append(c.detach().float().cpu())
                 ref_r.append(r.detach().float().cpu())
-        self.ref = (torch.cat(ref_c), torch.cat(ref_r)) if ref_c else (None, None)  # None: reference-free (SimPO)
+        self.ref = (torch.cat(ref_c), torch.cat(ref_r)) if ref_c else (None, None)  # None: a reference-free objective
 
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
+    def score(self, model: torch.nn.Module, bco_delta: float) -> dict[str, float]:
         cfg = self.cfg
         scores = score_pairs(model, self.rows, batch_size=cfg.reference_batch_size, spec=self.spec,
                              chunk_size=cfg.logprob_chunk_size, layout=cfg.batch_layout)
@@ -416,9 +437,9 @@ class _Validator:
         rejected = torch.from_numpy(scores.rejected_logps).float()
         chosen_tokens, rejected_tokens = torch.from_numpy(scores.chosen_tokens), torch.from_numpy(scores.rejected_tokens)
         with torch.no_grad():
-            losses, _, out = _pair_losses(cfg, chosen, rejected, self.ref, (chosen_tokens, rejected_tokens))
+            out = _objective(cfg, chosen, rejected, self.ref, (chosen_tokens, rejected_tokens), bco_delta)
         return {
-            "val/loss": float(losses.mean()),
+            "val/loss": float(out.losses.mean()),
             "val/rewards/chosen": float(out.chosen_rewards.mean()),
             "val/rewards/rejected": float(out.rejected_rewards.mean()),
             "val/rewards/accuracies": float((out.chosen_rewards > out.rejected_rewards).float().mean()),
@@ -603,7 +624,7 @@ def _reference_source(model, rows: list[dict], cfg: TrainConfig, spec: DeviceSpe
     """A function batch -> (ref chosen logps [B], ref rejected logps [B]) (see the module docstring)."""
     if reference is not None and ref_model is not None:
         raise TrainError("pass either a precomputed reference table or a live ref_model, not both")
-    if cfg.loss == "simpo":
+    if not cfg.needs_reference():
         return lambda batch: (None, None)
     if reference is not None:
         return _table_lookup(_reference_by_pair(reference, rows), spec.device)

@@ -1,19 +1,37 @@
-"""Our log-probs, rewards and loss equal TRL DPOTrainer's on the same batch (tiny random Llama, float32).
+"""Our log-probs, rewards and loss equal TRL DPOTrainer's on the same batch (tiny random Llama, float32), and so do
+the loss, rewards and policy gradients of every objective TRL has (bench.parity.OBJECTIVE_CASES).
 
-TRL (pinned in the dev extra) is the one external check of the log-probs and the loss. The SmolLM2 version:
+TRL (pinned in the dev extra) is the one external check of the log-probs and the losses. The SmolLM2 version:
 bench/test_parity.py.
 """
 
 from __future__ import annotations
 
-from bench.parity import ATOL, run
+import pytest
+
+from bench.parity import ATOL, OBJECTIVE_CASES, objective_parity, run, trl_setup
 
 
-def test_ours_equals_trl_on_the_same_batch(smollm2_dir):
-    report = run("tiny", n_pairs=4)
+@pytest.fixture(scope="module")
+def setup(smollm2_dir):
+    with trl_setup("tiny", n_pairs=4) as built:
+        yield built
+
+
+def test_ours_equals_trl_on_the_same_batch(setup):
+    report = run(setup=setup)
     names = {r[0].split("[")[0] for r in report.rows}
     assert {"policy logps/chosen", "ref table logps/rejected", "rewards/chosen", "loss"} <= names
     assert report.ok, report.render()
     # the loss itself (a mean of small numbers) must match to the absolute tolerance
     loss = next(r for r in report.rows if r[0] == "loss")
     assert loss[3] <= ATOL
+
+
+@pytest.mark.parametrize("label, objective, settings", OBJECTIVE_CASES, ids=[c[0] for c in OBJECTIVE_CASES])
+def test_every_trl_objective_matches_loss_rewards_and_gradients(setup, label, objective, settings):
+    report = objective_parity(setup, objective, **settings)
+    grads = [r for r in report.rows if r[0].startswith("grad ")]
+    assert len(grads) == sum(p.requires_grad for p in setup.policy.parameters())  # every parameter compared
+    assert any(r[2] != 0.0 for r in grads), "TRL's gradient is zero: nothing was compared"
+    assert report.ok, report.render()

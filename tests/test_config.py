@@ -12,6 +12,18 @@ from dpo_core.config import LOSS_SETTINGS, LOSS_TYPES, TrainConfig, load_config
     (["train.loss=ipo", "train.label_smoothing=0.1"], "label_smoothing=0.1 has no meaning for loss 'ipo'"),
     (["train.loss=hinge", "train.label_smoothing=0.2"], "label_smoothing=0.2 has no meaning for loss 'hinge'"),
     (["train.simpo_gamma=1.0"], "simpo_gamma=1.0 has no meaning for loss 'sigmoid'"),
+    (["train.loss=bco_pair", "train.f_divergence=js"], "f_divergence=js has no meaning for loss 'bco_pair'"),
+    (["train.loss=sigmoid", "train.discopop_tau=0.1"], "discopop_tau=0.1 has no meaning for loss 'sigmoid'"),
+    (["train.f_alpha=0.3"], "f_alpha=0.3 is read only with f_divergence=alpha"),
+    (["train.loss=exo_pair"], "'exo_pair' needs label_smoothing > 0"),
+    (["train.bco_running_delta=true"], "bco_running_delta=true has no meaning for loss 'sigmoid'"),
+    (["train.loss=[sigmoid, ipo]", "train.loss_weights=[1.0]"], "1 weight\\(s\\) for 2 loss\\(es\\)"),
+    (["train.loss=[sigmoid, sigmoid]"], "names an objective twice"),
+    (["train.loss=[sigmoid, sft]", "train.loss_weights=[1.0, 0.0]"], "must all be > 0"),
+    (["train.loss=[sigmoid, sft]", "train.sft_weight=0.5"], "sft_weight and the `sft` loss are the same term"),
+    (["train.loss=[]"], "empty list"),
+    (["train.loss=[ipo, hinge]", "train.label_smoothing=0.1"],
+     "label_smoothing=0.1 has no meaning for loss \\['ipo', 'hinge'\\]"),
 ])
 def test_a_setting_the_loss_does_not_read_fails_at_load(overrides, message):
     with pytest.raises(ValidationError, match=message):
@@ -22,10 +34,25 @@ def test_a_setting_the_loss_does_not_read_fails_at_load(overrides, message):
     ["train.loss=robust", "train.label_smoothing=0.1"],
     ["train.loss=simpo", "train.simpo_gamma=1.0", "train.label_smoothing=0.1"],
     ["train.loss=ipo", "train.simpo_gamma=0.5"],  # the default value is no setting
+    ["train.loss=exo_pair", "train.label_smoothing=0.001", "train.f_divergence=js"],
+    ["train.loss=sigmoid", "train.f_divergence=alpha", "train.f_alpha=0.3"],
+    ["train.loss=discopop", "train.discopop_tau=0.1"],
+    ["train.loss=bco_pair", "train.bco_running_delta=true"],
 ])
 def test_settings_the_loss_reads_load(overrides):
     cfg = load_config("configs/default.yaml", overrides)
     assert cfg.train.loss == overrides[0].split("=")[1]
+
+
+def test_a_mixture_loads_with_one_weight_per_loss():
+    cfg = load_config("configs/default.yaml", ["train.loss=[sigmoid, bco_pair, sft]",
+                                               "train.loss_weights=[0.8, 0.2, 1.0]", "train.label_smoothing=0.1"])
+    assert cfg.train.objective() == [("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)]
+    assert cfg.train.objective_name() == "0.8*sigmoid+0.2*bco_pair+1*sft"
+    assert cfg.train.needs_reference()
+    # RPO's sft_weight is the same `sft` component; weights default to 1
+    rpo = TrainConfig(loss=["simpo"], sft_weight=0.5)
+    assert rpo.objective() == [("simpo", 1.0), ("sft", 0.5)] and not rpo.needs_reference()
 
 
 def test_changing_the_loss_later_is_checked_too():

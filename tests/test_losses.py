@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpo_core.losses import LOSS_TYPES, LossError, preference_loss, sft_nll
+from dpo_core.losses import LOSS_TYPES, FDivergence, LossError, mixture_loss, preference_loss
 
 # two pairs: policy / reference sequence log-probs and response lengths
 PC, PR = [-10.0, -20.0], [-12.0, -15.0]
@@ -105,8 +105,128 @@ def test_simpo_is_reference_free_with_margin():
     assert alone.losses.tolist() == pytest.approx(expected)
 
 
-def test_sft_nll_is_token_averaged_negative_log_likelihood():
-    assert sft_nll(torch.tensor(PC), torch.tensor(NC)).tolist() == pytest.approx([2.0, 2.0])
+def test_sft_is_token_averaged_negative_log_likelihood_of_chosen():
+    # -(-10) / 5 = 2, -(-20) / 10 = 2; rewards r_w, r_l with a reference
+    _close(_run("sft"), [2.0, 2.0], *_dpo_rewards())
+    # without one: beta * log pi / |y| = 0.1 * (-10 / 5), 0.1 * (-20 / 10); 0.1 * (-12 / 4), 0.1 * (-15 / 8)
+    alone = preference_loss("sft", torch.tensor(PC, dtype=torch.float64), torch.tensor(PR, dtype=torch.float64), None,
+                            None, beta=BETA,
+                            chosen_tokens=torch.tensor(NC), rejected_tokens=torch.tensor(NR))
+    _close(alone, [2.0, 2.0], [-0.2, -0.2], [-0.3, -0.1875])
+
+
+# Below, with the pairs above: chosen log-ratios c = [1, -1], rejected r = [-0.5, 1], rewards r_w = beta c =
+# [0.1, -0.1], r_l = beta r = [-0.05, 0.1], z = c - r = [1.5, -2] (the second pair has a negative margin), and
+# L(x) = -log sigma(x) = log(1 + e^-x):
+L = {0.1: 0.6443966600735709, -0.1: 0.744396660073571, 0.05: 0.6684596480132863, -0.05: 0.7184596480132863,
+     0.15: 0.6209570477895321, -0.2: 0.7981388693815918, 0.0: 0.6931471805599453}
+SIG = {0.1: 0.52497918747894, -0.1: 0.47502081252106, -0.05: 0.4875026035157896, 0.15: 0.5374298453437496,
+       -0.2: 0.45016600268752216}
+
+
+def test_nca_pair():
+    # L(r_w) + L(-r_w) / 2 + L(-r_l) / 2
+    expected = [L[0.1] + L[-0.1] / 2 + L[0.05] / 2, L[-0.1] + L[0.1] / 2 + L[-0.1] / 2]
+    assert expected == pytest.approx([1.3508248141169994, 1.438793320147142], abs=1e-15)
+    _close(_run("nca_pair"), [1.3508248141169994, 1.438793320147142], *_dpo_rewards())
+
+
+def test_bco_pair_without_and_with_a_reward_shift():
+    # L(r_w - delta) + L(-(r_l - delta))
+    _close(_run("bco_pair"), [L[0.1] + L[0.05], L[-0.1] + L[-0.1]], *_dpo_rewards())
+    assert [L[0.1] + L[0.05], 2 * L[-0.1]] == pytest.approx([1.3128563080868572, 1.488793320147142], abs=1e-15)
+    # delta = 0.1: L(0) + L(0.15), L(-0.2) + L(0)
+    _close(_run("bco_pair", bco_delta=0.1), [1.3141042283494774, 1.4912860499415371], *_dpo_rewards())
+    assert [L[0.0] + L[0.15], L[-0.2] + L[0.0]] == pytest.approx([1.3141042283494774, 1.4912860499415371], abs=1e-15)
+
+
+def test_sppo_hard():
+    # (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2 with 1/(2 beta) = 5: (1 - 5)^2 + (4.5)^2, (-6)^2 + 6^2
+    _close(_run("sppo_hard"), [36.25, 72.0], *_dpo_rewards())
+
+
+def test_aot_sorts_policy_and_reference_margins():
+    # policy margins lp_w - lp_l = [2, -5] -> sorted [-5, 2]; reference [0.5, -3] -> [-3, 0.5]; differences [-2, 1.5]
+    _close(_run("aot"), [L[-0.2], L[0.15]], *_dpo_rewards())
+    # with eps = 0.1: L(b) + eps * b at b = -0.2, 0.15
+    _close(_run("aot", label_smoothing=0.1), [L[-0.2] - 0.02, L[0.15] + 0.015], *_dpo_rewards())
+
+
+def test_aot_unpaired_sorts_chosen_and_rejected_log_ratios_apart():
+    # c sorted [-1, 1], r sorted [-0.5, 1]: differences [-0.5, 0]
+    _close(_run("aot_unpaired"), [L[-0.05], L[0.0]], *_dpo_rewards())
+
+
+def test_apo_zero_and_apo_down():
+    # zero: 1 - sigma(r_w) + sigma(r_l);  down: sigma(r_w) + 1 - sigma(r_w - r_l)
+    _close(_run("apo_zero"), [1 - SIG[0.1] + SIG[-0.05], 1 - SIG[-0.1] + SIG[0.1]], *_dpo_rewards())
+    _close(_run("apo_down"), [SIG[0.1] + 1 - SIG[0.15], SIG[-0.1] + 1 - SIG[-0.2]], *_dpo_rewards())
+    assert [1 - SIG[0.1] + SIG[-0.05], SIG[0.1] + 1 - SIG[0.15]] == pytest.approx([0.96252341603685, 0.98754934213519])
+
+
+def test_discopop():
+    # m = sigma(beta z / tau), tau = 0.05: sigma(3) = 0.9525741268224334, sigma(-4) = 0.01798620996209156
+    # (1 - m) L(beta z) + m exp(-beta z): exp(-0.15) = 0.8607079764250578, exp(0.2) = 1.2214027581601699
+    expected = [0.0474258731775666 * L[0.15] + 0.9525741268224334 * 0.8607079764250578,
+                0.98201379003790844 * L[-0.2] + 0.01798620996209156 * 1.2214027581601699]
+    assert expected == pytest.approx([0.8493375792893856, 0.8057517825545347], abs=1e-12)
+    _close(_run("discopop"), [0.8493375792893856, 0.8057517825545347], *_dpo_rewards())
+    # a larger temperature mixes in more of the exponential loss at a negative margin
+    assert _run("discopop", discopop_tau=1.0).losses[1] > 0.8057517825545347
+
+
+def test_exo_pair():
+    # q_w = sigma(beta z); q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps), eps = 0.1
+    q = [SIG[0.15], SIG[-0.2]]
+    expected = [q[i] * (math.log(q[i]) - math.log(0.9)) + (1 - q[i]) * (math.log(1 - q[i]) - math.log(0.1))
+                for i in range(2)]
+    assert expected == pytest.approx([0.43138845722278607, 0.6252972180887233], abs=1e-12)
+    _close(_run("exo_pair", label_smoothing=0.1), [0.43138845722278607, 0.6252972180887233], *_dpo_rewards())
+
+
+@pytest.mark.parametrize("kind, margins, losses", [
+    # the margin f'(u_w) - f'(u_l) at c = [1, -1], r = [-0.5, 1], then L(beta * margin)
+    ("forward_kl", [1.2808418295286859, -2.3504023872876028],  # (1 - e^-1) - (1 - e^0.5), (1 - e) - (1 - e^-1)
+     [0.6311543835721054, 0.8175569521882898]),
+    ("js", [0.6608152966618839, -1.0],  # log sigma(1) - log sigma(-0.5), log sigma(-1) - log sigma(1) = -1
+     [0.6606521625101546, 0.744396660073571]),
+    ("alpha", [1.354989513950216, -2.0843812219749895],  # a = 0.5: 2 (1 - e^(-l / 2)) at l = c, r
+     [0.6276909470685579, 0.802787245169527]),
+])
+def test_f_divergences_replace_the_log_ratio(kind, margins, losses):
+    div = FDivergence(kind, 0.5)
+    got = (div(torch.tensor([1.0, -1.0], dtype=torch.float64)) - div(torch.tensor([-0.5, 1.0], dtype=torch.float64)))
+    assert got.tolist() == pytest.approx(margins, abs=1e-12)
+    _close(_run("sigmoid", f_divergence=kind), losses, *_dpo_rewards())  # rewards stay beta log(pi / pi_ref)
+
+
+def test_alpha_divergence_ends_are_the_two_kls():
+    x = torch.tensor([1.0, -1.0, -0.5], dtype=torch.float64)
+    torch.testing.assert_close(FDivergence("alpha", 1.0)(x), x)
+    torch.testing.assert_close(FDivergence("alpha", 0.0)(x), FDivergence("forward_kl")(x))
+
+
+def test_mixture_is_the_weighted_sum_and_keeps_each_component():
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    out = mixture_loss([("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)], t(PC), t(PR), t(RC), t(RR), beta=BETA,
+                       chosen_tokens=torch.tensor(NC), rejected_tokens=torch.tensor(NR))
+    # 0.8 L(beta z) + 0.2 (L(r_w) + L(-r_l)) + 1.0 * 2
+    expected = [0.8 * L[0.15] + 0.2 * 1.3128563080868572 + 2.0, 0.8 * L[-0.2] + 0.2 * 1.488793320147142 + 2.0]
+    assert out.losses.tolist() == pytest.approx(expected, abs=1e-12)
+    assert list(out.components) == ["sigmoid", "bco_pair", "sft"]
+    assert out.components["sft"].losses.tolist() == [2.0, 2.0]
+    assert out.chosen_rewards.tolist() == pytest.approx(_dpo_rewards()[0])
+    # label smoothing goes to the components that read it only (bco_pair would refuse it)
+    smoothed = mixture_loss([("sigmoid", 1.0), ("bco_pair", 1.0)], t(PC), t(PR), t(RC), t(RR), beta=BETA,
+                            label_smoothing=0.2)
+    assert smoothed.components["sigmoid"].losses.tolist() == pytest.approx([0.6509570477895321, 0.7581388693815918])
+    # per-pair weights (WPO) scale each pair's total
+    weighted = mixture_loss([("sigmoid", 1.0)], t(PC), t(PR), t(RC), t(RR), beta=BETA, pair_weights=t([0.5, 2.0]))
+    assert weighted.losses.tolist() == pytest.approx([0.5 * L[0.15], 2.0 * L[-0.2]])
+
+
+# settings a loss cannot run without
+NEEDS = {"exo_pair": {"label_smoothing": 1e-3}}
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -114,11 +234,12 @@ def test_gradients_flow_only_through_the_policy(loss_type):
     pc, pr = torch.tensor(PC, requires_grad=True), torch.tensor(PR, requires_grad=True)
     rc, rr = torch.tensor(RC, requires_grad=True), torch.tensor(RR, requires_grad=True)
     out = preference_loss(loss_type, pc, pr, rc, rr, beta=BETA, chosen_tokens=torch.tensor(NC),
-                          rejected_tokens=torch.tensor(NR))
+                          rejected_tokens=torch.tensor(NR), **NEEDS.get(loss_type, {}))
     assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
     out.losses.sum().backward()
-    assert pc.grad is not None and pr.grad is not None
-    assert pc.grad.abs().sum() > 0 and pr.grad.abs().sum() > 0
+    assert pc.grad is not None and pc.grad.abs().sum() > 0
+    if loss_type != "sft":  # the NLL of the chosen response only
+        assert pr.grad is not None and pr.grad.abs().sum() > 0
     assert rc.grad is None and rr.grad is None
 
 
@@ -136,3 +257,11 @@ def test_bad_arguments_are_clear_errors():
         preference_loss("sigmoid", t, t, t, t, beta=0.1, simpo_gamma=0.3)
     with pytest.raises(LossError, match="beta"):
         preference_loss("sigmoid", t, t, t, t, beta=0.0)
+    with pytest.raises(LossError, match="exo_pair' needs label_smoothing > 0"):
+        preference_loss("exo_pair", t, t, t, t, beta=0.1)
+    with pytest.raises(LossError, match="f_divergence=js has no meaning for loss 'bco_pair'"):
+        preference_loss("bco_pair", t, t, t, t, beta=0.1, f_divergence="js")
+    with pytest.raises(LossError, match="f_alpha=0.3 is read only with f_divergence=alpha"):
+        preference_loss("sigmoid", t, t, t, t, beta=0.1, f_alpha=0.3)
+    with pytest.raises(LossError, match="unknown f-divergence 'kl'"):
+        preference_loss("sigmoid", t, t, t, t, beta=0.1, f_divergence="kl")

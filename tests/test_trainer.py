@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpo_core.checkpoints import list_checkpoints
-from dpo_core.config import LoraConfig, ModelConfig, TrainConfig
+from dpo_core.config import LOSS_TYPES, LoraConfig, ModelConfig, TrainConfig
 from dpo_core.models import DeviceSpec, attach_lora, tiny_llama
 from dpo_core.reference import compute_reference_logps
 from dpo_core.trainer import NonFiniteError, TrainError, TrainingInterrupted, total_steps, train
@@ -90,6 +90,31 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, tokenizer, lora):
     lines = (tmp_path / "b" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
     assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [4, 6]  # every 2 steps + end, keep 2
+
+
+def test_bco_running_delta_resumes_exactly(tmp_path, tokenizer):
+    """BCO's reward shift is the mean reward of all earlier steps; the checkpoint keeps it, so a resumed run uses the
+    same shifts and ends with the same weights."""
+    df, cfg = _pairs(), _cfg(loss="bco_pair", bco_running_delta=True)
+    # a reference other than the initial policy, so that rewards (and shifts) are not 0 from the start
+    ref = compute_reference_logps(tiny_llama(_SmallVocab(tokenizer), seed=1, hidden_size=32), df, batch_size=4,
+                                  spec=CPU)
+    straight = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "a", spec=CPU, reference=ref,
+                     progress_bar=False)
+    deltas = [row["bco/delta"] for row in straight.history]
+    assert deltas[0] == 0.0 and all(d != 0.0 for d in deltas[1:])
+    # step 2's delta is step 1's mean reward: (chosen + rejected) / 2
+    first = straight.history[0]
+    assert deltas[1] == pytest.approx((first["rewards/chosen"] + first["rewards/rejected"]) / 2, rel=1e-6)
+    with pytest.raises(TrainingInterrupted):
+        train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
+              stop_after_steps=3, progress_bar=False)
+    resumed = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
+                    progress_bar=False)
+    assert resumed.resumed_from_step == 3
+    assert _strip(resumed.history) == _strip(straight.history)
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_crash_between_checkpoints_replays_from_the_last_one(tmp_path, tokenizer):
@@ -176,7 +201,7 @@ def test_metrics_schedule_and_gradient_checkpointing(tmp_path, tokenizer):
                   progress_bar=False)
     assert plain.steps == 4 and len(seen) == 4 and seen == plain.history
     for row in plain.history:
-        assert TRL_METRICS <= row.keys() and "nll_loss" in row
+        assert TRL_METRICS <= row.keys() and "loss/sft" in row and "loss/sigmoid" in row
         assert all(np.isfinite(v) for v in row.values())
         assert row["tokens_per_second"] > 0 and row["grad_norm"] > 0
     lrs = [row["learning_rate"] for row in plain.history]
@@ -209,12 +234,38 @@ def test_lora_reference_is_the_model_with_adapters_disabled(tmp_path, tokenizer)
         torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "sigmoid_norm", "simpo"])
+LN2 = 0.6931471805599453
+# each objective's loss when policy == reference (every log-ratio 0) at beta = 0.5; None: it reads the policy's
+# log-probs themselves (reference-free)
+AT_START = {"sigmoid": LN2, "robust": LN2, "sigmoid_norm": LN2, "aot": LN2, "aot_unpaired": LN2,
+            "ipo": 1.0,  # (0 - 1 / (2 beta))^2
+            "hinge": 1.0, "apo_zero": 1.0, "apo_down": 1.0,  # max(0, 1 - 0); 1 - 1/2 + 1/2; 1/2 + 1 - 1/2
+            # L(0) (1 + 1/2 + 1/2); 2 L(0); 2 (1 / (2 beta))^2
+            "nca_pair": 2 * LN2, "bco_pair": 2 * LN2, "sppo_hard": 2.0,
+            "discopop": (LN2 + 1) / 2,  # m = sigma(0) = 1/2: (L(0) + e^0) / 2
+            "exo_pair": 1.6144630803608508,  # eps = 0.01: (log 1/2 - log 0.99) / 2 + (log 1/2 - log 0.01) / 2
+            "simpo": None, "sft": None}
+SETTINGS = {"robust": {"label_smoothing": 0.1}, "sigmoid_norm": {"label_smoothing": 0.1},
+            "exo_pair": {"label_smoothing": 0.01},
+            # DiscoPOP's loss is lowest at a small negative margin (its slope at z = 0 is positive): a smaller step
+            # keeps three steps from overshooting it
+            "discopop": {"learning_rate": 1e-4}}
+
+
+@pytest.mark.parametrize("loss", LOSS_TYPES)
 def test_every_loss_trains(tmp_path, tokenizer, loss):
-    cfg = _cfg(loss=loss, epochs=1, max_steps=2, checkpoint_every=100,
-               label_smoothing=0.1 if loss in ("robust", "sigmoid_norm") else 0.0)
+    """The objective that ran is the one asked for (its own metric, and its value where policy == reference), and
+    three steps on the same four pairs lower it."""
+    cfg = _cfg(**{"loss": loss, "epochs": 1, "max_steps": 3, "checkpoint_every": 100, "warmup_ratio": 0.0,
+                  "learning_rate": 1e-3, **SETTINGS.get(loss, {})})
     result = train(_model(tokenizer), tokenizer, _pairs(4), cfg, out_dir=tmp_path, spec=CPU, progress_bar=False)
-    assert result.steps == 2 and all(np.isfinite(r["loss"]) for r in result.history)
+    own = [row[f"loss/{loss}"] for row in result.history]
+    assert result.steps == 3 and all(np.isfinite(own))
+    assert [row["loss"] for row in result.history] == own  # a single objective is the whole loss
+    assert [k for k in result.history[0] if k.startswith("loss/")] == [f"loss/{loss}"]
+    if AT_START[loss] is not None:
+        assert own[0] == pytest.approx(AT_START[loss], abs=1e-5)
+    assert own[-1] < own[0] - 1e-4, own
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer):

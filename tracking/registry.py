@@ -296,14 +296,15 @@ def register_policy(cfg: RunConfig, *, run_id: str, model_dir: Path, metrics: Ma
     if existing is None:
         info = log_policy_model(tracker, run_id, model_dir, trust_remote_code=cfg.model.trust_remote_code)
         tags = {TAG_FINGERPRINT: fingerprint, TAG_CONFIG_HASH: config_hash, TAG_EVAL_SET: eval_set,
-                "base_model": cfg.model.name_or_path, "flow_run_id": flow_run_id, "loss": cfg.train.loss,
+                "base_model": cfg.model.name_or_path, "flow_run_id": flow_run_id, "loss": cfg.train.objective_name(),
                 **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in flat.items()}}
 
         def create_version():
             with _mlflow_uris(tracker.uri):  # `models:/m-<id>` sources are resolved through the global URI
                 return tracker.client.create_model_version(
                     reg.name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id,
-                    description=f"DPO ({cfg.train.loss}, beta={cfg.train.beta}) of {cfg.model.name_or_path}; "
+                    description=f"DPO ({cfg.train.objective_name()}, beta={cfg.train.beta}) of "
+                                f"{cfg.model.name_or_path}; "
                                 f"flow run {flow_run_id}")
 
         version = str(reg.call("create_model_version", create_version).version)

@@ -434,8 +434,9 @@ class RunTracker:
         if curves and records:
             from tasks.curves import plot_training_curves
 
-            figure = plot_training_curves(records, loss_type=self.cfg.train.loss,
-                                          title=f"DPO training ({self.cfg.train.loss}, beta={self.cfg.train.beta})")
+            objective = self.cfg.train.objective_name()
+            figure = plot_training_curves(records, loss_type=objective,
+                                          title=f"DPO training ({objective}, beta={self.cfg.train.beta})")
             self.log_figure(run_id, figure, "training/curves.png")
         return len(metrics)
 
