@@ -15,9 +15,10 @@ What is compared, per pair of the batch (4 UltraFeedback pairs, the benchmark's 
   `dpo_core.reference.compute_reference_logps` (our precomputed table) and a live `sequence_logps`;
 * rewards (beta * log-ratio) and the loss: TRL's `_compute_loss` itself (loss and its logged metric means)
   against `dpo_core.losses.preference_loss("sigmoid", ...)`;
+* the gradient of every policy parameter of that loss: TRL's backward against ours through `sequence_logps`;
 * with `--objectives`, every objective TRL's `DPOTrainer` has (`OBJECTIVE_CASES`: each `loss_type`, the
-  f-divergences, a weighted mixture): loss, mean rewards and every policy parameter's gradient
-  (`objective_parity`).
+  f-divergences, a weighted mixture): loss, mean rewards and the gradient with respect to each log-prob sum
+  (`objective_parity`, which says why that and the parameter gradients above cover every parameter).
 
 Tolerance: |ours - TRL| <= ATOL + RTOL * |TRL| with ATOL = RTOL = 1e-4 (log-prob sums over ~100 tokens are in the
 hundreds; float32 summation order alone moves them by ~1e-5 relative).
@@ -115,6 +116,7 @@ class Setup:
     ref_rejected: torch.Tensor
     trainer: object  # trl.DPOTrainer
     inputs: dict  # TRL's collated batch
+    trl_out: object  # TRL's fused-LM-head output of the policy on `inputs` (per-token log-probs, ...), no grad
     trl_logps: torch.Tensor  # TRL's policy log-prob sums, Float[2B] (chosen then rejected), no grad
     trl_ref: tuple[torch.Tensor, torch.Tensor]  # TRL's reference log-prob sums (chosen, rejected), Float[B] each
 
@@ -162,7 +164,7 @@ def trl_setup(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, **trl_arg
         yield Setup(beta=beta, policy=policy, rows=rows, batch=collate_pairs(rows, pad_id(tokenizer)),
                     ref_chosen=torch.tensor(ref_table.chosen_logps.to_numpy(), dtype=torch.float32),
                     ref_rejected=torch.tensor(ref_table.rejected_logps.to_numpy(), dtype=torch.float32),
-                    trainer=trainer, inputs=inputs, trl_logps=out.log_probs.sum(dim=1), trl_ref=trl_ref)
+                    trainer=trainer, inputs=inputs, trl_out=out, trl_logps=out.log_probs.sum(dim=1), trl_ref=trl_ref)
 
 
 def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, setup: Setup | None = None) -> ParityReport:
@@ -196,9 +198,17 @@ def _compare_scoring(setup: Setup) -> ParityReport:
     trl_c, trl_r = setup.trl_logps.chunk(2, dim=0)
     trl_ref_c, trl_ref_r = setup.trl_ref
     _use_objective(trainer, [("sigmoid", 1.0)], {})
-    with torch.no_grad():
-        trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    setup.policy.zero_grad(set_to_none=True)
+    trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    trl_loss.backward()
+    trl_grads = _grads(setup.policy)
     metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # the model is in eval mode
+    # --- the gradient of every policy parameter: TRL's backward, and ours through our scorer at TRL's log-prob values
+    # (the sums agree to a few float32 ulps, checked above; this checks d logps / d theta)
+    logps = sequence_logps(setup.policy, batch)[0]
+    logps = logps + (setup.trl_logps - logps).detach()
+    preference_loss("sigmoid", *split_pair_logps(logps), trl_ref_c, trl_ref_r, beta=beta).losses.mean().backward()
+    our_grads = _grads(setup.policy)
 
     same_ids = torch.equal(inputs["input_ids"], batch.input_ids) and torch.equal(
         inputs["completion_mask"][:, 1:].bool(), batch.response_mask[:, 1:]
@@ -223,7 +233,18 @@ def _compare_scoring(setup: Setup) -> ParityReport:
     report.check("rewards/rejected (mean)", ours.rejected_rewards.mean(), metrics["rewards/rejected"])
     report.check("logps/chosen (mean)", pol_c.mean(), metrics["logps/chosen"])
     report.check("logps/rejected (mean)", pol_r.mean(), metrics["logps/rejected"])
+    if our_grads.keys() != trl_grads.keys():
+        report.failures.append(f"gradients reach different parameters: {sorted(our_grads.keys() ^ trl_grads.keys())}")
+    for name in sorted(our_grads.keys() & trl_grads.keys()):
+        report.check_max(f"grad {name}", our_grads[name], trl_grads[name])
     return report
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient by name (a copy), the gradients then cleared."""
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
 
 
 # TRL's names of our f-divergences (DPOConfig.f_divergence_type)
@@ -259,53 +280,71 @@ def _use_objective(trainer, objective: list[tuple[str, float]], settings: dict) 
 
 
 def objective_parity(setup: Setup, objective: list[tuple[str, float]], **settings) -> ParityReport:
-    """An objective (one loss, or a weighted mixture) on the setup's batch: our ``mixture_loss`` against TRL's
-    ``_compute_loss`` with ``loss_type`` / ``loss_weights`` set to it: the loss, the mean rewards and the gradient of
-    every policy parameter.
+    """An objective (one loss, or a weighted mixture) on the setup's batch: TRL's ``_compute_loss`` with
+    ``loss_type`` / ``loss_weights`` set to it against our ``mixture_loss``: the loss, the mean rewards and the
+    gradient of the loss with respect to every sequence's log-prob sum.
 
-    Our loss is evaluated at TRL's own values of the log-probs (``run`` checks that ours equal them to float32
-    rounding) with the gradient taken through our scorer (``dpo_core.logprobs.sequence_logps``): the few-ulp
-    differences of sums in the thousands would otherwise be amplified by the steeper objectives (SPPO, DiscoPOP,
-    the f-divergences) into gradient differences above the tolerance. So this checks the objective's formula and
-    its gradient path, with the log-probs checked by ``run``.
+    Both see the same log-probs, TRL's: its ``_compute_loss`` replays the setup's fused-head forward (per-token
+    log-probs as a leaf tensor) with the reference log-probs given as precomputed, and ours gets the sums as leaf
+    tensors. d loss / d theta = sum over sequences of d loss / d logps times d logps / d theta, and ``run`` checks
+    that d logps / d theta, the policy's gradient through our scorer, equals TRL's; so equal d loss / d logps here
+    means equal parameter gradients, without a forward and backward of the model per objective. (The few-ulp
+    differences of log-prob sums in the thousands would otherwise be amplified by the steeper objectives, SPPO,
+    DiscoPOP and the f-divergences, into differences above the tolerance.)
 
     ``settings`` are ours (``label_smoothing``, ``f_divergence``, ``f_alpha``, ``discopop_tau``); they are set on the
     trainer where its ``DPOConfig`` fields of the same meaning put them.
     """
-    from dpo_core.logprobs import sequence_logps, split_pair_logps
+    from dpo_core.logprobs import split_pair_logps
     from dpo_core.losses import mixture_loss
 
-    trainer, policy, beta = setup.trainer, setup.policy, setup.beta
+    trainer, beta = setup.trainer, setup.beta
     _use_objective(trainer, objective, settings)
-
-    policy.zero_grad(set_to_none=True)
-    trl_loss = trainer._compute_loss(trainer.model, setup.inputs, return_outputs=False)
+    ref_c, ref_r = setup.trl_ref
+    token_logps = setup.trl_out.log_probs.detach().clone().requires_grad_(True)
+    replay = copy.copy(setup.trl_out)
+    replay.log_probs = token_logps
+    inputs = {**setup.inputs, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    trainer.precompute_ref_logps = True
+    try:
+        with _replayed_forward(trainer.model, replay):
+            trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    finally:
+        trainer.precompute_ref_logps = False
     trl_loss.backward()
-    trl_grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
+    completion = inputs["completion_mask"][:, 1:].to(token_logps.dtype)  # the positions a sum runs over
+    trl_dlogps = (token_logps.grad * completion).sum(1) / completion.sum(1)  # every token of a sum: the same grad
     metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # the model is in eval mode
 
-    policy.zero_grad(set_to_none=True)
-    logps, counts = sequence_logps(policy, setup.batch)
-    logps = logps + (setup.trl_logps - logps).detach()  # TRL's values forward, our scorer's graph backward
-    (chosen, rejected), (chosen_tokens, rejected_tokens) = split_pair_logps(logps), split_pair_logps(counts)
-    ours = mixture_loss(objective, chosen, rejected, *setup.trl_ref, beta=beta, chosen_tokens=chosen_tokens,
-                        rejected_tokens=rejected_tokens, **settings)
+    chosen, rejected = (t.detach().clone().requires_grad_(True) for t in split_pair_logps(setup.trl_logps))
+    tokens = split_pair_logps(setup.batch.response_mask.sum(1))
+    ours = mixture_loss(objective, chosen, rejected, ref_c, ref_r, beta=beta, chosen_tokens=tokens[0],
+                        rejected_tokens=tokens[1], **settings)
     ours.losses.mean().backward()
-    our_grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
-    policy.zero_grad(set_to_none=True)
 
     report = ParityReport()
     report.check("loss", ours.losses.mean(), trl_loss.detach())
     chosen_r, rejected_r = ours.chosen_rewards, ours.rejected_rewards
     if objective[0][0] in PER_TOKEN_REWARDS:  # back to TRL's beta * log-ratio of the sums
-        chosen_r, rejected_r = chosen_r * chosen_tokens, rejected_r * rejected_tokens
+        chosen_r, rejected_r = chosen_r * tokens[0], rejected_r * tokens[1]
     report.check("rewards/chosen (mean)", chosen_r.mean(), metrics["rewards/chosen"])
     report.check("rewards/rejected (mean)", rejected_r.mean(), metrics["rewards/rejected"])
-    if our_grads.keys() != trl_grads.keys():
-        report.failures.append(f"gradients reach different parameters: {sorted(our_grads.keys() ^ trl_grads.keys())}")
-    for name in sorted(our_grads.keys() & trl_grads.keys()):
-        report.check_max(f"grad {name}", our_grads[name], trl_grads[name])
+    report.check("d loss / d logps", torch.cat([chosen.grad, rejected.grad]), trl_dlogps)
     return report
+
+
+@contextmanager
+def _replayed_forward(model: torch.nn.Module, output) -> Iterator[None]:
+    """Calls of ``model`` return ``output`` instead of running the network (the instance's ``forward`` is swapped)."""
+    saved = model.__dict__.get("forward")
+    model.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        if saved is None:
+            del model.forward
+        else:
+            model.forward = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,12 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         print(report.render())
         ok = report.ok
         if args.objectives:
-            print(f"\n{'objective':<44}{'loss':>12}{'TRL loss':>12}{'|diff|':>10}{'max grad |diff|':>17}  ok")
+            print(f"\n{'objective':<44}{'loss':>12}{'TRL loss':>12}{'|diff|':>10}{'max |diff| dL/dlogps':>22}  ok")
             for label, objective, settings in OBJECTIVE_CASES:
                 one = objective_parity(setup, objective, **settings)
                 _, ours, trl, diff = one.rows[0]
-                grad = max(r[3] for r in one.rows if r[0].startswith("grad "))
-                print(f"{label:<44}{ours:>12.6f}{trl:>12.6f}{diff:>10.2e}{grad:>17.2e}  {one.ok}")
+                grad = max(r[3] for r in one.rows if r[0].startswith("d loss"))
+                print(f"{label:<44}{ours:>12.6f}{trl:>12.6f}{diff:>10.2e}{grad:>22.2e}  {one.ok}")
                 ok = ok and one.ok
     return 0 if ok else 1
 
