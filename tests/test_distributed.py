@@ -370,3 +370,28 @@ def test_the_train_stage_launches_torchrun_when_processes_is_two(data, tmp_path,
     assert (policy_dir(manifest) / "model.safetensors").is_file()
     assert not (tmp_path / "artifacts" / "train" / manifest["key"] / "checkpoints").exists()
     np.testing.assert_allclose(read_history(manifest)[1]["loss"], _history(one_process[0])[1]["loss"], rtol=1e-5)
+
+
+def test_validation_scoring_and_best_val_on_two_processes_match_one_process(data, tmp_path):
+    """Rank 0 scores the validation split and every rank records the same numbers: the history, the chosen step and
+    the output weights are those of one process."""
+    table = pd.concat([_pairs(N_PAIRS), _pairs(3, seed=1).iloc[:3].assign(
+        pair_id=lambda d: "v" + d["pair_id"], split="validation")])
+    table.to_parquet(tmp_path / "tokenized.parquet")
+    kw = dict(train_kw={"eval_every": 2, "select": "best_val", "select_metric": "val/loss"},
+              validation_split="validation")
+    one = run_job(_job(data, tmp_path / "one", 1, **kw).model_copy(
+        update={"tokenized": str(tmp_path / "tokenized.parquet")}))
+    two = launch_training(_job(data, tmp_path / "two", 2, **kw).model_copy(
+        update={"tokenized": str(tmp_path / "tokenized.parquet")}), 2)
+    h1, h2 = _history(tmp_path / "one"), _history(tmp_path / "two")
+    scored = [r["step"] for r in h1 if "val/loss" in r]
+    assert scored == [r["step"] for r in h2 if "val/loss" in r] == [2, 4, 6]
+    for a, b in zip(h1, h2):
+        for key in ("val/loss", "val/rewards/accuracies", "val/rewards/margins"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    assert one["selected_step"] == two["selected_step"] in scored
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-5)
