@@ -114,21 +114,28 @@ class Setup:
     batch: object  # dpo_core.batching.PairBatch, two padded rows per pair (TRL's layout)
     ref_chosen: torch.Tensor  # our precomputed reference table, Float[B]
     ref_rejected: torch.Tensor
+    ref_shared: tuple[torch.Tensor, torch.Tensor]  # its sums over the shared length (chosen, rejected), Float[B]
+    ours: object  # dpo_core.logprobs.SequenceScores of the policy on `batch` (with shared and WPO sums), no grad
     trainer: object  # trl.DPOTrainer
     inputs: dict  # TRL's collated batch
     trl_out: object  # TRL's fused-LM-head output of the policy on `inputs` (per-token log-probs, ...), no grad
     trl_logps: torch.Tensor  # TRL's policy log-prob sums, Float[2B] (chosen then rejected), no grad
     trl_ref: tuple[torch.Tensor, torch.Tensor]  # TRL's reference log-prob sums (chosen, rejected), Float[B] each
+    trl_shared: torch.Tensor  # TRL's policy sums over the shared length (its `ld_alpha` masks), Float[2B]
+    trl_ref_shared: tuple[torch.Tensor, torch.Tensor]  # the same for the reference, Float[B] each
+    trl_wpo: torch.Tensor  # TRL's per-sequence sums of log p - log sum p^2 (its WPO terms), Float[2B]
 
 
 @contextmanager
 def trl_setup(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, **trl_args) -> Iterator[Setup]:
-    """The benchmark's pairs, a policy and a reference, our reference table, and a TRL ``DPOTrainer`` (live
-    reference, CPU, float32) with its collated batch of the same pairs. ``trl_args`` go to ``DPOConfig``."""
+    """The benchmark's pairs, a policy and a reference, our reference table and policy scores, and a TRL
+    ``DPOTrainer`` (live reference, CPU, float32, its LM head also returning WPO's log sum p^2) with its collated batch
+    of the same pairs and its scores of them. ``trl_args`` go to ``DPOConfig``."""
     from trl import DPOConfig, DPOTrainer
 
     from bench.trl_dpo import conversational_dataset
     from dpo_core.batching import collate_pairs
+    from dpo_core.logprobs import sequence_scores, split_pair_logps
     from dpo_core.models import DeviceSpec, pad_id
     from dpo_core.reference import compute_reference_logps
 
@@ -147,7 +154,7 @@ def trl_setup(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, **trl_arg
         args = DPOConfig(
             output_dir=out_dir, per_device_train_batch_size=n_pairs, max_length=s.max_length, beta=beta,
             bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
-            save_strategy="no", disable_tqdm=True, precompute_ref_log_probs=False, **trl_args,
+            save_strategy="no", disable_tqdm=True, precompute_ref_log_probs=False, use_weighting=True, **trl_args,
         )  # fmt: skip
         trainer = DPOTrainer(
             model=policy, ref_model=reference, args=args, train_dataset=conversational_dataset(data),
@@ -156,15 +163,28 @@ def trl_setup(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, **trl_arg
         examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
         inputs = trainer.data_collator(examples)
         trainer.model.eval()
+        batch = collate_pairs(rows, pad_id(tokenizer))
+        completion = inputs["completion_mask"][:, 1:]
         with torch.no_grad():  # TRL's fused-LM-head forward (the lines of `DPOTrainer._compute_loss`)
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
             out = trainer.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                 labels=labels, fused_lm_head=True, use_cache=False)
             trl_ref = trainer.compute_ref_log_probs(trainer.ref_model, inputs)
-        yield Setup(beta=beta, policy=policy, rows=rows, batch=collate_pairs(rows, pad_id(tokenizer)),
-                    ref_chosen=torch.tensor(ref_table.chosen_logps.to_numpy(), dtype=torch.float32),
-                    ref_rejected=torch.tensor(ref_table.rejected_logps.to_numpy(), dtype=torch.float32),
-                    trainer=trainer, inputs=inputs, trl_out=out, trl_logps=out.log_probs.sum(dim=1), trl_ref=trl_ref)
+            trainer.ld_alpha = 0.0  # LD-DPO's weight 0 on the tail: TRL's sums over the shared length alone
+            trl_shared = torch.cat(trainer.compute_ref_log_probs(trainer.model, inputs))
+            trl_ref_shared = trainer.compute_ref_log_probs(trainer.ref_model, inputs)
+            trainer.ld_alpha = None
+            ours = sequence_scores(policy, batch, shared=True, wpo=True)
+
+        def column(name: str) -> torch.Tensor:
+            return torch.tensor(ref_table[name].to_numpy(), dtype=torch.float32)
+
+        yield Setup(beta=beta, policy=policy, rows=rows, batch=batch, ref_chosen=column("chosen_logps"),
+                    ref_rejected=column("rejected_logps"),
+                    ref_shared=(column("chosen_shared_logps"), column("rejected_shared_logps")), ours=ours,
+                    trainer=trainer, inputs=inputs, trl_out=out, trl_logps=out.log_probs.sum(dim=1), trl_ref=trl_ref,
+                    trl_shared=trl_shared, trl_ref_shared=trl_ref_shared,
+                    trl_wpo=((out.log_probs - out.log_sum_sq_probs) * completion).sum(dim=1))
 
 
 def run(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, setup: Setup | None = None) -> ParityReport:
@@ -233,6 +253,11 @@ def _compare_scoring(setup: Setup) -> ParityReport:
     report.check("rewards/rejected (mean)", ours.rejected_rewards.mean(), metrics["rewards/rejected"])
     report.check("logps/chosen (mean)", pol_c.mean(), metrics["logps/chosen"])
     report.check("logps/rejected (mean)", pol_r.mean(), metrics["logps/rejected"])
+    # the parts LD-DPO and WPO read: sums over the shared length (policy, and our reference table), WPO's sums
+    report.check("policy shared-length logps", setup.ours.shared_logps, setup.trl_shared)
+    report.check("ref table shared-length logps/chosen", setup.ref_shared[0], setup.trl_ref_shared[0])
+    report.check("ref table shared-length logps/rejected", setup.ref_shared[1], setup.trl_ref_shared[1])
+    report.check("policy WPO sums", setup.ours.wpo_logps, setup.trl_wpo)
     if our_grads.keys() != trl_grads.keys():
         report.failures.append(f"gradients reach different parameters: {sorted(our_grads.keys() ^ trl_grads.keys())}")
     for name in sorted(our_grads.keys() & trl_grads.keys()):
@@ -266,6 +291,9 @@ OBJECTIVE_CASES: list[tuple[str, list[tuple[str, float]], dict]] = [
     ("sigmoid, f_divergence=alpha, f_alpha=0.3", [("sigmoid", 1.0)], {"f_divergence": "alpha", "f_alpha": 0.3}),
     ("ipo, f_divergence=js", [("ipo", 1.0)], {"f_divergence": "js"}),
     ("0.8 sigmoid + 0.2 bco_pair (MPO)", [("sigmoid", 0.8), ("bco_pair", 0.2)], {}),
+    ("sigmoid, use_weighting (WPO)", [("sigmoid", 1.0)], {"use_weighting": True}),
+    ("sigmoid, ld_alpha=0.5 (LD-DPO)", [("sigmoid", 1.0)], {"ld_alpha": 0.5}),
+    ("ipo, ld_alpha=0.3, use_weighting", [("ipo", 1.0)], {"ld_alpha": 0.3, "use_weighting": True}),
 ]
 
 
@@ -277,6 +305,7 @@ def _use_objective(trainer, objective: list[tuple[str, float]], settings: dict) 
     trainer.f_divergence_type = TRL_F_DIVERGENCE[settings.get("f_divergence", "reverse_kl")]
     trainer.f_alpha_divergence_coef = settings.get("f_alpha", 0.5)
     trainer.args.discopop_tau = settings.get("discopop_tau", 0.05)
+    trainer.use_weighting, trainer.ld_alpha = settings.get("use_weighting", False), settings.get("ld_alpha")
 
 
 def objective_parity(setup: Setup, objective: list[tuple[str, float]], **settings) -> ParityReport:
@@ -292,15 +321,19 @@ def objective_parity(setup: Setup, objective: list[tuple[str, float]], **setting
     differences of log-prob sums in the thousands would otherwise be amplified by the steeper objectives, SPPO,
     DiscoPOP and the f-divergences, into differences above the tolerance.)
 
-    ``settings`` are ours (``label_smoothing``, ``f_divergence``, ``f_alpha``, ``discopop_tau``); they are set on the
-    trainer where its ``DPOConfig`` fields of the same meaning put them.
+    ``settings`` are ours (``label_smoothing``, ``f_divergence``, ``f_alpha``, ``discopop_tau``, ``use_weighting``,
+    ``ld_alpha``); they are set on the trainer where its ``DPOConfig`` fields of the same meaning put them. WPO's
+    weights come from each side's own scores (``Setup.ours``, TRL's replayed output).
     """
     from dpo_core.logprobs import split_pair_logps
-    from dpo_core.losses import mixture_loss
+    from dpo_core.losses import ld_logps, mixture_loss, wpo_weights
 
     trainer, beta = setup.trainer, setup.beta
     _use_objective(trainer, objective, settings)
+    use_weighting, ld_alpha = settings.pop("use_weighting", False), settings.pop("ld_alpha", None)
     ref_c, ref_r = setup.trl_ref
+    if ld_alpha is not None:  # precomputed as TRL's `compute_ref_log_probs` would with `ld_alpha`
+        ref_c, ref_r = (ld_logps(t, shared, ld_alpha) for t, shared in zip(setup.trl_ref, setup.trl_ref_shared))
     token_logps = setup.trl_out.log_probs.detach().clone().requires_grad_(True)
     replay = copy.copy(setup.trl_out)
     replay.log_probs = token_logps
@@ -312,15 +345,20 @@ def objective_parity(setup: Setup, objective: list[tuple[str, float]], **setting
     finally:
         trainer.precompute_ref_logps = False
     trl_loss.backward()
-    completion = inputs["completion_mask"][:, 1:].to(token_logps.dtype)  # the positions a sum runs over
-    trl_dlogps = (token_logps.grad * completion).sum(1) / completion.sum(1)  # every token of a sum: the same grad
+    # the gradient on a sequence's first response token: d loss / d its sum (the shared part's, for LD-DPO)
+    first = inputs["completion_mask"][:, 1:].argmax(dim=1)
+    trl_dlogps = token_logps.grad[torch.arange(first.shape[0]), first]
     metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}  # the model is in eval mode
 
-    chosen, rejected = (t.detach().clone().requires_grad_(True) for t in split_pair_logps(setup.trl_logps))
-    tokens = split_pair_logps(setup.batch.response_mask.sum(1))
-    ours = mixture_loss(objective, chosen, rejected, ref_c, ref_r, beta=beta, chosen_tokens=tokens[0],
-                        rejected_tokens=tokens[1], **settings)
+    total = setup.trl_logps.detach().clone().requires_grad_(True)
+    shared = setup.trl_shared.detach().clone().requires_grad_(True)
+    logps = total if ld_alpha is None else ld_logps(total, shared, ld_alpha)
+    tokens = split_pair_logps(setup.ours.counts)
+    weights = wpo_weights(*split_pair_logps(setup.ours.wpo_logps), *tokens) if use_weighting else None
+    ours = mixture_loss(objective, *split_pair_logps(logps), ref_c, ref_r, beta=beta, chosen_tokens=tokens[0],
+                        rejected_tokens=tokens[1], pair_weights=weights, **settings)
     ours.losses.mean().backward()
+    our_dlogps = total.grad + (shared.grad if shared.grad is not None else 0.0)
 
     report = ParityReport()
     report.check("loss", ours.losses.mean(), trl_loss.detach())
@@ -329,7 +367,7 @@ def objective_parity(setup: Setup, objective: list[tuple[str, float]], **setting
         chosen_r, rejected_r = chosen_r * tokens[0], rejected_r * tokens[1]
     report.check("rewards/chosen (mean)", chosen_r.mean(), metrics["rewards/chosen"])
     report.check("rewards/rejected (mean)", rejected_r.mean(), metrics["rewards/rejected"])
-    report.check("d loss / d logps", torch.cat([chosen.grad, rejected.grad]), trl_dlogps)
+    report.check("d loss / d logps", our_dlogps, trl_dlogps)
     return report
 
 

@@ -1,8 +1,11 @@
 """The reference log-probs contract, checked where `dpo_core.reference.compute_reference_logps` hands its table on.
 
 One row per tokenized pair: ``chosen_logps`` / ``rejected_logps`` (float64 sums of the reference model's response
-token log-probs) and ``chosen_tokens`` / ``rejected_tokens`` (int64 counts). Checks: ``nonfinite_*_logps``,
+token log-probs), ``chosen_tokens`` / ``rejected_tokens`` (int64 counts) and ``chosen_shared_logps`` /
+``rejected_shared_logps`` (float64 sums over the first min(chosen_tokens, rejected_tokens) response tokens, which
+LD-DPO reads). Checks: ``nonfinite_*_logps``,
 ``positive_*_logps`` (a sum of log-probabilities is <= 0; a rounding slack of LOGP_TOLERANCE is allowed),
+``shared_exceeds_*_logps`` (a part of a sum of non-positive terms is >= the whole, with the same slack),
 ``nonpositive_*_tokens``, ``duplicate_pair_id``, ``wrong_dtype_*``, ``null_*``; and against the tokenized table:
 ``missing_pair_id`` (a tokenized pair with no row), ``unknown_pair_id`` (a row for no tokenized pair),
 ``chosen_token_count_mismatch`` / ``rejected_token_count_mismatch`` (counts differ from the response ids' lengths).
@@ -22,7 +25,8 @@ from data_contracts.validation import Failures, collect_failures
 
 __all__ = ["ReferenceLogps", "reference_failures", "validate_reference", "LOGP_TOLERANCE", "REFERENCE_COLUMNS"]
 
-REFERENCE_COLUMNS = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"]
+REFERENCE_COLUMNS = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens",
+                     "chosen_shared_logps", "rejected_shared_logps"]
 LOGP_TOLERANCE = 1e-4
 
 
@@ -34,9 +38,19 @@ class ReferenceLogps(pa.DataFrameModel):
     rejected_logps: Series[np.float64]
     chosen_tokens: Series[np.int64]
     rejected_tokens: Series[np.int64]
+    chosen_shared_logps: Series[np.float64]
+    rejected_shared_logps: Series[np.float64]
 
     class Config:
         strict = True
+
+    @pa.dataframe_check(name="shared_exceeds_chosen_logps")
+    def _chosen_shared_part(cls, df: pd.DataFrame) -> Series[bool]:
+        return _part_of(df["chosen_shared_logps"], df["chosen_logps"])
+
+    @pa.dataframe_check(name="shared_exceeds_rejected_logps")
+    def _rejected_shared_part(cls, df: pd.DataFrame) -> Series[bool]:
+        return _part_of(df["rejected_shared_logps"], df["rejected_logps"])
 
     @pa.check("chosen_logps", name="nonfinite_chosen_logps")
     def _chosen_finite(cls, s: Series[float]) -> Series[bool]:
@@ -61,6 +75,12 @@ class ReferenceLogps(pa.DataFrameModel):
     @pa.check("rejected_tokens", name="nonpositive_rejected_tokens")
     def _rejected_tokens(cls, s: Series[int]) -> Series[bool]:
         return s > 0
+
+
+def _part_of(part: pd.Series, whole: pd.Series) -> pd.Series:
+    """A finite part of a sum of log-probs is >= the sum (up to LOGP_TOLERANCE, relative); a non-finite whole is
+    the ``nonfinite_*`` checks' to report."""
+    return ~np.isfinite(whole) | (np.isfinite(part) & (part >= whole - LOGP_TOLERANCE * (1 + whole.abs())))
 
 
 def _length(value: object) -> int:

@@ -149,6 +149,10 @@ class TrainConfig(_Section):
     discopop_tau: float = Field(0.05, gt=0.0)  # DiscoPOP's temperature of the logistic/exponential mix
     # BCO: shift rewards by the running mean of all rewards seen so far (the paper's delta; kept in checkpoints)
     bco_running_delta: bool = False
+    # WPO: weight each pair's loss by how likely the policy itself is to produce both answers (detached)
+    use_weighting: bool = False
+    # LD-DPO: response tokens past the length both answers share count with this weight (1 = plain log-probs)
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0)
     sft_weight: float = Field(0.0, ge=0.0)  # RPO: weight of the NLL term on chosen (the `sft` objective)
     learning_rate: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -204,6 +208,9 @@ class TrainConfig(_Section):
             raise ValueError(f"train.loss_weights={self.loss_weights} must all be > 0")
         if self.sft_weight and "sft" in names:
             raise ValueError("train.sft_weight and the `sft` loss are the same term; use one of them")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
+            raise ValueError("train.use_weighting has no meaning for aot / aot_unpaired: they sort the batch's "
+                             "log-ratios, so a loss no longer belongs to one pair to weight")
         if self.bco_running_delta and "bco_pair" not in names:
             raise ValueError(f"train.bco_running_delta=true has no meaning for loss {self.loss!r} (only bco_pair "
                              "reads it); leave it at false")

@@ -185,7 +185,7 @@ def distributed_reference_logps(
                                         progress=progress)
     else:  # more ranks than rows
         table = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
-            REFERENCE_COLUMNS, ("object", "float64", "float64", "int64", "int64"))})
+            REFERENCE_COLUMNS, ("object", "float64", "float64", "int64", "int64", "float64", "float64"), strict=True)})
     table = table.assign(_position=mine)
     gathered = all_gather_objects(table, ctx)
     whole = pd.concat(gathered, ignore_index=True).sort_values("_position", kind="stable")

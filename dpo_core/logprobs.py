@@ -21,13 +21,15 @@ mask and position ids to the decoder and names each response token's predicting 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from dpo_core.batching import MASK_4D_ATTENTION, PairBatch, resolve_layout
 
-__all__ = ["LogprobError", "sequence_logps", "split_pair_logps", "decoder_and_head", "attention_implementation",
-           "layout_for"]
+__all__ = ["LogprobError", "SequenceScores", "sequence_scores", "sequence_logps", "split_pair_logps",
+           "decoder_and_head", "attention_implementation", "layout_for"]
 
 
 class LogprobError(ValueError):
@@ -53,12 +55,21 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return decoder, head
 
 
-def _token_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, softcap: float | None):
-    """Selective log-softmax of one chunk: logit[target] - logsumexp(logits), in float32. Float[N]."""
+def _token_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                 with_sum_sq: bool = False):
+    """Selective log-softmax of one chunk: logit[target] - logsumexp(logits), in float32. Float[N].
+
+    ``with_sum_sq``: also log sum_v p_v^2 = logsumexp(2 logits) - 2 logsumexp(logits) per position (detached), as a
+    second tensor Float[N].
+    """
     logits = head(states).float()
     if softcap:  # Gemma-2 style final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_sum_sq:
+        return logps
+    return logps, (torch.logsumexp(2 * logits, dim=-1) - 2 * lse).detach()
 
 
 def attention_implementation(model: torch.nn.Module) -> str | None:
@@ -100,21 +111,56 @@ def _attention_inputs(model: torch.nn.Module, batch: PairBatch) -> dict[str, tor
 KEEP_LOGITS_BYTES = 256 * 2**20
 
 
+class SequenceScores(NamedTuple):
+    """What ``sequence_scores`` returns for the 2B sequences of a batch (chosen then rejected).
+
+    Attributes:
+        logps: Float32[2B], sums of the response tokens' log-probs.
+        counts: Long[2B], response tokens per sequence.
+        shared_logps: Float32[2B] or None, sums over the first min(|y_w|, |y_l|) response tokens of each sequence, the
+            length its pair's two responses share (LD-DPO, ``dpo_core.losses.ld_logps``).
+        wpo_logps: Float32[2B] or None, detached sums of log p(y_t) - log sum_v p_v^2 over the response tokens (WPO,
+            ``dpo_core.losses.wpo_weights``).
+    """
+
+    logps: torch.Tensor
+    counts: torch.Tensor
+    shared_logps: torch.Tensor | None = None
+    wpo_logps: torch.Tensor | None = None
+
+
 def sequence_logps(
     model: torch.nn.Module, batch: PairBatch, *, chunk_size: int = 1024, keep_logits_bytes: int = KEEP_LOGITS_BYTES
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of response-token log-probs per row of ``batch``.
+    """Sum of response-token log-probs per row of ``batch``: ``(logps Float32[2B], token_counts Long[2B])``, the
+    first two fields of ``sequence_scores`` (see there)."""
+    scores = sequence_scores(model, batch, chunk_size=chunk_size, keep_logits_bytes=keep_logits_bytes)
+    return scores.logps, scores.counts
+
+
+def sequence_scores(
+    model: torch.nn.Module,
+    batch: PairBatch,
+    *,
+    chunk_size: int = 1024,
+    keep_logits_bytes: int = KEEP_LOGITS_BYTES,
+    shared: bool = False,
+    wpo: bool = False,
+) -> SequenceScores:
+    """Sums of response-token log-probs per sequence of ``batch``, and what LD-DPO and WPO need of them.
 
     Args:
         model: a causal LM (optionally peft-wrapped) on the batch's device.
-        batch: a ``PairBatch`` (2B rows: chosen then rejected).
+        batch: a ``PairBatch`` (2B sequences: chosen then rejected), in any layout.
         chunk_size: response positions per LM-head call (bounds the transient memory of the logits).
         keep_logits_bytes: with gradients on, keep the float32 logits of all response positions for the backward
             when they take at most this many bytes; recompute them chunk by chunk in the backward otherwise
             (one more LM-head forward, at most one chunk of logits alive).
+        shared: also sum over the first min(|y_w|, |y_l|) response tokens of each sequence (``shared_logps``).
+        wpo: also sum log p(y_t) - log sum_v p_v^2 (``wpo_logps``; one more logsumexp over the vocabulary per token).
 
     Returns:
-        (logps Float32[2B] — sums over response tokens, token_counts Long[2B] — response tokens per row).
+        ``SequenceScores``; ``shared_logps`` / ``wpo_logps`` are None unless asked for.
     """
     if chunk_size < 1:
         raise LogprobError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -137,11 +183,35 @@ def sequence_logps(
     recompute = torch.is_grad_enabled() and states.requires_grad and states.shape[0] * vocab * 4 > keep_logits_bytes
     pieces = []
     for start in range(0, states.shape[0], chunk_size):
-        args = (head, states[start : start + chunk_size], targets[start : start + chunk_size], softcap)
+        args = (head, states[start : start + chunk_size], targets[start : start + chunk_size], softcap, wpo)
         pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if recompute else _token_logps(*args))
+    if wpo:
+        pieces, sum_sq = [p[0] for p in pieces], [p[1] for p in pieces]
     token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
-    logps = torch.zeros(n_sequences, dtype=torch.float32, device=mask.device).index_add(0, owner, token_logps)
-    return logps, torch.bincount(owner, minlength=n_sequences)
+    counts = torch.bincount(owner, minlength=n_sequences)
+
+    def per_sequence(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_sequences, dtype=torch.float32, device=mask.device).index_add(0, owner, values)
+
+    shared_logps = wpo_logps = None
+    if shared:
+        shared_logps = per_sequence(token_logps * _within_shared_length(owner, counts))
+    if wpo:
+        wpo_logps = per_sequence(token_logps.detach() - torch.cat(sum_sq)) if sum_sq else per_sequence(token_logps)
+    return SequenceScores(per_sequence(token_logps), counts, shared_logps, wpo_logps)
+
+
+def _within_shared_length(owner: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool[N]: which response tokens are among the first min(|y_w|, |y_l|) of their sequence.
+
+    ``owner`` Long[N] names each token's sequence; every layout lists a sequence's tokens together and in order
+    (row-major over the response mask), so a token's place in its sequence is its index minus the sequence's first.
+    """
+    index = torch.arange(owner.shape[0], device=owner.device)
+    first = torch.full_like(counts, owner.shape[0]).scatter_reduce(0, owner, index, reduce="amin")
+    chosen, rejected = split_pair_logps(counts)
+    shared_length = torch.minimum(chosen, rejected).repeat(2)
+    return (index - first[owner]) < shared_length[owner]
 
 
 def split_pair_logps(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

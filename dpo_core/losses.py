@@ -51,6 +51,8 @@ __all__ = [
     "preference_loss",
     "MixtureOutput",
     "mixture_loss",
+    "ld_logps",
+    "wpo_weights",
 ]
 
 
@@ -84,7 +86,7 @@ def _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 
 @dataclass(frozen=True)
 class FDivergence:
-    """f-DPO (Wang et al. 2023, arXiv 2309.16240, Thm. 1 and Table 1): regularising with an f-divergence instead of
+    """f-DPO (Wang et al. 2023, arXiv 2309.16240): regularising with an f-divergence instead of
     the reverse KL turns the implicit reward beta log(pi / pi_ref) into beta f'(u), u = pi / pi_ref. With l = log u:
 
         reverse_kl:  f'(u) = log u                                  = l
@@ -300,7 +302,7 @@ def nca_pair_loss(
     *,
     beta: float,
 ) -> LossOutput:
-    """NCA (Chen et al. 2024, arXiv 2402.05369, eq. 11 for a pair): noise-contrastive alignment, which scores each
+    """NCA (Chen et al. 2024, arXiv 2402.05369), for a pair: noise-contrastive alignment, which scores each
     response on its own reward and so pushes the chosen likelihood up rather than only the margin:
 
         loss = -log sigma(r_w) - 1/2 log sigma(-r_w) - 1/2 log sigma(-r_l)
@@ -321,7 +323,7 @@ def bco_pair_loss(
     beta: float,
     delta: float = 0.0,
 ) -> LossOutput:
-    """BCO on pairs (Jung et al. 2024, arXiv 2404.04656, eq. 7): a binary classifier whose logit is the reward,
+    """BCO on pairs (Jung et al. 2024, arXiv 2404.04656): a binary classifier whose logit is the reward,
     chosen labelled 1 and rejected 0, around a reward shift delta:
 
         loss = -log sigma(r_w - delta) - log sigma(-(r_l - delta))
@@ -364,7 +366,7 @@ def aot_loss(
     beta: float,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """AOT, paired (Melnyk et al. 2024, arXiv 2406.05882, eq. 9): distributional alignment by optimal transport in
+    """AOT, paired (Melnyk et al. 2024, arXiv 2406.05882): distributional alignment by optimal transport in
     one dimension, i.e. the logistic loss between the *sorted* policy and reference log-ratio margins of the batch:
 
         m = sort_B(log pi(y_w|x) - log pi(y_l|x)),  m_ref = sort_B(log pi_ref(y_w|x) - log pi_ref(y_l|x))
@@ -390,7 +392,7 @@ def aot_unpaired_loss(
     beta: float,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """AOT, unpaired (Melnyk et al. 2024, arXiv 2406.05882, eq. 8): the chosen log-ratios' distribution should
+    """AOT, unpaired (Melnyk et al. 2024, arXiv 2406.05882): the chosen log-ratios' distribution should
     dominate the rejected ones' quantile by quantile, so each is sorted on its own:
 
         u = sort_B(log(pi/pi_ref)(y_w)),  v = sort_B(log(pi/pi_ref)(y_l))
@@ -598,7 +600,7 @@ def mixture_loss(
     bco_delta: float = 0.0,
     **settings,
 ) -> MixtureOutput:
-    """A weighted sum of objectives (MPO, Wang et al. 2024, arXiv 2411.10442, eq. 1), e.g. ``[("sigmoid", 0.8),
+    """A weighted sum of objectives (MPO, Wang et al. 2024, arXiv 2411.10442), e.g. ``[("sigmoid", 0.8),
     ("bco_pair", 0.2), ("sft", 1.0)]``; ``TrainConfig.objective()`` builds the list. A single ``(name, 1.0)`` is that
     objective alone.
 
@@ -620,3 +622,31 @@ def mixture_loss(
         losses = losses * pair_weights.detach()
     first = components[objective[0][0]]
     return MixtureOutput(losses, first.chosen_rewards, first.rejected_rewards, components)
+
+
+def ld_logps(logps: torch.Tensor, shared_logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO's length-desensitised log-probs (Liu et al. 2024, arXiv 2409.06411): the tokens past the length
+    l_p = min(|y_w|, |y_l|) that both responses share count with weight alpha, i.e. pi(y_{1:l_p}) pi(y_{l_p+1:})^alpha:
+
+        log pi_ld(y|x) = log pi(y_{1:l_p}|x) + alpha (log pi(y|x) - log pi(y_{1:l_p}|x))
+
+    ``logps`` and ``shared_logps`` Float[B] (``dpo_core.logprobs.SequenceScores``); alpha = 1 is plain DPO, alpha = 0
+    drops the longer response's extra tokens. Used for the policy and the reference alike.
+    """
+    return shared_logps + alpha * (logps - shared_logps)
+
+
+def wpo_weights(chosen_wpo_logps: torch.Tensor, rejected_wpo_logps: torch.Tensor, chosen_tokens: torch.Tensor,
+                rejected_tokens: torch.Tensor) -> torch.Tensor:
+    """WPO's per-pair weight (Zhou et al. 2024, arXiv 2406.11827, eq. 2, aligned as TRL's ``use_weighting``): how
+    likely the current policy itself is to produce both responses,
+
+        w(x, y_w, y_l) = exp( mean_t [log p(y_w,t) - log sum_v p_v^2] ) * exp( mean_t [log p(y_l,t) - log sum_v p_v^2] )
+
+    Subtracting log sum_v p_v^2 at each position compares the token's probability with that of a token sampled from
+    the policy itself. Inputs Float[B] sums (``SequenceScores.wpo_logps``) and token counts Long[B]; the result is
+    detached: the weights scale the loss, they are not optimised.
+    """
+    chosen = chosen_wpo_logps / chosen_tokens.to(chosen_wpo_logps.dtype).clamp(min=1)
+    rejected = rejected_wpo_logps / rejected_tokens.to(rejected_wpo_logps.dtype).clamp(min=1)
+    return torch.exp(chosen + rejected).detach()

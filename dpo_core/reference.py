@@ -1,6 +1,7 @@
 """The reference model's log-probs, computed once in a batched no-grad pass and stored as a Parquet table.
 
-Training reads this table (``pair_id, chosen_logps, rejected_logps, chosen_tokens, rejected_tokens``) instead of
+Training reads this table (``pair_id, chosen_logps, rejected_logps, chosen_tokens, rejected_tokens``, and the sums over
+the response length both answers share, ``chosen_shared_logps, rejected_shared_logps``, which LD-DPO reads) instead of
 keeping a second, frozen model in memory and running it every step. The pairs are scored by
 ``dpo_core.scoring.score_pairs`` (length-sorted batches, no grad), and the table comes back in the order of the input
 rows.
@@ -22,7 +23,8 @@ from dpo_core.scoring import score_pairs
 __all__ = ["REFERENCE_COLUMNS", "ReferenceError", "compute_reference_logps", "write_reference_table",
            "read_reference_table"]
 
-REFERENCE_COLUMNS = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"]
+REFERENCE_COLUMNS = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens",
+                     "chosen_shared_logps", "rejected_shared_logps"]
 _TOKENIZED_NEEDED = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")
 
 

@@ -5,7 +5,7 @@
 reference (``dpo_core.evaluation.compare_generations``) all call it. Pairs are sorted by length, longest first
 (``dpo_core.batching.length_grouped_batches`` without a shuffle), and cut into batches, so a batch carries little
 padding; each batch is built in the model's layout (``dpo_core.batching.make_batch``, padded with
-``dpo_core.models.pad_id`` of the model's config), scored by ``dpo_core.logprobs.sequence_logps`` in eval mode under
+``dpo_core.models.pad_id`` of the model's config), scored by ``dpo_core.logprobs.sequence_scores`` in eval mode under
 ``torch.no_grad``, and the results are put back in the input order.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dpo_core.batching import length_grouped_batches, make_batch, pair_length
-from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
+from dpo_core.logprobs import layout_for, sequence_scores, split_pair_logps
 from dpo_core.models import DeviceSpec, model_spec, pad_id
 
 __all__ = ["ScoringError", "PairScores", "score_pairs"]
@@ -35,12 +35,20 @@ class PairScores:
     Attributes:
         chosen_logps, rejected_logps: float64 [N], summed log-probs of the chosen / rejected response tokens.
         chosen_tokens, rejected_tokens: int64 [N], how many response tokens each sum covers.
+        chosen_shared_logps, rejected_shared_logps: float64 [N], the sums over the first min(|y_w|, |y_l|) response
+            tokens (the length both responses have; LD-DPO, ``dpo_core.losses.ld_logps``).
+        chosen_wpo_logps, rejected_wpo_logps: float64 [N] with ``wpo=True``, else None: sums of
+            log p(y_t) - log sum_v p_v^2 (WPO, ``dpo_core.losses.wpo_weights``).
     """
 
     chosen_logps: np.ndarray
     rejected_logps: np.ndarray
     chosen_tokens: np.ndarray
     rejected_tokens: np.ndarray
+    chosen_shared_logps: np.ndarray
+    rejected_shared_logps: np.ndarray
+    chosen_wpo_logps: np.ndarray | None = None
+    rejected_wpo_logps: np.ndarray | None = None
 
 
 def score_pairs(
@@ -52,6 +60,7 @@ def score_pairs(
     chunk_size: int = 1024,
     layout: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    wpo: bool = False,
 ) -> PairScores:
     """Summed response log-probs of every pair in ``rows`` under ``model``, batched, with no gradient.
 
@@ -63,6 +72,7 @@ def score_pairs(
         chunk_size: response positions per LM-head chunk.
         layout: batch layout (``dpo_core.batching``; ``auto`` picks the shared-prompt row where attention allows).
         progress: called as ``progress(done_pairs, total_pairs)`` after every batch.
+        wpo: also return the WPO sums (one more logsumexp over the vocabulary per token).
 
     Returns:
         ``PairScores`` in the order of ``rows``. The model's train/eval mode is left as it was.
@@ -71,8 +81,9 @@ def score_pairs(
         raise ScoringError(f"batch_size must be an int >= 1, got {batch_size!r}")
     spec = spec if spec is not None else model_spec(model)
     n = len(rows)
-    out = {name: np.zeros(n, dtype=dtype) for name, dtype in (("chosen_logps", np.float64), ("rejected_logps", np.float64),
-                                                              ("chosen_tokens", np.int64), ("rejected_tokens", np.int64))}
+    names = ["chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "chosen_shared_logps",
+             "rejected_shared_logps"] + (["chosen_wpo_logps", "rejected_wpo_logps"] if wpo else [])
+    out = {name: np.zeros(n, dtype=np.int64 if name.endswith("tokens") else np.float64) for name in names}
     # one mega-batch holding every pair: a plain longest-first sort, cut into batches
     order = length_grouped_batches([pair_length(r) for r in rows], batch_size, seed=0,
                                    mega_batch_mult=max(1, -(-n // batch_size)), shuffle=False)
@@ -83,8 +94,11 @@ def score_pairs(
             for indices in order:
                 batch = make_batch([rows[i] for i in indices], pad, layout).to(spec.device)
                 with spec.autocast():
-                    logps, counts = sequence_logps(model, batch, chunk_size=chunk_size)
-                columns = (*split_pair_logps(logps.double()), *split_pair_logps(counts))
+                    scores = sequence_scores(model, batch, chunk_size=chunk_size, shared=True, wpo=wpo)
+                columns = (*split_pair_logps(scores.logps.double()), *split_pair_logps(scores.counts),
+                           *split_pair_logps(scores.shared_logps.double()))
+                if wpo:
+                    columns += split_pair_logps(scores.wpo_logps.double())
                 for name, values in zip(out, columns):
                     out[name][indices] = values.cpu().numpy()
                 done += len(indices)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -50,8 +51,8 @@ from dpo_core.config import VALIDATION_METRIC_MODE, TrainConfig, stable_hash
 from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distributed_reference_logps, resolve_strategy
 from dpo_core.distributed import broadcast_object, current, shard
 from dpo_core.fileio import remove_stale_temps
-from dpo_core.logprobs import layout_for, sequence_logps, split_pair_logps
-from dpo_core.losses import MixtureOutput, mixture_loss
+from dpo_core.logprobs import SequenceScores, layout_for, sequence_scores, split_pair_logps
+from dpo_core.losses import MixtureOutput, ld_logps, mixture_loss, wpo_weights
 from dpo_core.models import DeviceSpec, pad_id
 from dpo_core.reference import read_reference_table, write_reference_table
 from dpo_core.scoring import score_pairs
@@ -337,23 +338,24 @@ class _RewardMean:
 
 
 class _Scorer(torch.nn.Module):
-    """``sequence_logps`` of the policy as a module forward, so that ``DistributedDataParallel`` can wrap it
-    (DDP synchronises gradients of what runs through its ``forward``; ``sequence_logps`` calls the decoder and
+    """``sequence_scores`` of the policy as a module forward, so that ``DistributedDataParallel`` can wrap it
+    (DDP synchronises gradients of what runs through its ``forward``; ``sequence_scores`` calls the decoder and
     the LM head separately). Score a ``PairBatch`` with ``logps``; ``sync(last=...)`` skips the all-reduce on all
     but the last micro-batch of an optimizer step."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec) -> None:
         super().__init__()
         self.model, self.chunk_size, self.spec = model, cfg.logprob_chunk_size, spec
+        self.shared, self.wpo = cfg.ld_alpha is not None, cfg.use_weighting  # what LD-DPO and WPO read
         self.ddp: torch.nn.Module | None = None
 
     def forward(self, **tensors: torch.Tensor):
         batch = PairBatch(pair_ids=[], **tensors)
         with self.spec.autocast():
-            return sequence_logps(self.model, batch, chunk_size=self.chunk_size)
+            return sequence_scores(self.model, batch, chunk_size=self.chunk_size, shared=self.shared, wpo=self.wpo)
 
-    def logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logps Float[2B], token counts Long[2B]) of ``batch``, through DDP when distributed."""
+    def logps(self, batch: PairBatch) -> SequenceScores:
+        """The ``SequenceScores`` of ``batch`` (log-prob sums, token counts, ...), through DDP when distributed."""
         runner = self.ddp if self.ddp is not None else self
         return runner(**batch.tensors())
 
@@ -393,22 +395,24 @@ def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, s
     step's mean), or 0 for a padding pass that only keeps a rank in the collectives (then nothing is counted in
     ``stats``).
     """
-    logps, counts = score.logps(batch)
-    chosen, rejected = split_pair_logps(logps)
-    out = _objective(cfg, chosen, rejected, ref, split_pair_logps(counts), bco_delta)
+    scores = score.logps(batch)
+    out = _objective(cfg, scores, ref, bco_delta)
     if not bool(torch.isfinite(out.losses).all()):
         raise NonFiniteError(step, "loss", last_ckpt)
     (out.losses.sum() * weight).backward()
     if weight:
-        stats.add(batch, out, chosen, rejected)
+        stats.add(batch, out, *split_pair_logps(scores.logps))
 
 
-def _objective(cfg: TrainConfig, chosen: torch.Tensor, rejected: torch.Tensor, ref, tokens,
-               bco_delta: float) -> MixtureOutput:
-    """The configured objective (``TrainConfig.objective``: one loss, a mixture, RPO's SFT term) per pair; ``ref``
-    and ``tokens`` are (chosen, rejected) pairs of [B] tensors, ``bco_delta`` BCO's current reward shift."""
+def _objective(cfg: TrainConfig, scores: SequenceScores, ref, bco_delta: float) -> MixtureOutput:
+    """The configured objective (``TrainConfig.objective``: one loss, a mixture, RPO's SFT term) per pair, on the
+    policy's ``scores`` (LD-DPO's log-probs with ``ld_alpha``, WPO's weights with ``use_weighting``); ``ref`` is the
+    (chosen, rejected) reference log-probs [B] (LD-DPO's already), ``bco_delta`` BCO's current reward shift."""
+    logps = scores.logps if cfg.ld_alpha is None else ld_logps(scores.logps, scores.shared_logps, cfg.ld_alpha)
+    (chosen, rejected), tokens = split_pair_logps(logps), split_pair_logps(scores.counts)
+    weights = wpo_weights(*split_pair_logps(scores.wpo_logps), *tokens) if cfg.use_weighting else None
     return mixture_loss(cfg.objective(), chosen, rejected, ref[0], ref[1], beta=cfg.beta, chosen_tokens=tokens[0],
-                        rejected_tokens=tokens[1], bco_delta=bco_delta, **cfg.loss_settings())
+                        rejected_tokens=tokens[1], pair_weights=weights, bco_delta=bco_delta, **cfg.loss_settings())
 
 
 class _Validator:
@@ -431,13 +435,18 @@ class _Validator:
 
     def score(self, model: torch.nn.Module, bco_delta: float) -> dict[str, float]:
         cfg = self.cfg
-        scores = score_pairs(model, self.rows, batch_size=cfg.reference_batch_size, spec=self.spec,
-                             chunk_size=cfg.logprob_chunk_size, layout=cfg.batch_layout)
-        chosen = torch.from_numpy(scores.chosen_logps).float()
-        rejected = torch.from_numpy(scores.rejected_logps).float()
-        chosen_tokens, rejected_tokens = torch.from_numpy(scores.chosen_tokens), torch.from_numpy(scores.rejected_tokens)
+        pairs = score_pairs(model, self.rows, batch_size=cfg.reference_batch_size, spec=self.spec,
+                            chunk_size=cfg.logprob_chunk_size, layout=cfg.batch_layout, wpo=cfg.use_weighting)
+
+        def both(name: str) -> torch.Tensor | None:  # chosen then rejected, as a batch's SequenceScores has them
+            chosen, rejected = getattr(pairs, f"chosen_{name}"), getattr(pairs, f"rejected_{name}")
+            return None if chosen is None else torch.from_numpy(np.concatenate([chosen, rejected]))
+
+        scores = SequenceScores(both("logps").float(), both("tokens"), both("shared_logps").float(),
+                                None if not cfg.use_weighting else both("wpo_logps").float())
+        chosen, rejected = split_pair_logps(scores.logps)
         with torch.no_grad():
-            out = _objective(cfg, chosen, rejected, self.ref, (chosen_tokens, rejected_tokens), bco_delta)
+            out = _objective(cfg, scores, self.ref, bco_delta)
         return {
             "val/loss": float(out.losses.mean()),
             "val/rewards/chosen": float(out.chosen_rewards.mean()),
@@ -627,17 +636,21 @@ def _reference_source(model, rows: list[dict], cfg: TrainConfig, spec: DeviceSpe
     if not cfg.needs_reference():
         return lambda batch: (None, None)
     if reference is not None:
-        return _table_lookup(_reference_by_pair(reference, rows), spec.device)
+        return _table_lookup(_reference_by_pair(reference, rows, cfg.ld_alpha), spec.device)
     if ref_model is not None:
         return _live_reference(ref_model, cfg, spec)
     if is_peft_model(model):
         return _live_reference(model, cfg, spec, disable_adapters=True)
-    return _table_lookup(_reference_by_pair(_initial_policy_table(model, rows, cfg, spec, out_dir), rows), spec.device)
+    table = _initial_policy_table(model, rows, cfg, spec, out_dir)
+    return _table_lookup(_reference_by_pair(table, rows, cfg.ld_alpha), spec.device)
 
 
-def _reference_by_pair(reference: pd.DataFrame, rows: list[dict]) -> dict[str, tuple[float, float]]:
-    """pair_id -> (chosen, rejected) reference log-probs; every training pair must be there with matching lengths."""
-    needed = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"]
+def _reference_by_pair(reference: pd.DataFrame, rows: list[dict],
+                       ld_alpha: float | None = None) -> dict[str, tuple[float, float]]:
+    """pair_id -> (chosen, rejected) reference log-probs (LD-DPO's with ``ld_alpha``); every training pair must be
+    there with matching lengths."""
+    needed = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens",
+              "chosen_shared_logps", "rejected_shared_logps"]
     missing_cols = [c for c in needed if c not in reference.columns]
     if missing_cols:
         raise TrainError(f"the reference table is missing column(s) {missing_cols}")
@@ -650,7 +663,11 @@ def _reference_by_pair(reference: pd.DataFrame, rows: list[dict]) -> dict[str, t
     if stale:
         raise TrainError(f"the reference table's token counts differ from the training pairs for {len(stale)} pairs "
                          f"(e.g. {stale[:3]}): it was computed from a different tokenization")
-    return {r["pair_id"]: (float(table[r["pair_id"]].chosen_logps), float(table[r["pair_id"]].rejected_logps))
+    def value(total: float, shared: float) -> float:
+        return total if ld_alpha is None else ld_logps(total, shared, ld_alpha)
+
+    return {r["pair_id"]: (value(table[r["pair_id"]].chosen_logps, table[r["pair_id"]].chosen_shared_logps),
+                           value(table[r["pair_id"]].rejected_logps, table[r["pair_id"]].rejected_shared_logps))
             for r in rows}
 
 
@@ -671,9 +688,10 @@ def _live_reference(ref: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, di
         try:
             adapters_off = ref.disable_adapter() if disable_adapters else contextlib.nullcontext()
             with torch.no_grad(), spec.autocast(), adapters_off:
-                logps, _ = sequence_logps(ref, batch, chunk_size=cfg.logprob_chunk_size)
+                scores = sequence_scores(ref, batch, chunk_size=cfg.logprob_chunk_size, shared=cfg.ld_alpha is not None)
         finally:
             ref.train(was_training)
+        logps = scores.logps if cfg.ld_alpha is None else ld_logps(scores.logps, scores.shared_logps, cfg.ld_alpha)
         return split_pair_logps(logps.float())
 
     return live

@@ -22,6 +22,8 @@ from dpo_core.config import LOSS_SETTINGS, LOSS_TYPES, TrainConfig, load_config
     (["train.loss=[sigmoid, sft]", "train.loss_weights=[1.0, 0.0]"], "must all be > 0"),
     (["train.loss=[sigmoid, sft]", "train.sft_weight=0.5"], "sft_weight and the `sft` loss are the same term"),
     (["train.loss=[]"], "empty list"),
+    (["train.loss=aot", "train.use_weighting=true"], "use_weighting has no meaning for aot"),
+    (["train.ld_alpha=1.5"], "less than or equal to 1"),
     (["train.loss=[ipo, hinge]", "train.label_smoothing=0.1"],
      "label_smoothing=0.1 has no meaning for loss \\['ipo', 'hinge'\\]"),
 ])
@@ -38,6 +40,7 @@ def test_a_setting_the_loss_does_not_read_fails_at_load(overrides, message):
     ["train.loss=sigmoid", "train.f_divergence=alpha", "train.f_alpha=0.3"],
     ["train.loss=discopop", "train.discopop_tau=0.1"],
     ["train.loss=bco_pair", "train.bco_running_delta=true"],
+    ["train.loss=ipo", "train.use_weighting=true", "train.ld_alpha=0.5"],
 ])
 def test_settings_the_loss_reads_load(overrides):
     cfg = load_config("configs/default.yaml", overrides)

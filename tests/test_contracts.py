@@ -160,11 +160,16 @@ def test_real_template_output_satisfies_the_contract(tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------- reference log-probs
 
 
-def _ref(pids, chosen_tokens=(2, 3), rejected_tokens=(1, 1), chosen=(-1.5, -2.0), rejected=(-3.0, -0.5)):
+def _ref(pids, chosen_tokens=(2, 3), rejected_tokens=(1, 1), chosen=(-1.5, -2.0), rejected=(-3.0, -0.5),
+         chosen_shared=None):
+    # the shared length is the rejected one (1 token): the chosen sums' first token, the rejected sums whole
+    chosen_shared = chosen_shared or tuple(c / 2 for c in chosen)
     return pd.DataFrame({"pair_id": list(pids), "chosen_logps": np.array(chosen, dtype=np.float64),
                          "rejected_logps": np.array(rejected, dtype=np.float64),
                          "chosen_tokens": np.array(chosen_tokens, dtype=np.int64),
-                         "rejected_tokens": np.array(rejected_tokens, dtype=np.int64)})
+                         "rejected_tokens": np.array(rejected_tokens, dtype=np.int64),
+                         "chosen_shared_logps": np.array(chosen_shared, dtype=np.float64),
+                         "rejected_shared_logps": np.array(rejected, dtype=np.float64)})
 
 
 def test_good_reference_table_passes():
@@ -176,11 +181,12 @@ def test_good_reference_table_passes():
 def test_bad_reference_table_reports_every_failure_at_once():
     tok = pd.DataFrame([_tok("a"), _tok("b"), _tok("c")])
     ref = _ref(["a", "zz", "a"], chosen_tokens=(2, 0, 5), rejected_tokens=(1, 1, 1),
-               chosen=(np.inf, -1.0, -1.0), rejected=(-1.0, 0.3, -1.0))
+               chosen=(np.inf, -1.0, -1.0), rejected=(-1.0, 0.3, -1.0), chosen_shared=(-1.0, -0.5, -1.5))
     with pytest.raises(ContractError) as err:
         validate_reference(ref, tok)
     assert err.value.counts == {
         "nonfinite_chosen_logps": 1, "positive_rejected_logps": 1, "nonpositive_chosen_tokens": 1,
+        "shared_exceeds_chosen_logps": 1,  # -1.5 over a whole of -1.0
         "duplicate_pair_id": 2, "unknown_pair_id": 1, "chosen_token_count_mismatch": 1,
         "missing_pair_id": 2,  # b and c have no row
     }

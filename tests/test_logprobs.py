@@ -177,3 +177,40 @@ def test_shared_prompt_refuses_attention_without_4d_masks(tokenizer, tokenized):
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(LogprobError, match="sdpa or eager"):
         sequence_logps(model, share_prompt_pairs(tokenized.to_dict("records"), tokenizer.pad_token_id))
+
+
+def _slow_token_terms(model, batch):
+    """Per padded row: the list of (log p(y_t), log sum_v p_v^2) of its response tokens, from the full softmax."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(),
+                                     -1)
+    rows = []
+    for r in range(batch.input_ids.shape[0]):
+        terms = [(float(logprobs[r, t - 1, batch.input_ids[r, t]]), float(torch.logsumexp(2 * logprobs[r, t - 1], -1)))
+                 for t in range(1, batch.input_ids.shape[1]) if batch.response_mask[r, t]]
+        rows.append(terms)
+    return rows
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+def test_shared_length_and_wpo_sums_in_every_layout(tokenizer, tokenized, layout):
+    """``shared_logps`` sums the first min(|y_w|, |y_l|) tokens of each response; ``wpo_logps`` sums
+    log p(y_t) - log sum_v p_v^2 (detached); both equal the full-softmax computation, whatever the layout."""
+    from dpo_core.batching import make_batch
+    from dpo_core.logprobs import sequence_scores
+    from dpo_core.models import tiny_llama
+
+    model = tiny_llama(tokenizer, seed=1)
+    rows = tokenized.to_dict("records")
+    terms = _slow_token_terms(model, collate_pairs(rows, tokenizer.pad_token_id))
+    b = len(rows)
+    shared_length = [min(len(terms[i]), len(terms[b + i])) for i in range(b)] * 2
+    assert shared_length[:b] != [len(t) for t in terms[:b]], "some chosen response is longer than its rejected one"
+    expected_shared = [sum(lp for lp, _ in terms[k][: shared_length[k]]) for k in range(2 * b)]
+    expected_wpo = [sum(lp - sq for lp, sq in terms[k]) for k in range(2 * b)]
+    scores = sequence_scores(model, make_batch(rows, tokenizer.pad_token_id, layout), chunk_size=5, shared=True,
+                             wpo=True)
+    assert scores.shared_logps.tolist() == pytest.approx(expected_shared, abs=1e-4)
+    assert scores.wpo_logps.tolist() == pytest.approx(expected_wpo, abs=1e-4)
+    assert scores.shared_logps.requires_grad and not scores.wpo_logps.requires_grad
+    assert sequence_scores(model, collate_pairs(rows, tokenizer.pad_token_id)).shared_logps is None

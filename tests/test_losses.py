@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpo_core.losses import LOSS_TYPES, FDivergence, LossError, mixture_loss, preference_loss
+from dpo_core.losses import LOSS_TYPES, FDivergence, LossError, ld_logps, mixture_loss, preference_loss, wpo_weights
 
 # two pairs: policy / reference sequence log-probs and response lengths
 PC, PR = [-10.0, -20.0], [-12.0, -15.0]
@@ -223,6 +223,27 @@ def test_mixture_is_the_weighted_sum_and_keeps_each_component():
     # per-pair weights (WPO) scale each pair's total
     weighted = mixture_loss([("sigmoid", 1.0)], t(PC), t(PR), t(RC), t(RR), beta=BETA, pair_weights=t([0.5, 2.0]))
     assert weighted.losses.tolist() == pytest.approx([0.5 * L[0.15], 2.0 * L[-0.2]])
+
+
+def test_ld_logps_weight_the_unshared_tail():
+    # shared + alpha (total - shared): -4 + 0.5 * (-10 + 4) = -7; a response no longer than the other: all shared
+    out = ld_logps(torch.tensor([-10.0, -20.0]), torch.tensor([-4.0, -20.0]), 0.5)
+    assert out.tolist() == [-7.0, -20.0]
+    assert ld_logps(torch.tensor([-10.0]), torch.tensor([-4.0]), 1.0).tolist() == [-10.0]  # plain log-probs
+    # LD-DPO's sigmoid loss: policy chosen -10 (shared -4), rejected -12 (all shared), reference chosen -13 (shared
+    # -4), rejected -11.5; alpha = 0.5: log-ratios (-7 + 8.5) = 1.5 and -0.5, z = 2, beta z = 0.2: L(0.2)
+    pc, rc = ld_logps(torch.tensor([-10.0]), torch.tensor([-4.0]), 0.5), ld_logps(torch.tensor([-13.0]),
+                                                                                torch.tensor([-4.0]), 0.5)
+    loss = preference_loss("sigmoid", pc, torch.tensor([-12.0]), rc, torch.tensor([-11.5]), beta=0.1)
+    assert loss.losses.tolist() == pytest.approx([0.5981388693815918])  # log(1 + e^-0.2)
+
+
+def test_wpo_weights_are_the_policys_own_mean_token_probabilities():
+    # chosen sums [-2, -1] over [4, 2] tokens: means -0.5, -0.5; rejected [-3, 0] over [3, 5]: -1, 0
+    w = wpo_weights(torch.tensor([-2.0, -1.0], requires_grad=True), torch.tensor([-3.0, 0.0]), torch.tensor([4, 2]),
+                    torch.tensor([3, 5]))
+    assert w.tolist() == pytest.approx([0.22313016014842982, 0.6065306597126334])  # e^-1.5, e^-0.5
+    assert not w.requires_grad
 
 
 # settings a loss cannot run without

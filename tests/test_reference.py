@@ -45,6 +45,12 @@ def test_reference_table_matches_per_pair_scoring(tiny_model):
             assert ref.chosen_logps == pytest.approx(float(logps[0]), abs=1e-5)
             assert ref.rejected_logps == pytest.approx(float(logps[1]), abs=1e-5)
             assert (ref.chosen_tokens, ref.rejected_tokens) == (len(row["chosen_ids"]), len(row["rejected_ids"]))
+            # the shared-length part: the same sum over the first min(|y_w|, |y_l|) tokens of each response
+            n = min(len(row["chosen_ids"]), len(row["rejected_ids"]))
+            short = {**row, "chosen_ids": row["chosen_ids"][:n], "rejected_ids": row["rejected_ids"][:n]}
+            shared, _ = sequence_logps(tiny_model, collate_pairs([short], 0))
+            assert ref.chosen_shared_logps == pytest.approx(float(shared[0]), abs=1e-5)
+            assert ref.rejected_shared_logps == pytest.approx(float(shared[1]), abs=1e-5)
 
 
 def test_write_and_read_round_trip(tmp_path, tiny_model):

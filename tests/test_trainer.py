@@ -268,6 +268,58 @@ def test_every_loss_trains(tmp_path, tokenizer, loss):
     assert own[-1] < own[0] - 1e-4, own
 
 
+def test_a_mixture_logs_every_component_and_trains_on_their_weighted_sum(tmp_path, tokenizer):
+    cfg = _cfg(loss=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], epochs=1, max_steps=3,
+               checkpoint_every=100, warmup_ratio=0.0, learning_rate=1e-3)
+    result = train(_model(tokenizer), tokenizer, _pairs(4), cfg, out_dir=tmp_path, spec=CPU, progress_bar=False)
+    for row in result.history:
+        parts = 0.8 * row["loss/sigmoid"] + 0.2 * row["loss/bco_pair"] + 1.0 * row["loss/sft"]
+        assert row["loss"] == pytest.approx(parts, rel=1e-6)
+    first, last = result.history[0], result.history[-1]
+    assert (first["loss/sigmoid"], first["loss/bco_pair"]) == pytest.approx((LN2, 2 * LN2), abs=1e-5)
+    assert last["loss"] < first["loss"] and last["loss/sft"] < first["loss/sft"]
+
+
+def test_wpo_weights_each_pair_by_the_policys_own_probability(tmp_path, tokenizer):
+    """At the first step (policy == reference: every sigmoid loss is log 2) the WPO loss is log 2 times the mean
+    weight, the weights being the policy's own mean token probabilities relative to sum_v p_v^2."""
+    from dpo_core.batching import collate_pairs
+    from dpo_core.logprobs import sequence_scores, split_pair_logps
+    from dpo_core.losses import wpo_weights
+
+    df = _pairs(4)
+    cfg = _cfg(use_weighting=True, epochs=1, max_steps=3, checkpoint_every=100, warmup_ratio=0.0,
+               learning_rate=1e-3)
+    with torch.no_grad():
+        scores = sequence_scores(_model(tokenizer).eval(), collate_pairs(df.to_dict("records"), 0), wpo=True)
+    weights = wpo_weights(*split_pair_logps(scores.wpo_logps), *split_pair_logps(scores.counts))
+    assert float(weights.max() / weights.min()) > 1.01  # the pairs weigh differently
+    result = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path, spec=CPU, progress_bar=False)
+    assert result.history[0]["loss"] == pytest.approx(LN2 * float(weights.mean()), rel=1e-5)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_ld_dpo_reference_table_equals_live_reference_and_alpha_one_is_dpo(tmp_path, tokenizer):
+    """LD-DPO reweights the reference too: the precomputed table (its shared-length columns) and a live reference
+    model give the same run; ld_alpha = 1 is plain DPO; another alpha trains differently."""
+    df = _pairs(8)
+    other = tiny_llama(_SmallVocab(tokenizer), seed=1, hidden_size=32)  # a reference that is not the initial policy
+    table = compute_reference_logps(other, df, batch_size=3, spec=CPU)
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "grad_norm"]
+
+    def run(name, **kw):
+        cfg = _cfg(epochs=1, checkpoint_every=100, **kw)
+        source = {"ref_model": other} if name == "live" else {"reference": table}
+        result = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / name, spec=CPU, progress_bar=False,
+                       **source)
+        return np.array([[row[k] for k in keys] for row in result.history])
+
+    table_run, live_run = run("table", ld_alpha=0.5), run("live", ld_alpha=0.5)
+    np.testing.assert_allclose(live_run, table_run, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run("one", ld_alpha=1.0), run("dpo"), atol=1e-6, rtol=1e-6)
+    assert np.abs(table_run[0] - run("dpo2")[0]).max() > 1e-3
+
+
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer):
     model = _model(tokenizer)
 
