@@ -17,8 +17,9 @@ What is compared, per pair of the batch (4 UltraFeedback pairs, the benchmark's 
   against `dpo_core.losses.preference_loss("sigmoid", ...)`;
 * the gradient of every policy parameter of that loss: TRL's backward against ours through `sequence_logps`;
 * with `--objectives`, every objective TRL's `DPOTrainer` has (`OBJECTIVE_CASES`: each `loss_type`, the
-  f-divergences, a weighted mixture): loss, mean rewards and the gradient with respect to each log-prob sum
-  (`objective_parity`, which says why that and the parameter gradients above cover every parameter).
+  f-divergences, a weighted mixture, WPO and LD-DPO): loss, mean rewards and the gradient with respect to each
+  log-prob sum (`objective_parity`, which says why that and the parameter gradients above cover every parameter);
+  and ORPO and CPO against TRL's experimental trainers' loss functions (`reference_free_parity`).
 
 Tolerance: |ours - TRL| <= ATOL + RTOL * |TRL| with ATOL = RTOL = 1e-4 (log-prob sums over ~100 tokens are in the
 hundreds; float32 summation order alone moves them by ~1e-5 relative).
@@ -295,6 +296,12 @@ OBJECTIVE_CASES: list[tuple[str, list[tuple[str, float]], dict]] = [
     ("sigmoid, ld_alpha=0.5 (LD-DPO)", [("sigmoid", 1.0)], {"ld_alpha": 0.5}),
     ("ipo, ld_alpha=0.3, use_weighting", [("ipo", 1.0)], {"ld_alpha": 0.3, "use_weighting": True}),
 ]
+# the reference-free objectives of TRL's experimental ORPOTrainer / CPOTrainer, as (label, loss, settings)
+REFERENCE_FREE_CASES: list[tuple[str, str, dict]] = [
+    ("orpo", "orpo", {}),
+    ("cpo", "cpo", {}),
+    ("cpo, cpo_alpha=0.5, label_smoothing=0.1", "cpo", {"cpo_alpha": 0.5, "label_smoothing": 0.1}),
+]
 
 
 def _use_objective(trainer, objective: list[tuple[str, float]], settings: dict) -> None:
@@ -371,6 +378,56 @@ def objective_parity(setup: Setup, objective: list[tuple[str, float]], **setting
     return report
 
 
+def reference_free_parity(setup: Setup, loss: str, **settings) -> ParityReport:
+    """ORPO or CPO on the setup's log-prob sums (TRL's values, as in ``objective_parity``): our ``preference_loss``
+    against the loss function of TRL's experimental ``ORPOTrainer`` (``odds_ratio_loss``, on token-averaged
+    log-probs) or ``CPOTrainer`` (``cpo_loss``, ``loss_type="sigmoid"``): the preference term's mean, its gradient
+    with respect to each log-prob sum, and the rewards.
+
+    The NLL term on the chosen answer is left out of the comparison: TRL averages it over all chosen tokens of the
+    batch, ours per pair (``dpo_core.losses.orpo_loss``), and so they differ when the lengths do.
+    """
+    import types
+    import warnings
+
+    from dpo_core.logprobs import split_pair_logps
+    from dpo_core.losses import preference_loss
+
+    with warnings.catch_warnings():  # trl.experimental announces itself
+        warnings.simplefilter("ignore")
+        from trl.experimental.cpo.cpo_trainer import CPOTrainer
+        from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    beta, alpha, eps = setup.beta, settings.get("cpo_alpha", 1.0), settings.get("label_smoothing", 0.0)
+    tokens = split_pair_logps(setup.ours.counts)
+    trl_self = types.SimpleNamespace(beta=beta, alpha=0.0, loss_type="sigmoid", label_smoothing=eps,
+                                     accelerator=types.SimpleNamespace(device="cpu"))
+    sums = [t.detach().clone().requires_grad_(True) for t in split_pair_logps(setup.trl_logps)]
+    if loss == "orpo":
+        terms, trl_chosen_r, trl_rejected_r, *_ = ORPOTrainer.odds_ratio_loss(
+            trl_self, sums[0] / tokens[0], sums[1] / tokens[1])
+        trl_term = -terms.mean()  # ORPOTrainer: loss = nll - mean(beta log sigma(log odds))
+    else:
+        terms, trl_chosen_r, trl_rejected_r = CPOTrainer.cpo_loss(trl_self, *sums)
+        trl_term = terms.mean()  # CPOTrainer: loss = mean(terms) + cpo_alpha * nll
+    trl_term.backward()
+    trl_grads = torch.cat([t.grad for t in sums])
+
+    ours_sums = [t.detach().clone().requires_grad_(True) for t in split_pair_logps(setup.trl_logps)]
+    out = preference_loss(loss, *ours_sums, None, None, beta=beta, chosen_tokens=tokens[0], rejected_tokens=tokens[1],
+                          **settings)
+    nll = -ours_sums[0] / tokens[0]
+    our_term = (out.losses - (1.0 if loss == "orpo" else alpha) * nll).mean()
+    our_term.backward()
+
+    report = ParityReport()
+    report.check(f"{loss} preference term", our_term, trl_term.detach())
+    report.check("d term / d logps", torch.cat([t.grad for t in ours_sums]), trl_grads)
+    report.check("rewards/chosen", out.chosen_rewards, trl_chosen_r)
+    report.check("rewards/rejected", out.rejected_rewards, trl_rejected_r)
+    return report
+
+
 @contextmanager
 def _replayed_forward(model: torch.nn.Module, output) -> Iterator[None]:
     """Calls of ``model`` return ``output`` instead of running the network (the instance's ``forward`` is swapped)."""
@@ -404,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
                 _, ours, trl, diff = one.rows[0]
                 grad = max(r[3] for r in one.rows if r[0].startswith("d loss"))
                 print(f"{label:<44}{ours:>12.6f}{trl:>12.6f}{diff:>10.2e}{grad:>22.2e}  {one.ok}")
+                ok = ok and one.ok
+            for label, loss, settings in REFERENCE_FREE_CASES:
+                one = reference_free_parity(setup, loss, **settings)
+                _, ours, trl, diff = one.rows[0]
+                grad = max(r[3] for r in one.rows if r[0].startswith("d term"))
+                print(f"{label + ' (term)':<44}{ours:>12.6f}{trl:>12.6f}{diff:>10.2e}{grad:>22.2e}  {one.ok}")
                 ok = ok and one.ok
     return 0 if ok else 1
 

@@ -22,19 +22,20 @@ FORMAT_NAMES = ("trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt")
 FormatName = Literal["auto", *FORMAT_NAMES]
 # The preference objectives of dpo_core.losses (one function each); TrainConfig.loss is one of these names.
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft")
+              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "orpo", "cpo")
 LossType = Literal[LOSS_TYPES]
 # losses that read no reference log-probs
-REFERENCE_FREE_LOSSES = ("simpo", "sft")
+REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo", "cpo")
 # losses that see a pair only through its log-ratios' difference, so an f-divergence (f-DPO) applies to them
 F_DIVERGENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "discopop")
 # TrainConfig fields that only some losses read, with the losses that read them
 LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
-    "label_smoothing": ("sigmoid", "robust", "sigmoid_norm", "simpo", "exo_pair", "aot", "aot_unpaired"),
+    "label_smoothing": ("sigmoid", "robust", "sigmoid_norm", "simpo", "exo_pair", "aot", "aot_unpaired", "cpo"),
     "simpo_gamma": ("simpo",),
     "f_divergence": F_DIVERGENCE_LOSSES,
     "f_alpha": F_DIVERGENCE_LOSSES,
     "discopop_tau": ("discopop",),
+    "cpo_alpha": ("cpo",),
 }
 VALIDATION_SPLIT = "validation"  # the split data.validation_fraction carves from train (model selection only)
 # validation metrics a checkpoint or a sweep trial can be chosen by, and whether higher or lower is better
@@ -147,6 +148,7 @@ class TrainConfig(_Section):
     f_divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = "reverse_kl"
     f_alpha: float = 0.5
     discopop_tau: float = Field(0.05, gt=0.0)  # DiscoPOP's temperature of the logistic/exponential mix
+    cpo_alpha: float = Field(1.0, ge=0.0)  # CPO: weight of its NLL term on chosen (TRL's cpo_alpha)
     # BCO: shift rewards by the running mean of all rewards seen so far (the paper's delta; kept in checkpoints)
     bco_running_delta: bool = False
     # WPO: weight each pair's loss by how likely the policy itself is to produce both answers (detached)

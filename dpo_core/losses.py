@@ -46,6 +46,8 @@ __all__ = [
     "apo_down_loss",
     "discopop_loss",
     "sft_loss",
+    "orpo_loss",
+    "cpo_loss",
     "FDivergence",
     "REVERSE_KL",
     "preference_loss",
@@ -505,6 +507,60 @@ def sft_loss(
     return LossOutput(-chosen_avg, chosen_reward.detach(), rejected_reward.detach())
 
 
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+) -> LossOutput:
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, eqs. 4 and 7): reference-free, the chosen answer's NLL plus an
+    odds-ratio term, on token-averaged log-probs a = log pi(y|x) / |y|:
+
+        log odds(y) = a - log(1 - e^a)
+        loss = -a_w - beta log sigma(log odds(y_w) - log odds(y_l))
+        rewards = beta a
+
+    ``beta`` is the paper's lambda (TRL's ``ORPOConfig.beta``). The NLL is per pair, token-averaged; TRL's
+    ``ORPOTrainer`` averages it over all chosen tokens of the batch (equal when the lengths are).
+    """
+    chosen_avg = _per_token(policy_chosen_logps, chosen_tokens, "chosen_tokens")
+    rejected_avg = _per_token(policy_rejected_logps, rejected_tokens, "rejected_tokens")
+    log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
+    losses = -chosen_avg - beta * F.logsigmoid(log_odds)
+    return LossOutput(losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach())
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, without cancellation near 0 (Maechler 2012: switch at -log 2)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_tokens: torch.Tensor,
+    alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """CPO (Xu et al. 2024, arXiv 2401.08417, eq. 3 plus the NLL term): DPO with a uniform reference (beta -> 0 of the
+    reference term), on summed log-probs, plus the chosen answer's NLL:
+
+        loss = -(1 - eps) log sigma(beta (log pi(y_w|x) - log pi(y_l|x))) - eps log sigma(-...)
+               + alpha (-log pi(y_w|x) / |y_w|)
+        rewards = beta log pi(y|x)
+
+    ``alpha`` is TRL's ``cpo_alpha``. The NLL is per pair, token-averaged; TRL's ``CPOTrainer`` averages it over all
+    chosen tokens of the batch (equal when the lengths are).
+    """
+    nll = -_per_token(policy_chosen_logps, chosen_tokens, "chosen_tokens")
+    losses = _smoothed_sigmoid(beta * (policy_chosen_logps - policy_rejected_logps), label_smoothing) + alpha * nll
+    return LossOutput(losses, (beta * policy_chosen_logps).detach(), (beta * policy_rejected_logps).detach())
+
+
 def preference_loss(
     loss_type: str,
     policy_chosen_logps: torch.Tensor,
@@ -520,6 +576,7 @@ def preference_loss(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
     discopop_tau: float = 0.05,
+    cpo_alpha: float = 1.0,
     bco_delta: float = 0.0,
 ) -> LossOutput:
     """Dispatch on ``loss_type`` (one name of ``TrainConfig.loss``); all inputs Float[B], token counts Long[B].
@@ -533,7 +590,7 @@ def preference_loss(
     if beta <= 0:
         raise LossError(f"beta must be > 0, got {beta}")
     settings = {"label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma, "f_divergence": f_divergence,
-                "f_alpha": f_alpha, "discopop_tau": discopop_tau}
+                "f_alpha": f_alpha, "discopop_tau": discopop_tau, "cpo_alpha": cpo_alpha}
     problem = loss_settings_error(loss_type, settings)
     if problem:
         raise LossError(problem)
@@ -543,6 +600,11 @@ def preference_loss(
         return simpo_loss(*policy, beta=beta, gamma=simpo_gamma, label_smoothing=label_smoothing, **tokens)
     if loss_type == "sft":
         return sft_loss(*policy, ref_chosen_logps, ref_rejected_logps, beta=beta, **tokens)
+    if loss_type == "orpo":
+        return orpo_loss(*policy, beta=beta, **tokens)
+    if loss_type == "cpo":
+        return cpo_loss(*policy, beta=beta, alpha=cpo_alpha, label_smoothing=label_smoothing,
+                        chosen_tokens=chosen_tokens)
     if ref_chosen_logps is None or ref_rejected_logps is None:
         raise LossError(f"loss {loss_type!r} needs reference log-probs")
     both = (*policy, ref_chosen_logps, ref_rejected_logps)

@@ -82,7 +82,8 @@ class TrainJob(_Job):
 
 
 class ReferenceJob(_Job):
-    """The reference precompute over every row of ``tokenized``, written to ``out_file`` (Parquet)."""
+    """The reference precompute over the rows of ``tokenized`` (those of ``splits``; None: every row), written to
+    ``out_file`` (Parquet)."""
 
     kind: Literal["reference"] = "reference"
     model_dir: str
@@ -93,6 +94,7 @@ class ReferenceJob(_Job):
     chunk_size: int = Field(1024, gt=0)
     layout: Literal["auto", "padded", "packed", "shared_prompt"] = "auto"
     processes: int = Field(1, gt=0)
+    splits: list[str] | None = None
 
     @property
     def result_dir(self) -> Path:
@@ -181,6 +183,8 @@ def run_reference_job(job: ReferenceJob) -> dict[str, Any]:
         spec = device_for(spec, ctx)
         model = load_model(job.model_dir, job.model, spec).eval()
         table = pd.read_parquet(job.tokenized)
+        if job.splits is not None:
+            table = table[table["split"].isin(job.splits)].reset_index(drop=True)
 
         def progress(done: int, total: int) -> None:
             if ctx.is_main:

@@ -10,7 +10,8 @@ uninterrupted run's final weights bit for bit.
 
 Reference log-probs come from, in this order: the precomputed ``reference`` table; a live frozen ``ref_model``;
 the policy itself with its LoRA adapters disabled (peft; no second copy); nothing when every loss of the objective
-is reference-free (``TrainConfig.needs_reference``). Otherwise the initial policy's table is computed once before training (``out_dir/reference.parquet``).
+is reference-free (``TrainConfig.needs_reference``). Otherwise the initial policy's table is computed once before
+training (``out_dir/reference.parquet``).
 
 Data parallel (``train.strategy: ddp``, started by torchrun, see ``dpo_core.distributed``): ``batch_size`` and
 ``grad_accum`` stay global, each rank trains on a strided shard of every micro-batch through

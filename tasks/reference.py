@@ -1,6 +1,8 @@
-"""Stage 4: one batched no-grad pass of the frozen reference model over every tokenized pair (all splits).
+"""Stage 4: one batched no-grad pass of the frozen reference model over the tokenized pairs.
 
-Training and evaluation read this table instead of keeping a second model in memory.
+Training and evaluation read this table instead of keeping a second model in memory. Every split is scored, except
+when the training objective reads no reference (``TrainConfig.needs_reference``: ORPO, CPO, SimPO, SFT): then only
+the evaluation splits, which the evaluate stage compares against the reference.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pandas as pd
 from prefect import task
 
 from data_contracts.reference import validate_reference
-from dpo_core.config import RunConfig
+from dpo_core.config import VALIDATION_SPLIT, RunConfig
 from dpo_core.fileio import sha256_file
 from dpo_core.models import load_model, pick_device
 from dpo_core.reference import compute_reference_logps, read_reference_table, write_reference_table
@@ -27,10 +29,23 @@ def base_model_config(cfg: RunConfig):
     return cfg.model.model_copy(update={"lora": None})
 
 
+# the splits only training reads
+TRAINING_SPLITS = ("train", VALIDATION_SPLIT)
+
+
 def reference_key(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]) -> str:
     spec = pick_device(cfg.model)
-    inputs = {"device": spec.device.type, "autocast": str(spec.autocast_dtype), "dtype": str(spec.dtype)}
+    inputs = {"device": spec.device.type, "autocast": str(spec.autocast_dtype), "dtype": str(spec.dtype),
+              "training_splits": cfg.train.needs_reference()}
     return stage_key(STAGE, inputs, [model, tokenized])
+
+
+def scored_splits(cfg: RunConfig, table: pd.DataFrame) -> list[str] | None:
+    """The splits the reference scores: None (every one) when training reads the reference, else the evaluation
+    splits alone."""
+    if cfg.train.needs_reference():
+        return None
+    return sorted(set(table["split"]) - set(TRAINING_SPLITS))
 
 
 @task(name="reference", cache_key_fn=prefect_cache_key(STAGE, reference_key), persist_result=True)
@@ -39,6 +54,9 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
         spec = pick_device(cfg.model)
         tokenized_file = Path(tokenized["path"]) / tokenized["tokenized_file"]
         table = pd.read_parquet(tokenized_file)
+        splits = scored_splits(cfg, table)
+        if splits is not None:
+            table = table[table["split"].isin(splits)].reset_index(drop=True)
         out = folder / "reference.parquet"
         progress = Progress("reference-precompute", f"reference log-probs ({len(table)} pairs)", bar_unit="pair")
         # rows split across torchrun ranks, one table gathered by rank 0; with several machines (train.nnodes) only
@@ -51,7 +69,7 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
             job = ReferenceJob(model_dir=str(model["model_dir"]), model=base_model_config(cfg),
                                tokenized=str(tokenized_file), out_file=str(out),
                                batch_size=cfg.train.reference_batch_size, chunk_size=cfg.train.logprob_chunk_size,
-                               layout=cfg.train.batch_layout, processes=local)
+                               layout=cfg.train.batch_layout, processes=local, splits=splits)
             launch_reference(job, on_progress=lambda p: progress.update(int(p["done"]), int(p["total"])))
             logps = read_reference_table(out)
         else:

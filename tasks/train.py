@@ -67,9 +67,10 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
         tokenizer = load_tokenizer(model["model_dir"], cfg.model)
         policy = load_model(model["model_dir"], cfg.model, spec)
         ref_table, ref_model = None, None
-        if cfg.train.precompute_reference:
+        precomputed, live = _reference_kind(cfg)
+        if precomputed:
             ref_table = read_reference_table(Path(reference["path"]) / reference["reference_file"])
-        elif cfg.model.lora is None:  # LoRA's live reference is the policy with adapters disabled
+        elif live:
             ref_model = load_model(model["model_dir"], base_model_config(cfg), spec).eval()
 
         progress = Progress("training", f"DPO training on {len(train_rows)} pairs")
@@ -94,10 +95,18 @@ def train_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]
     return manifest
 
 
+def _reference_kind(cfg: RunConfig) -> tuple[bool, bool]:
+    """(read the precomputed table, load a live frozen reference model): neither for a reference-free objective
+    (``TrainConfig.needs_reference``) nor for a LoRA policy's live reference (the policy with adapters disabled)."""
+    needed = cfg.train.needs_reference()
+    precomputed = needed and cfg.train.precompute_reference
+    return precomputed, needed and not precomputed and cfg.model.lora is None
+
+
 def _train_distributed(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any],
                        folder: Path) -> TrainResult:
     """train.processes ranks under torchrun (tasks.launch); their output and progress stream into this run."""
-    precomputed, live = cfg.train.precompute_reference, not cfg.train.precompute_reference and cfg.model.lora is None
+    precomputed, live = _reference_kind(cfg)
     job = TrainJob(
         model_dir=str(model["model_dir"]), model=cfg.model,
         tokenized=str(Path(tokenized["path"]) / tokenized["tokenized_file"]), split="train",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.parity import ATOL, OBJECTIVE_CASES, objective_parity, run, trl_setup
+from bench.parity import (ATOL, OBJECTIVE_CASES, REFERENCE_FREE_CASES, objective_parity, reference_free_parity, run,
+                          trl_setup)
 
 
 @pytest.fixture(scope="module")
@@ -35,4 +36,11 @@ def test_every_trl_objective_matches_loss_rewards_and_gradients(setup, label, ob
     report = objective_parity(setup, objective, **settings)
     grads = next(r for r in report.rows if r[0].startswith("d loss / d logps"))
     assert grads[2] != 0.0, "TRL's gradient is zero: nothing was compared"
+    assert report.ok, report.render()
+
+
+@pytest.mark.parametrize("label, loss, settings", REFERENCE_FREE_CASES, ids=[c[0] for c in REFERENCE_FREE_CASES])
+def test_orpo_and_cpo_match_trls_experimental_trainers(setup, label, loss, settings):
+    report = reference_free_parity(setup, loss, **settings)
+    assert next(r for r in report.rows if r[0].startswith("d term"))[2] != 0.0
     assert report.ok, report.render()

@@ -182,8 +182,8 @@ def test_shared_prompt_refuses_attention_without_4d_masks(tokenizer, tokenized):
 def _slow_token_terms(model, batch):
     """Per padded row: the list of (log p(y_t), log sum_v p_v^2) of its response tokens, from the full softmax."""
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(),
-                                     -1)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        logprobs = torch.log_softmax(logits, -1)
     rows = []
     for r in range(batch.input_ids.shape[0]):
         terms = [(float(logprobs[r, t - 1, batch.input_ids[r, t]]), float(torch.logsumexp(2 * logprobs[r, t - 1], -1)))

@@ -115,6 +115,29 @@ def test_sft_is_token_averaged_negative_log_likelihood_of_chosen():
     _close(alone, [2.0, 2.0], [-0.2, -0.2], [-0.3, -0.1875])
 
 
+def test_orpo_is_nll_plus_the_log_odds_ratio_of_average_log_probs():
+    # a = lp / |y|: chosen [-2, -2], rejected [-3, -1.875]; log(1 - e^a): -0.14541345786885906 (a = -2),
+    # -0.051069180942701596 (-3), -0.16647375935575462 (-1.875)
+    # log odds ratio: (-2 + 3) - (-0.14541345786885906 + 0.051069180942701596) = 1.0943442769261575
+    #                 (-2 + 1.875) - (-0.14541345786885906 + 0.16647375935575462) = -0.14606030148689556 (negative)
+    # loss = -a_w + beta L(log odds), beta = 0.1: 2 + 0.1 * 0.28875078434462, 2 + 0.1 * 0.76884166569585
+    out = preference_loss("orpo", torch.tensor(PC, dtype=torch.float64), torch.tensor(PR, dtype=torch.float64), None,
+                          None, beta=BETA, chosen_tokens=torch.tensor(NC), rejected_tokens=torch.tensor(NR))
+    _close(out, [2.028875078434462, 2.076884166569585], [-0.2, -0.2], [-0.3, -0.1875])
+
+
+def test_cpo_is_reference_free_dpo_plus_nll():
+    # L(beta (lp_w - lp_l)) + alpha * (-lp_w / |y_w|): beta (lp_w - lp_l) = 0.2 and -0.5; L(0.2) = 0.5981388693815918,
+    # L(-0.5) = 0.9740769841801067; NLL 2 and 2
+    out = preference_loss("cpo", torch.tensor(PC, dtype=torch.float64), torch.tensor(PR, dtype=torch.float64), None,
+                          None, beta=BETA, chosen_tokens=torch.tensor(NC), rejected_tokens=torch.tensor(NR))
+    _close(out, [2.5981388693815918, 2.9740769841801065], [-1.0, -2.0], [-1.2, -1.5])
+    half = preference_loss("cpo", torch.tensor(PC, dtype=torch.float64), torch.tensor(PR, dtype=torch.float64), None,
+                           None, beta=BETA, chosen_tokens=torch.tensor(NC), rejected_tokens=torch.tensor(NR),
+                           cpo_alpha=0.5)
+    assert half.losses.tolist() == pytest.approx([1.5981388693815918, 1.9740769841801067])
+
+
 # Below, with the pairs above: chosen log-ratios c = [1, -1], rejected r = [-0.5, 1], rewards r_w = beta c =
 # [0.1, -0.1], r_l = beta r = [-0.05, 0.1], z = c - r = [1.5, -2] (the second pair has a negative margin), and
 # L(x) = -log sigma(x) = log(1 + e^-x):

@@ -152,3 +152,24 @@ def test_failure_in_training_resumes_from_checkpoint(harness, tiny_model_dir, tm
     assert again["stages"]["train"] == "Completed"
     assert again["train"]["resumed_from_step"] == 2
     assert again["train"]["steps"] == 4
+
+
+@pytest.mark.timeout(900)
+def test_a_reference_free_objective_scores_the_reference_for_evaluation_only(harness, tiny_model_dir, tmp_path,
+                                                                              data_file):
+    """ORPO reads no reference: the reference stage scores the evaluation pairs alone (none of the training pairs),
+    and evaluation still compares the policy with the reference on them."""
+    import math
+
+    import pandas as pd
+
+    state = tmp_path / "state"
+    out = run_flow(tiny_config(tiny_model_dir, state, data_file, loss="orpo"))
+    assert all(out["stages"][s] == "Completed" for s in (*UPSTREAM, *DOWNSTREAM)), out["stages"]
+    (tokenized,) = (state / "artifacts" / "template").glob("*/tokenized.parquet")
+    (reference,) = (state / "artifacts" / "reference").glob("*/reference.parquet")
+    splits = pd.read_parquet(tokenized).set_index("pair_id")["split"]
+    scored = pd.read_parquet(reference)["pair_id"]
+    assert set(scored) == set(splits[splits == "eval"].index) and len(scored) > 0
+    (row,) = out["metrics"]
+    assert row["eval_set"] == "eval" and math.isfinite(row["reference_accuracy"])

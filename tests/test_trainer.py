@@ -244,7 +244,7 @@ AT_START = {"sigmoid": LN2, "robust": LN2, "sigmoid_norm": LN2, "aot": LN2, "aot
             "nca_pair": 2 * LN2, "bco_pair": 2 * LN2, "sppo_hard": 2.0,
             "discopop": (LN2 + 1) / 2,  # m = sigma(0) = 1/2: (L(0) + e^0) / 2
             "exo_pair": 1.6144630803608508,  # eps = 0.01: (log 1/2 - log 0.99) / 2 + (log 1/2 - log 0.01) / 2
-            "simpo": None, "sft": None}
+            "simpo": None, "sft": None, "orpo": None, "cpo": None}
 SETTINGS = {"robust": {"label_smoothing": 0.1}, "sigmoid_norm": {"label_smoothing": 0.1},
             "exo_pair": {"label_smoothing": 0.01},
             # DiscoPOP's loss is lowest at a small negative margin (its slope at z = 0 is positive): a smaller step
@@ -261,6 +261,7 @@ def test_every_loss_trains(tmp_path, tokenizer, loss):
     result = train(_model(tokenizer), tokenizer, _pairs(4), cfg, out_dir=tmp_path, spec=CPU, progress_bar=False)
     own = [row[f"loss/{loss}"] for row in result.history]
     assert result.steps == 3 and all(np.isfinite(own))
+    assert (tmp_path / "reference.parquet").is_file() == cfg.needs_reference()  # none scored for a reference-free one
     assert [row["loss"] for row in result.history] == own  # a single objective is the whole loss
     assert [k for k in result.history[0] if k.startswith("loss/")] == [f"loss/{loss}"]
     if AT_START[loss] is not None:
