@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 grad = max(r[3] for r in one.rows if r[0].startswith("d term"))
                 print(f"{label + ' (term)':<44}{ours:>12.6f}{trl:>12.6f}{diff:>10.2e}{grad:>22.2e}  {one.ok}")
                 ok = ok and one.ok
+            print("OBJECTIVES OK" if ok else "OBJECTIVES FAILED")
     return 0 if ok else 1
 
 

@@ -121,15 +121,19 @@ def run_all(s: BenchSettings, variants: list[str], rounds: int, work: Path, time
                 run.outcomes.append(Outcome(name, r, None, secs, err))
                 print(f"[bench] round {r} {name} FAILED ({err})", file=sys.stderr)
     if parity:
-        rc, secs = _launch("bench.parity", [], work / "parity.log", 600)
+        rc, secs = _launch("bench.parity", ["--objectives"], work / "parity.log", 600)
         run.parity = _parity_from_log(work / "parity.log", rc == 0, secs)
     return run
 
 
 def _parity_from_log(log: Path, ok: bool, seconds: float) -> dict:
-    text = log.read_text(errors="replace")
-    table = [ln for ln in text.splitlines() if ln.startswith(("quantity", "policy", "ref ", "rewards", "loss",
-                                                               "logps", "max |diff|", "PARITY"))]  # fmt: skip
+    """The report `python -m bench.parity --objectives` printed: from its `quantity` header to its last line
+    (`OBJECTIVES ...`, or `PARITY ...` without the objectives), without the warnings other libraries print."""
+    lines = log.read_text(errors="replace").splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("quantity")), len(lines))
+    ends = [i for i, ln in enumerate(lines) if ln.startswith(("PARITY", "OBJECTIVES"))]
+    table = [ln for ln in lines[start : (ends[-1] + 1 if ends else len(lines))]
+             if ln.strip() and not ln.startswith(" ") and "Warning" not in ln]
     return {"ok": ok, "seconds": seconds, "table": table, "tail": _tail(log, 3)}
 
 
@@ -324,7 +328,13 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
     else:
         L += [f"{'Passed' if run.parity['ok'] else 'FAILED'} ({_fmt(run.parity['seconds'], 0)} s): tiny random Llama "
               "with the SmolLM2 tokenizer, 4 benchmark pairs, float32. `python -m bench.parity --model smollm2` runs "
-              "the same check on the embedded model.", "", "```", *run.parity["table"], "```"]  # fmt: skip
+              "the same check on the embedded model. The log-probs, rewards, sigmoid loss and every policy "
+              "parameter's gradient first; then every objective TRL has (`bench.parity.OBJECTIVE_CASES`: each "
+              "`DPOTrainer` `loss_type`, the f-divergences, a mixture, WPO, LD-DPO; and ORPO and CPO against TRL's "
+              "experimental trainers' loss functions, their NLL term aside): loss and d loss / d log-prob sums, on "
+              "TRL's own log-prob values (`bench.parity.objective_parity` says why that covers the parameters' "
+              "gradients). The same checks run in `make test` (`tests/test_bench_parity.py`).",
+              "", "```", *run.parity["table"], "```"]  # fmt: skip
     L += ["", "## Method", "",
           "- **Trained tokens** are the non-padding tokens of the chosen and the rejected sequence of every pair "
           "(prompt included, counted once per sequence): the same count for every variant, since they train the same "
