@@ -44,3 +44,14 @@ def test_orpo_and_cpo_match_trls_experimental_trainers(setup, label, loss, setti
     report = reference_free_parity(setup, loss, **settings)
     assert next(r for r in report.rows if r[0].startswith("d term"))[2] != 0.0
     assert report.ok, report.render()
+
+
+def test_the_benchmark_report_keeps_the_whole_parity_report(tmp_path):
+    from bench.run import _parity_from_log
+
+    log = tmp_path / "parity.log"
+    log.write_text("loading...\nquantity  ours  TRL\nloss  0.7  0.7  0\n/x.py:3: UserWarning: noise\n  warnings.warn(\n"
+                   "PARITY OK\n\nobjective  loss\nsigmoid  0.7  True\nOBJECTIVES OK\n")
+    report = _parity_from_log(log, True, 1.0)
+    assert report["table"] == ["quantity  ours  TRL", "loss  0.7  0.7  0", "PARITY OK", "objective  loss",
+                               "sigmoid  0.7  True", "OBJECTIVES OK"]
