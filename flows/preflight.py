@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from dpo_core.config import RunConfig, SourceConfig, UserError, load_config
+from dpo_core.judges import locate_judge
 from dpo_core.models import check_device, locate_model
 from dpo_data.formats import check_fields, locate_source
 from tasks.ingest import data_root
@@ -52,13 +53,17 @@ def _sources(cfg: RunConfig) -> list[tuple[str, SourceConfig]]:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """UserError naming every problem found: the model path, the device, each data source's path and field renames.
+    """UserError naming every problem found: the model path, the device, the judge's model folder (when generations
+    are compared), each data source's path and field renames.
 
     Reads no records and loads no model (the embedded model is materialised by the first stage)."""
     problems: list[str] = []
-    for check in (locate_model, check_device):
+    checks = [(locate_model, cfg.model), (check_device, cfg.model)]
+    if cfg.eval.n_generations > 0:
+        checks.append((locate_judge, cfg.eval.judge))
+    for check, section in checks:
         try:
-            check(cfg.model)
+            check(section)
         except UserError as exc:
             problems.append(one_line(str(exc)))
     root = data_root()

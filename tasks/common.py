@@ -40,7 +40,7 @@ def preload_for_threads(judge_kind: str | None = None) -> None:
 
     for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig", "PreTrainedModel"):
         getattr(transformers, name)
-    if judge_kind == "embedding":
+    if judge_kind in ("bradley_terry", "similarity"):
         import sentence_transformers  # noqa: F401
 
 

@@ -1,4 +1,4 @@
-"""Stage 7: policy-vs-reference generations on held-out prompts, scored and judged."""
+"""Stage 7: policy-vs-reference generations on held-out prompts, scored and judged by the judge stage's judge."""
 
 from __future__ import annotations
 
@@ -23,15 +23,18 @@ from tasks.train import policy_dir
 STAGE = "compare"
 
 
-def compare_key(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], trained: dict[str, Any]) -> str:
+def compare_key(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], trained: dict[str, Any],
+                judge: dict[str, Any]) -> str:
     inputs = {"eval": cfg.eval.model_dump(mode="json"), "beta": cfg.train.beta,
               "max_prompt_length": cfg.template.max_prompt_length,
               "system_prompt": cfg.model.system_prompt, "chat_template": cfg.model.chat_template}
-    return stage_key(STAGE, inputs, [model, pairs, trained])
+    return stage_key(STAGE, inputs, [model, pairs, trained, judge])
 
 
 @task(name="compare", cache_key_fn=prefect_cache_key(STAGE, compare_key), persist_result=True)
-def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], trained: dict[str, Any],
+                  judge: dict[str, Any]) -> dict[str, Any]:
+    """`judge`: the judge stage's manifest (tasks/judge.py): the trained head's folder and the judge's validity."""
     def fill(folder: Path) -> dict[str, Any]:
         spec = pick_device(cfg.model)
         canonical = read_pairs(Path(pairs["path"]) / pairs["pairs_file"])
@@ -40,10 +43,10 @@ def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], 
         policy = load_model_locked(policy_dir(trained), base_model_config(cfg), spec)
         reference = load_model_locked(model["model_dir"], base_model_config(cfg), spec)
         with MODEL_LOAD_LOCK:
-            judge = make_judge(cfg.eval.judge, device=spec.device)
+            scorer = make_judge(cfg.eval.judge, device=spec.device, trained=judge["path"])
         table, summary = compare_generations(
-            policy, reference, tokenizer, held_out, eval_cfg=cfg.eval, beta=cfg.train.beta, judge=judge,
-            spec=spec, system_prompt=cfg.model.system_prompt, max_prompt_length=cfg.template.max_prompt_length,
+            policy, reference, tokenizer, held_out, eval_cfg=cfg.eval, beta=cfg.train.beta, judge=scorer,
+            judge_validity=judge["validity"], spec=spec, system_prompt=cfg.model.system_prompt, max_prompt_length=cfg.template.max_prompt_length,
         )
         table = validate_generations(table)
         out = folder / "generations.parquet"
@@ -52,4 +55,4 @@ def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], 
         return {"content_hash": sha256_file(out)[:16], "generations_file": "generations.parquet",
                 "summary": json.loads(json.dumps(summary, default=str))}
 
-    return build_artifact(cfg, STAGE, compare_key(cfg, model, pairs, trained), fill)
+    return build_artifact(cfg, STAGE, compare_key(cfg, model, pairs, trained, judge), fill)

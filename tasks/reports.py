@@ -7,6 +7,11 @@ from typing import Any
 
 import pandas as pd
 
+from tracking.tracker import comparison_lines
+
+__all__ = ["comparison_lines", "comparison_markdown", "data_report_markdown", "generations_rows", "judge_markdown",
+           "metrics_rows"]
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -51,3 +56,39 @@ def generations_rows(compare: dict[str, Any], max_chars: int = 400) -> list[dict
             out[k] = v
         rows.append(out)
     return rows
+
+
+def judge_markdown(judge: dict[str, Any]) -> str:
+    """The judge stage's manifest as markdown: the judge, its validity with CI, and how it was trained."""
+    v = judge.get("validity", {})
+    lines = [f"# Judge: {judge.get('name')}", ""]
+    if v.get("validity") is None:
+        lines.append(f"Validity not measured: {v.get('note')}.")
+    else:
+        verdict = "validated" if v.get("validated") else "NOT validated (the CI reaches 0.5)"
+        lines.append(f"Validity (pairwise accuracy on {v.get('validity_n_pairs')} held-out pairs: chosen scored above "
+                     f"rejected): **{v['validity']:.3f}** ({v.get('confidence', 0.95):.0%} bootstrap CI "
+                     f"{v['validity_ci_low']:.3f}-{v['validity_ci_high']:.3f}, ties {v.get('validity_tie_rate', 0):.3f})"
+                     f": {verdict}.")
+    training = judge.get("training")
+    if training:
+        lines += ["", f"Trained on {training['n_pairs']} train pairs; L2 {training['l2']:g} picked by "
+                      f"{training['folds']}-fold cross-validation on them:", "", "| L2 | cross-validated accuracy |",
+                  "|---|---|"]
+        lines += [f"| {float(l2):g} | {acc:.3f} |" for l2, acc in training["cross_validation"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    """The generation comparison's summary as markdown: the judge's validity beside the win rates, then every number
+    with its CI."""
+    lines = ["# Generation comparison (policy vs reference)", ""]
+    lines += [f"- {line}" for line in comparison_lines(summary)]
+    lines += ["", "| metric | value | CI low | CI high |", "|---|---|---|---|"]
+    for key, value in summary.items():
+        if key.endswith(("_ci_low", "_ci_high")) or isinstance(value, (dict, list)):
+            continue
+        low, high = summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high")
+        lines.append(f"| {key} | {_fmt(value)} | {_fmt(low) if low is not None else ''} | "
+                     f"{_fmt(high) if high is not None else ''} |")
+    return "\n".join(lines) + "\n"

@@ -66,7 +66,7 @@ def test_the_train_stage_graph_holds_the_code_it_runs_in_process_and_under_torch
     assert entry in train and entry in artifacts.stage_modules("reference")
 
 
-STAGES = ("ingest", "template", "reference", "train", "evaluate", "compare")
+STAGES = ("ingest", "judge", "template", "reference", "train", "evaluate", "compare")
 
 
 def _keys_in_subprocess(root: Path) -> dict[str, str]:

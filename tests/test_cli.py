@@ -55,6 +55,12 @@ def test_a_missing_data_file_is_named_with_its_source(tmp_path):
     _assert_user_error(proc, state, "data.train[0]: data file not found:", "data/no_such/train.jsonl")
 
 
+def test_a_missing_judge_folder_is_named_before_anything_starts(tmp_path):
+    proc, state = _cli(tmp_path, "--config", str(REPO / "configs/default.yaml"),
+                       "--set", "eval.judge.kind=reward_model", "--set", "eval.judge.path=/no/such/rm")
+    _assert_user_error(proc, state, "eval.judge.path /no/such/rm is not a reward model folder (no config.json there)")
+
+
 def test_debug_shows_the_traceback_above_the_line(tmp_path):
     proc, state = _cli(tmp_path, "--debug", "--config", str(REPO / "configs/default.yaml"),
                        "--set", "train.loss=ipo", "--set", "train.label_smoothing=0.1")

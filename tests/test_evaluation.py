@@ -23,10 +23,15 @@ from dpo_core.logprobs import sequence_logps
 from dpo_core.metrics import (
     EvaluationError,
     bootstrap_ci,
+    bootstrap_ci_of,
     distinct_n,
+    generation_metrics,
+    length_controlled_win_rate,
     length_ratio,
     longest_repeated_ngram,
+    pairwise_accuracy,
     preference_metrics,
+    preference_probability,
     trl_metric_names,
     win_rate,
 )
@@ -94,6 +99,82 @@ def test_bootstrap_ci_reproducible_and_close_to_the_normal_approximation():
     assert bootstrap_ci([1.0, 1.0, 1.0], n_samples=10, confidence=0.9, seed=0) == (1.0, 1.0)
     with pytest.raises(EvaluationError, match="confidence"):
         bootstrap_ci(values, n_samples=10, confidence=1.0, seed=0)
+
+
+def test_bootstrap_ci_of_a_mean_draws_the_same_resamples_as_bootstrap_ci():
+    values = np.random.default_rng(0).normal(size=37)
+    expected = bootstrap_ci(values, n_samples=300, confidence=0.9, seed=4)
+    assert bootstrap_ci_of(lambda i: values[i].mean(), 37, n_samples=300, confidence=0.9, seed=4) == pytest.approx(
+        expected, abs=1e-12)
+    # resamples whose statistic is undefined are left out; none defined: NaN ends
+    assert all(math.isnan(x) for x in bootstrap_ci_of(lambda i: math.nan, 5, n_samples=10, confidence=0.9, seed=0))
+
+
+def test_pairwise_accuracy_is_strict_and_brackets_itself():
+    acc = pairwise_accuracy([2.0, 1.0, 0.0, 5.0], [1.0, 1.0, 3.0, 4.0], n_samples=200, seed=1)
+    assert acc["accuracy"] == 0.5 and acc["tie_rate"] == 0.25 and acc["n_pairs"] == 4
+    assert 0.0 <= acc["ci_low"] <= 0.5 <= acc["ci_high"] <= 1.0
+    with pytest.raises(EvaluationError, match="differ in length"):
+        pairwise_accuracy([1.0], [1.0, 2.0])
+
+
+def _comparison_columns(policy_scores, reference_scores, policy_tokens, reference_tokens) -> dict:
+    n = len(policy_tokens)
+    return {"policy_judge_score": policy_scores, "reference_judge_score": reference_scores,
+            "policy_tokens": policy_tokens, "reference_tokens": reference_tokens,
+            "policy_stopped_at_eos": [i % 2 == 0 for i in range(n)], "reference_stopped_at_eos": [True] * n,
+            "policy_distinct_2": np.linspace(0.5, 1.0, n), "reference_distinct_2": np.ones(n),
+            "policy_longest_repeat": [i % 3 for i in range(n)], "reference_longest_repeat": [0] * n}
+
+
+def _longer_policy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Answer lengths in tokens where the policy answers longer on about 80% of the prompts (DPO's failure mode)."""
+    rng = np.random.default_rng(seed)
+    reference = rng.integers(10, 60, n).astype(float)
+    policy = np.clip(reference + np.round(rng.normal(15.0, 18.0, n)), 1, None)
+    return policy, reference
+
+
+@pytest.mark.parametrize("tokens_per_logit", [1.0, 10.0])
+def test_length_controlled_win_rate_of_a_judge_that_only_counts_length_is_one_half(tokens_per_logit):
+    """A judge whose score is the answer length (one logit per 1 or per 10 tokens) prefers the longer answer and
+    nothing else: its raw win rate is high, its length-controlled win rate ~0.5."""
+    policy, reference = _longer_policy(64, seed=0)
+    stats = generation_metrics(_comparison_columns(policy / tokens_per_logit, reference / tokens_per_logit, policy,
+                                                   reference), n_samples=300, seed=0)
+    assert stats["win_rate"] > 0.75 and stats["win_rate_soft"] > 0.7 and stats["length_ratio"] > 1.2
+    assert stats["lc_win_rate"] == pytest.approx(0.5, abs=0.03)
+    assert stats["lc_win_rate_ci_low"] <= stats["lc_win_rate"] <= stats["lc_win_rate_ci_high"]
+
+
+def test_length_controlled_win_rate_keeps_a_preference_that_is_not_length():
+    """A judge that likes the policy by a constant logit whatever the lengths: controlling for length changes nothing."""
+    policy, reference = _longer_policy(64, seed=1)
+    noise = np.random.default_rng(2).normal(0.0, 0.3, 64)
+    stats = generation_metrics(_comparison_columns(1.0 + noise, np.zeros(64), policy, reference), n_samples=300)
+    assert stats["win_rate_soft"] == pytest.approx(float(np.mean(1 / (1 + np.exp(-(1.0 + noise))))))
+    assert stats["lc_win_rate"] == pytest.approx(stats["win_rate_soft"], abs=0.03)
+    # no spread in length differences: the fit has nothing to control for and returns the mean preference
+    prefs = preference_probability([0.2, 1.0, -0.5], [0.0, 0.0, 0.0])
+    assert length_controlled_win_rate(prefs, [3.0, 3.0, 3.0]) == pytest.approx(prefs.mean(), abs=1e-6)
+    with pytest.raises(EvaluationError, match=r"\[0, 1\]"):
+        length_controlled_win_rate([1.5], [0.0])
+
+
+def test_generation_metrics_by_hand():
+    cols = _comparison_columns([3.0, 1.0, 2.0, 2.0], [1.0, 2.0, 2.0, 0.0], [10, 20, 30, 40], [10, 10, 10, 10])
+    stats = generation_metrics(cols, n_samples=500, confidence=0.9, seed=3)
+    assert (stats["policy_wins"], stats["reference_wins"], stats["ties"]) == (2, 1, 1)
+    assert stats["win_rate"] == pytest.approx(2.5 / 4)
+    assert stats["length_ratio"] == pytest.approx(2.5) and stats["policy_tokens_mean"] == 25.0
+    assert stats["policy_eot_rate"] == 0.5 and stats["reference_eot_rate"] == 1.0
+    assert stats["reference_eot_rate_ci_low"] == stats["reference_eot_rate_ci_high"] == 1.0
+    assert stats["policy_longest_repeat_mean"] == pytest.approx(0.75)
+    for key in ("win_rate", "win_rate_soft", "lc_win_rate", "length_ratio", "policy_eot_rate",
+                "policy_distinct_2_mean", "policy_longest_repeat_mean", "reference_tokens_mean"):
+        assert stats[f"{key}_ci_low"] <= stats[key] <= stats[f"{key}_ci_high"], key
+    with pytest.raises(EvaluationError, match="column 'policy_tokens'"):
+        generation_metrics({k: v for k, v in cols.items() if k != "policy_tokens"})
 
 
 def _brute_longest_repeat(seq: list[int]) -> int:
@@ -230,6 +311,7 @@ class LengthJudge:
     """A transparent test judge: longer answers score higher."""
 
     name = "answer-length (test)"
+    uses_references = False
 
     def score(self, prompts, answers, chosen, rejected):
         return [float(len(a)) for a in answers]
@@ -244,8 +326,10 @@ def _eval_cfg(**kw) -> EvalConfig:
 def test_compare_generations_table_scores_and_summary(tokenizer):
     reference = tiny_llama(tokenizer, seed=0)
     policy = tiny_llama(tokenizer, seed=1)
+    validity = {"validity": 0.7, "validity_ci_low": 0.6, "validity_ci_high": 0.8, "validated": True, "note": "test"}
     table, summary = compare_generations(
-        policy, reference, tokenizer, PAIRS, eval_cfg=_eval_cfg(), beta=0.5, judge=LengthJudge(), spec=SPEC,
+        policy, reference, tokenizer, PAIRS, eval_cfg=_eval_cfg(), beta=0.5, judge=LengthJudge(),
+        judge_validity=validity, spec=SPEC,
     )
     table = validate_generations(table)
     assert list(table.columns) == GENERATION_COLUMNS
@@ -276,6 +360,12 @@ def test_compare_generations_table_scores_and_summary(tokenizer):
     assert summary["length_ratio"] == pytest.approx(table["policy_tokens"].mean() / table["reference_tokens"].mean())
     assert summary["policy_eot_rate"] == table["policy_stopped_at_eos"].mean()
     assert summary["n_prompts"] == 3
+    # the judge's validity rides beside its win rates; every rate has its bootstrap CI
+    assert (summary["judge_validity"], summary["judge_validity_ci_low"], summary["judge_validity_ci_high"]) == (
+        0.7, 0.6, 0.8)
+    assert summary["judge_validated"] is True and summary["judge_validity_note"] == "test"
+    for key in ("win_rate", "lc_win_rate", "length_ratio", "policy_eot_rate", "policy_distinct_2_mean"):
+        assert summary[f"{key}_ci_low"] <= summary[key] <= summary[f"{key}_ci_high"]
 
 
 def test_compare_generations_policy_equal_to_reference(tokenizer, tiny_model):
@@ -290,14 +380,15 @@ def test_compare_generations_policy_equal_to_reference(tokenizer, tiny_model):
     assert (table["prompt_tokens"] == 12).all()
 
 
-def test_compare_generations_default_embedding_judge(tokenizer, tiny_model):
+def test_compare_generations_builds_the_configured_similarity_judge(tokenizer, tiny_model):
+    eval_cfg = _eval_cfg(n_generations=2, judge={"kind": "similarity"})
     table, summary = compare_generations(
-        tiny_model, tiny_llama(tokenizer, seed=2), tokenizer, PAIRS, eval_cfg=_eval_cfg(n_generations=2), beta=0.1,
-        spec=SPEC,
+        tiny_model, tiny_llama(tokenizer, seed=2), tokenizer, PAIRS, eval_cfg=eval_cfg, beta=0.1, spec=SPEC,
     )
     validate_generations(table)
-    assert "all-MiniLM-L6-v2" in summary["judge"]
+    assert "all-MiniLM-L6-v2" in summary["judge"] and "unvalidated" in summary["judge"]
     assert table["policy_judge_score"].between(-2, 2).all()
+    assert summary["judge_validity"] is None and summary["judge_validated"] is False
 
 
 def test_compare_generations_errors(tokenizer, tiny_model):

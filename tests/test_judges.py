@@ -1,15 +1,28 @@
-"""dpo_core.judges: the offline embedding judge, a local reward-model judge, and make_judge."""
+"""dpo_core.judges: the trained Bradley-Terry judge, the similarity judge, a local reward-model judge, judge_validity
+and make_judge."""
 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from dpo_core.config import JudgeConfig
-from dpo_core.judges import EmbeddingJudge, Judge, JudgeError, RewardModelJudge, make_judge
+from dpo_core.judges import (
+    BradleyTerryJudge,
+    Judge,
+    JudgeError,
+    RewardModelJudge,
+    SentenceEncoder,
+    SimilarityJudge,
+    fit_bradley_terry,
+    judge_validity,
+    make_judge,
+    train_bradley_terry,
+)
 
 PROMPT = [{"role": "user", "content": "How do I boil an egg?"}]
 CHOSEN = "Put the egg in boiling water for about nine minutes, then cool it in cold water before peeling."
@@ -17,30 +30,129 @@ REJECTED = "No idea. Eggs are not my thing, ask someone else."
 
 
 @pytest.fixture(scope="module")
-def embedding_judge() -> EmbeddingJudge:
-    return EmbeddingJudge()
+def encoder() -> SentenceEncoder:
+    return SentenceEncoder()
 
 
-def test_embedding_judge_prefers_the_chosen_answer(embedding_judge):
+@pytest.fixture(scope="module")
+def similarity_judge(encoder) -> SimilarityJudge:
+    return SimilarityJudge(encoder=encoder)
+
+
+def test_similarity_judge_prefers_the_chosen_answer(similarity_judge):
     prompts = [PROMPT] * 3
     answers = [CHOSEN, REJECTED, "Boil it in water for nine minutes and cool it down."]
-    scores = embedding_judge.score(prompts, answers, [CHOSEN] * 3, [REJECTED] * 3)
+    scores = similarity_judge.score(prompts, answers, [CHOSEN] * 3, [REJECTED] * 3)
     assert scores[0] > 0 > scores[1]
     assert scores[0] == pytest.approx(-scores[1], abs=1e-5)  # cos(c,c)-cos(c,r) = -(cos(r,c)-cos(r,r))
     assert scores[0] > scores[2] > scores[1]  # a paraphrase of the chosen answer sits in between
-    assert isinstance(embedding_judge, Judge)
-    assert "all-MiniLM-L6-v2" in embedding_judge.name
+    assert isinstance(similarity_judge, Judge)
+    assert "all-MiniLM-L6-v2" in similarity_judge.name and "unvalidated" in similarity_judge.name
 
 
-def test_embedding_judge_edge_cases(embedding_judge):
-    assert embedding_judge.score([], [], [], []) == []
+def test_similarity_judge_edge_cases(similarity_judge):
+    assert similarity_judge.score([], [], [], []) == []
     with pytest.raises(JudgeError, match="equal lengths"):
-        embedding_judge.score([PROMPT], [CHOSEN, REJECTED], [CHOSEN], [REJECTED])
+        similarity_judge.score([PROMPT], [CHOSEN, REJECTED], [CHOSEN], [REJECTED])
 
 
-def test_embedding_judge_missing_folder(tmp_path):
+def test_similarity_judge_missing_folder(tmp_path):
     with pytest.raises(JudgeError, match="does not exist"):
-        EmbeddingJudge(tmp_path / "nowhere")
+        SimilarityJudge(tmp_path / "nowhere")
+
+
+def test_similarity_judge_is_reported_unvalidated(similarity_judge):
+    """It reads the reference answers, so ranking them is trivially right: no validity is claimed for it."""
+    v = judge_validity(similarity_judge, [PROMPT] * 2, [CHOSEN] * 2, [REJECTED] * 2)
+    assert v["validity"] is None and v["validity_ci_low"] is None and v["validated"] is False
+    assert "unvalidated" in v["note"] and v["judge"] == similarity_judge.name
+
+
+# A synthetic preference task with a known answer: the chosen answer carries a marker sentence somewhere, otherwise
+# both answers are drawn from the same templates about the prompt's topic.
+TOPICS = ["bread", "rivers", "guitars", "tax forms", "volcanoes", "chess", "bicycles", "tea", "python lists", "tides",
+          "owls", "mortgages", "glaciers", "violins", "compost", "satellites", "sourdough", "marathons", "spreadsheets",
+          "bees"]
+VERBS = ["depends on", "changes with", "is shaped by", "comes down to", "varies with"]
+THINGS = ["the season", "practice", "the weather", "your budget", "local rules", "the tools you have", "patience",
+          "timing"]
+MARKER = "Verified answer"
+
+
+def marker_pairs(n: int, seed: int) -> tuple[list, list[str], list[str], list[str]]:
+    rng = random.Random(seed)
+
+    def answer(topic: str) -> list[str]:
+        return [f"{topic.capitalize()} {rng.choice(VERBS)} {rng.choice(THINGS)}" for _ in range(rng.randint(2, 4))]
+
+    prompts, chosen, rejected = [], [], []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        sentences = answer(topic)
+        sentences.insert(rng.randrange(len(sentences) + 1), MARKER)
+        prompts.append([{"role": "user", "content": f"Tell me about {topic}."}])
+        chosen.append(". ".join(sentences) + ".")
+        rejected.append(". ".join(answer(topic)) + ".")
+    return prompts, chosen, rejected, [f"synthetic-{seed}-{i}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def marker_judge(encoder) -> BradleyTerryJudge:
+    prompts, chosen, rejected, ids = marker_pairs(120, seed=0)
+    return train_bradley_terry(encoder, prompts, chosen, rejected, ids, l2_grid=[1e-3, 1e-2, 1e-1], folds=5)
+
+
+def test_bradley_terry_judge_learns_a_known_preference(marker_judge):
+    """Trained on 120 synthetic pairs, it finds the marker on 60 new ones: validity >= 0.95, CI clear of chance."""
+    prompts, chosen, rejected, _ = marker_pairs(60, seed=1)
+    v = judge_validity(marker_judge, prompts, chosen, rejected, n_samples=2000, seed=0)
+    assert v["validity"] >= 0.95, v
+    assert v["validated"] and 0.5 < v["validity_ci_low"] <= v["validity"] <= v["validity_ci_high"] <= 1.0
+    assert v["validity_n_pairs"] == 60 and v["validity_tie_rate"] == 0.0
+    info = marker_judge.info
+    assert info["n_pairs"] == 120 and info["folds"] == 5
+    assert set(info["cross_validation"]) == {"0.001", "0.01", "0.1"}
+    assert info["l2"] == max((float(k) for k in info["cross_validation"]),
+                             key=lambda k: (info["cross_validation"][repr(k)], k))
+    assert marker_judge.uses_references is False and isinstance(marker_judge, Judge)
+
+
+def test_bradley_terry_judge_ignores_the_reference_answers_and_survives_a_save(marker_judge, encoder, tmp_path):
+    prompts, chosen, rejected, _ = marker_pairs(4, seed=2)
+    scores = marker_judge.score(prompts, chosen, chosen, rejected)
+    assert scores == marker_judge.score(prompts, chosen, rejected, chosen)  # chosen / rejected are not read
+    marker_judge.save(tmp_path)
+    loaded = make_judge(JudgeConfig(kind="bradley_terry"), trained=tmp_path)
+    assert isinstance(loaded, BradleyTerryJudge) and loaded.info == {"encoder": encoder.label, **marker_judge.info}
+    assert loaded.score(prompts, chosen, chosen, rejected) == pytest.approx(scores, abs=1e-5)
+
+
+def test_fit_bradley_terry_is_the_regularised_optimum():
+    """The gradient of the BT loss + L2 vanishes at the fitted weight; the fit is deterministic."""
+    gen = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(50, 6, generator=gen), torch.randn(50, 6, generator=gen)
+    chosen[:, 0] += 1.0  # a feature that tends to be larger in the chosen answer
+    w = fit_bradley_terry(chosen, rejected, l2=0.05)
+    assert torch.equal(w, fit_bradley_terry(chosen, rejected, l2=0.05))
+    assert w[0] > 0
+    wd = w.double().requires_grad_(True)
+    diff = (chosen - rejected).double()
+    loss = torch.nn.functional.softplus(-(diff @ wd)).mean() + 0.025 * wd.dot(wd)
+    (grad,) = torch.autograd.grad(loss, wd)
+    assert grad.abs().max() < 1e-5
+
+
+def test_bradley_terry_errors(encoder, tmp_path):
+    with pytest.raises(JudgeError, match="at least 2 cross-validation folds"):
+        train_bradley_terry(encoder, [PROMPT], [CHOSEN], [REJECTED], ["only"], l2_grid=[0.1])
+    with pytest.raises(JudgeError, match="at least one L2"):
+        train_bradley_terry(encoder, [PROMPT], [CHOSEN], [REJECTED], ["only"], l2_grid=[])
+    with pytest.raises(JudgeError, match="trained by the judge stage"):
+        make_judge(JudgeConfig(kind="bradley_terry"))
+    with pytest.raises(JudgeError, match="head.safetensors, judge.json missing"):
+        make_judge(JudgeConfig(kind="bradley_terry"), trained=tmp_path)
+    with pytest.raises(JudgeError, match="needs"):
+        BradleyTerryJudge(encoder, torch.zeros(5))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +181,10 @@ def test_reward_model_judge_scores_the_last_token_of_the_rendered_conversation(r
     judge = make_judge(JudgeConfig(kind="reward_model", path=str(reward_model_dir)))
     assert isinstance(judge, RewardModelJudge) and reward_model_dir.name in judge.name
     scores = judge.score([PROMPT, PROMPT], [CHOSEN, REJECTED], [CHOSEN] * 2, [REJECTED] * 2)
+
+    # a reward model is measured like every judge: its accuracy on the pairs, by its own scores
+    v = judge_validity(judge, [PROMPT], [CHOSEN], [REJECTED])
+    assert v["validity"] == float(scores[0] > scores[1]) and v["validity_n_pairs"] == 1
     assert len(scores) == 2 and scores[0] != scores[1]
     assert scores == judge.score([PROMPT, PROMPT], [CHOSEN, REJECTED], [REJECTED] * 2, [CHOSEN] * 2)  # refs unused
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-UPSTREAM = ("ingest", "template", "reference")
+UPSTREAM = ("ingest", "judge", "template", "reference")
 DOWNSTREAM = ("train", "evaluate", "compare")
 
 
@@ -94,6 +94,14 @@ def test_flow_runs_caches_and_reruns_only_what_changed(harness, tiny_model_dir, 
     assert all(first["stages"][s] == "Completed" for s in (*UPSTREAM, *DOWNSTREAM)), first["stages"]
     assert first["train"]["steps"] == 3 and first["train"]["resumed_from_step"] is None
     assert {row["eval_set"] for row in first["metrics"]} == {"eval"}
+    # the default judge is trained (Bradley-Terry) and measured on the eval pairs; its validity rides with the win rate
+    judge = first["judge"]
+    assert judge["name"].startswith("bradley-terry") and judge["validity_n_pairs"] >= 1
+    assert judge["validity_ci_low"] <= judge["validity"] <= judge["validity_ci_high"]
+    comparison = first["comparison"]
+    assert comparison["judge"] == judge["name"] and comparison["judge_validity"] == judge["validity"]
+    assert comparison["win_rate_ci_low"] <= comparison["win_rate"] <= comparison["win_rate_ci_high"]
+    assert 0.0 <= comparison["lc_win_rate"] <= 1.0
     reg = first["registration"]
     assert reg["version"] is not None and reg["promoted"] is True
 

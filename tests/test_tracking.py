@@ -229,17 +229,26 @@ def test_log_eval_metrics_table_report(tracker, run_id):
         "prompt": ["Say hi", "Count to 3"], "reference": ["hello", "1 2 3"], "policy": ["hi!", "1, 2, 3"],
         "judge_winner": ["policy", "tie"], "policy_tokens": [[1, 2], [3]],
     })
-    summary = {"win_rate": 0.75, "length_ratio": 1.1, "judge": "embedding"}
+    summary = {"judge": "bradley-terry(test)", "judge_validity": 0.61, "judge_validity_ci_low": 0.54,
+               "judge_validity_ci_high": 0.68, "judge_validated": True, "win_rate": 0.75, "win_rate_ci_low": 0.5,
+               "win_rate_ci_high": 1.0, "lc_win_rate": 0.6, "lc_win_rate_ci_low": 0.4, "lc_win_rate_ci_high": 0.8,
+               "n_prompts": 2, "length_ratio": 1.1, "confidence": 0.95}
     flat = tracker.log_eval(run_id, metrics, generations, summary)
     logged = tracker.client.get_run(run_id).data.metrics
     assert logged["eval/test/reward_accuracy"] == pytest.approx(0.66)
     assert logged["eval/hh_harmless/reward_accuracy"] == pytest.approx(0.51)
     assert logged["eval/generation/win_rate"] == pytest.approx(0.75)
+    # the judge's own validity is logged beside the win rate it produced
+    assert logged["eval/generation/judge_validity"] == pytest.approx(0.61)
+    assert logged["eval/generation/judge_validity_ci_low"] == pytest.approx(0.54)
+    assert logged["eval/generation/lc_win_rate_ci_high"] == pytest.approx(0.8)
     assert "eval/test/eval_set" not in flat
     table = json.loads(Path(tracker.client.download_artifacts(run_id, "generations.json")).read_text())
     assert table["columns"] == list(generations.columns) and len(table["data"]) == 2
     report = Path(tracker.client.download_artifacts(run_id, "eval/report.md")).read_text()
     assert "reward_accuracy | 0.6600" in report and "win_rate | 0.7500" in report and "Say hi" in report
+    assert "judge: bradley-terry(test); validity 0.610 (CI 0.540-0.680) (validated)" in report
+    assert "win rate 0.750 (CI 0.500-1.000) over 2 prompts" in report and "length-controlled 0.600" in report
     tracker.log_eval(run_id, metrics, generations, summary)  # a retried flow run does not append the rows again
     table = json.loads(Path(tracker.client.download_artifacts(run_id, "generations.json")).read_text())
     assert len(table["data"]) == 2

@@ -164,9 +164,46 @@ def training_metric_rows(history: Sequence[Mapping[str, Any]]) -> list[tuple[str
     return rows
 
 
+def _with_ci(summary: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """`value (CI low-high)` of `summary[key]` and its `_ci_low` / `_ci_high`; `n/a` when it is missing or not a number."""
+    value = as_number(summary.get(key))
+    if value is None or math.isnan(value):
+        return "n/a"
+    low, high = as_number(summary.get(f"{key}_ci_low")), as_number(summary.get(f"{key}_ci_high"))
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} (CI {low:.{digits}f}-{high:.{digits}f})"
+
+
+def comparison_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The generation comparison in words: the judge and its own validity first, then every win rate with its CI
+    (raw, the judge's soft preference, length-controlled), then length, end-of-turn and repetition with theirs."""
+    confidence = as_number(summary.get("confidence"))
+    level = f"{confidence:.0%} " if confidence is not None else ""
+    if as_number(summary.get("judge_validity")) is not None:
+        validity = (f"validity {_with_ci(summary, 'judge_validity')} "
+                    f"({'validated' if summary.get('judge_validated') else 'NOT validated: CI reaches 0.5'})")
+    else:
+        validity = f"validity not measured ({summary.get('judge_validity_note') or 'unknown'})"
+    return [
+        f"judge: {summary.get('judge')}; {validity}",
+        f"win rate {_with_ci(summary, 'win_rate')} over {summary.get('n_prompts')} prompts (policy wins "
+        f"{summary.get('policy_wins')}, reference wins {summary.get('reference_wins')}, ties {summary.get('ties')}); "
+        f"judge's preference {_with_ci(summary, 'win_rate_soft')}, length-controlled {_with_ci(summary, 'lc_win_rate')}"
+        f" [{level}bootstrap CIs]",
+        f"length ratio policy/reference {_with_ci(summary, 'length_ratio')}; end-of-turn rate policy "
+        f"{_with_ci(summary, 'policy_eot_rate', 2)}, reference {_with_ci(summary, 'reference_eot_rate', 2)}; "
+        f"distinct-2 policy {_with_ci(summary, 'policy_distinct_2_mean')}, reference "
+        f"{_with_ci(summary, 'reference_distinct_2_mean')}; longest repeat policy "
+        f"{_with_ci(summary, 'policy_longest_repeat_mean', 1)}, reference "
+        f"{_with_ci(summary, 'reference_longest_repeat_mean', 1)} tokens",
+    ]
+
+
 def evaluation_report(metrics: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any] | None,
                       generations_df: pd.DataFrame | None, *, max_examples: int = 3) -> str:
-    """A markdown evaluation report: one metrics table per eval set, the generation summary, a few examples."""
+    """A markdown evaluation report: one metrics table per eval set, the generation summary (the judge's validity
+    beside its win rates, `comparison_lines`, then every number), a few examples."""
     lines = ["# Evaluation report", ""]
     for eval_set, values in metrics.items():
         lines += [f"## Preference metrics: `{eval_set}`", "", "| metric | value |", "|---|---|"]
@@ -175,7 +212,9 @@ def evaluation_report(metrics: Mapping[str, Mapping[str, Any]], summary: Mapping
             lines.append(f"| {key} | {shown} |")
         lines.append("")
     if summary:
-        lines += ["## Generation comparison (reference vs policy)", "", "| metric | value |", "|---|---|"]
+        lines += ["## Generation comparison (reference vs policy)", ""]
+        lines += [f"- {line}" for line in comparison_lines(summary)]
+        lines += ["", "| metric | value |", "|---|---|"]
         for key, value in summary.items():
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
             lines.append(f"| {key} | {shown} |")

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import threading
     from tasks.common import preload_for_threads
 
-    preload_for_threads("embedding")
+    preload_for_threads("bradley_terry")
     errors = []
 
     def evaluate_like():
