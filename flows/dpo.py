@@ -1,4 +1,4 @@
-"""The `dpo` Prefect flow: materialise -> ingest -> judge -> template -> reference -> train -> evaluate | compare ->
+"""The `dpo` Prefect flow: materialise -> ingest -> template -> reference -> judge -> train -> evaluate | compare ->
 register.
 
 Run it locally (ephemeral Prefect, no server needed):
@@ -137,18 +137,6 @@ def upstream_stages(cfg: RunConfig, stages: dict[str, str], timings: dict[str, f
                  "ingest", cfg=cfg)
     create_markdown_artifact(markdown=data_report_markdown(pairs), key="data-report",
                              description="rows read, accepted, quarantined per reason, duplicates, splits")
-    judge = None
-    if cfg.eval.n_generations > 0:
-        # the judge trains on every accepted train pair, not only the data.max_train_pairs DPO trains on
-        judge_pairs = pairs
-        if cfg.data.max_train_pairs is not None:
-            judge_cfg = judge_data_config(cfg)
-            judge_pairs = _run(_configured(ingest_stage, judge_cfg, "ingest", ingest_key(judge_cfg), t.ingest),
-                               stages, timings, "ingest-judge", cfg=judge_cfg)
-        judge = _run(_configured(judge_stage, cfg, "judge", judge_key(cfg, judge_pairs), t.judge), stages, timings,
-                     "judge", cfg=cfg, pairs=judge_pairs)
-        create_markdown_artifact(markdown=judge_markdown(judge), key="judge-validity",
-                                 description="the judge's own accuracy on held-out pairs, with its CI")
     tokenized = _run(_configured(template_stage, cfg, "template", template_key(cfg, model, pairs), t.template),
                      stages, timings, "template", cfg=cfg, model=model, pairs=pairs)
     reference = _run(
@@ -156,6 +144,23 @@ def upstream_stages(cfg: RunConfig, stages: dict[str, str], timings: dict[str, f
         stages, timings, "reference", cfg=cfg, model=model, tokenized=tokenized,
     )
     return model, pairs, tokenized, reference
+
+
+def judge_stage_run(cfg: RunConfig, stages: dict[str, str], timings: dict[str, float],
+                    pairs: dict[str, Any]) -> dict[str, Any]:
+    """The judge stage (trained or loaded, then measured on the eval split); returns its manifest. It trains on every
+    accepted train pair, not only the `data.max_train_pairs` DPO trains on: with that cap set, it gets an ingest
+    without it."""
+    judge_pairs = pairs
+    if cfg.data.max_train_pairs is not None:
+        judge_cfg = judge_data_config(cfg)
+        judge_pairs = _run(_configured(ingest_stage, judge_cfg, "ingest", ingest_key(judge_cfg), cfg.timeouts.ingest),
+                           stages, timings, "ingest-judge", cfg=judge_cfg)
+    judge = _run(_configured(judge_stage, cfg, "judge", judge_key(cfg, judge_pairs), cfg.timeouts.judge), stages,
+                 timings, "judge", cfg=cfg, pairs=judge_pairs)
+    create_markdown_artifact(markdown=judge_markdown(judge), key="judge-validity",
+                             description="the judge's own accuracy on held-out pairs, with its CI")
+    return judge
 
 
 def train_stage_run(cfg: RunConfig, stages: dict[str, str], timings: dict[str, float], model: dict,
@@ -175,6 +180,7 @@ def _stages(cfg: RunConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     model, pairs, tokenized, reference = upstream_stages(cfg, stages, timings)
+    judge = judge_stage_run(cfg, stages, timings, pairs) if cfg.eval.n_generations > 0 else None
     trained = train_stage_run(cfg, stages, timings, model, tokenized, reference)
     logger.info("training: %s steps (resumed from step %s)", trained["steps"], trained.get("resumed_from_step"))
 
