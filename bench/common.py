@@ -43,9 +43,16 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """The settings every variant shares (the issue: same beta, batch size, max length, learning rate, fp32)."""
+    """The settings every variant shares (the issue: same beta, batch size, max length, learning rate, fp32).
 
-    steps: int = 3  # optimizer steps per run; the first is warm-up and is not timed
+    Every variant runs ``run_steps = timed_steps + 1`` optimizer steps on ``n_pairs = timed_steps * batch_size``
+    pairs: the first step is warm-up and is not timed; the next ``timed_steps`` are. With the defaults (8 steps of 4
+    pairs = ``TrainConfig.mega_batch_mult`` batches) our trainer's timed steps are one whole length-grouped mega-batch:
+    steps 2..8 are batches 2..8 of epoch 1 and step 9 is the longest batch again (epoch 2), so the timed steps train
+    every pair of the set once, longest to shortest, as every stretch of 8 steps of a long run does.
+    """
+
+    timed_steps: int = 8  # optimizer steps timed per run, after one warm-up step
     batch_size: int = 4  # pairs per optimizer step (the seed loop always uses 1, its method)
     max_length: int = 192
     max_prompt_length: int = 96
@@ -53,17 +60,25 @@ class BenchSettings:
     learning_rate: float = 1e-5
     seed: int = 42
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    seed_loop_pairs: int = 6  # pairs (= optimizer steps) the seed loop trains; 0: all n_pairs, like the others
+    # timed pairs (= optimizer steps) of the seed loop: an evenly spaced subset of the pairs our trainer's timed
+    # steps train, in the trainer's order (so the subset spans the same lengths); 0 or more than there are: all
+    seed_loop_pairs: int = 16
 
     @property
     def n_pairs(self) -> int:
-        """Pairs in the training set: exactly one epoch of `steps` batches, so every variant trains all of them."""
-        return self.steps * self.batch_size
+        """Pairs in the training set: one batch per timed step, so the timed steps cover every pair once."""
+        return self.timed_steps * self.batch_size
+
+    @property
+    def run_steps(self) -> int:
+        """Optimizer steps per run: the warm-up step, then the timed ones."""
+        return self.timed_steps + 1
 
 
 def add_settings_args(parser: argparse.ArgumentParser) -> None:
     d = BenchSettings()
-    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--timed-steps", type=int, default=d.timed_steps,
+                        help="optimizer steps timed per run, after one warm-up step")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--max-length", type=int, default=d.max_length)
     parser.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
@@ -71,12 +86,13 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=d.threads)
-    parser.add_argument("--seed-loop-pairs", type=int, default=d.seed_loop_pairs)
+    parser.add_argument("--seed-loop-pairs", type=int, default=d.seed_loop_pairs,
+                        help="pairs the seed loop times (a spread subset of the trainer's timed pairs); 0: all")
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     s = BenchSettings(
-        steps=args.steps,
+        timed_steps=args.timed_steps,
         batch_size=args.batch_size,
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
@@ -86,12 +102,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         threads=args.threads,
         seed_loop_pairs=args.seed_loop_pairs,
     )
-    if s.steps < 2:
-        raise BenchError(f"--steps must be >= 2 (the first step is warm-up and not timed), got {s.steps}")
-    if s.seed_loop_pairs == 1 or s.seed_loop_pairs < 0:
-        raise BenchError(
-            f"--seed-loop-pairs must be 0 (all pairs) or >= 2 (the first is warm-up), got {s.seed_loop_pairs}"
-        )
+    if s.timed_steps < 1 or s.batch_size < 1:
+        raise BenchError(f"--timed-steps and --batch-size must be >= 1, got {s.timed_steps} and {s.batch_size}")
+    if s.seed_loop_pairs < 0:
+        raise BenchError(f"--seed-loop-pairs must be 0 (all timed pairs) or more, got {s.seed_loop_pairs}")
     if s.threads < 1:
         raise BenchError(f"--threads must be >= 1, got {s.threads}")
     return s
@@ -100,7 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def settings_to_args(s: BenchSettings) -> list[str]:
     """The command-line form of `s`, for launching a variant subprocess."""
     return [
-        "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--max-length", str(s.max_length),
+        "--timed-steps", str(s.timed_steps), "--batch-size", str(s.batch_size), "--max-length", str(s.max_length),
         "--max-prompt-length", str(s.max_prompt_length), "--beta", str(s.beta),
         "--learning-rate", str(s.learning_rate), "--seed", str(s.seed), "--threads", str(s.threads),
         "--seed-loop-pairs", str(s.seed_loop_pairs),
@@ -233,7 +247,8 @@ def count_params(model) -> int:
 
 @dataclass
 class VariantResult:
-    """One run of one variant. Step times exclude the first (warm-up) step; `tokens` are non-padding tokens."""
+    """One run of one variant. Step lists cover the timed steps only (the warm-up step is `warmup_seconds`);
+    `tokens` are non-padding tokens."""
 
     variant: str
     params: int
@@ -244,8 +259,11 @@ class VariantResult:
     padded_tokens: list[int]  # positions including padding in each timed step (the tensors actually computed)
     peak_rss_mb: float  # whole process, read at its very end
     train_peak_rss_mb: float | None = None  # high-water mark before any checkpoint write (None: = peak_rss_mb)
+    warmup_seconds: float | None = None  # the first (untimed) optimizer step
     precompute_seconds: float | None = None  # reference log-prob pass (not part of the step times)
     precompute_pairs: int | None = None
+    eval_seconds: float | None = None  # the trained policy's evaluation on the pairs (forward only, same scorer)
+    eval_pairs: int | None = None
     load_seconds: float = 0.0
     threads: int = 1
     notes: list[str] = field(default_factory=list)
@@ -319,33 +337,11 @@ def now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def step_intervals(
-    ends: list[tuple[float, float]], minus: list[tuple[float, float]] | None = None
-) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds between consecutive step ends, each less `minus[i]` (time that is not the step's)."""
-    minus = minus or [(0.0, 0.0)] * (len(ends) - 1)
-    wall = [b[0] - a[0] - m[0] for a, b, m in zip(ends, ends[1:], minus)]
-    cpu = [b[1] - a[1] - m[1] for a, b, m in zip(ends, ends[1:], minus)]
+def step_intervals(ends: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds between consecutive step ends (`now()` readings)."""
+    wall = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
     return wall, cpu
-
-
-class StepTimer:
-    """Wall-clock per optimizer step; the first step is warm-up (allocator, lazy init) and is recorded apart."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._t0: float | None = None
-
-    def start(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        if self._t0 is None:
-            raise BenchError("StepTimer.stop() without start()")
-        dt = time.perf_counter() - self._t0
-        self.seconds.append(dt)
-        self._t0 = None
-        return dt
 
 
 def machine_info() -> dict[str, Any]:

@@ -78,7 +78,7 @@ import torch
 from bench.common import BenchError, BenchSettings, VariantResult, count_params, machine_info, now, peak_rss_mb
 from bench.common import step_intervals
 from bench.matmul_peak import measure as measure_gemm_peak
-from bench.ours import train_config
+from bench.ours import train_config, trainer_hooks
 from bench.seed_loop import left_pad_batch, train_step
 from dpo_core.fileio import atomic_file
 
@@ -178,7 +178,7 @@ class GpuBenchSettings:
 
     def bench_settings(self) -> BenchSettings:
         """The CPU benchmark's settings record, for ``bench.ours.train_config``."""
-        return BenchSettings(steps=self.warmup_steps + self.steps, batch_size=self.batch_size,
+        return BenchSettings(timed_steps=self.steps, batch_size=self.batch_size,
                              max_length=self.max_length, max_prompt_length=self.max_prompt_length, beta=self.beta,
                              learning_rate=self.learning_rate, seed=self.seed, threads=torch.get_num_threads())
 
@@ -275,27 +275,6 @@ def attention(model: torch.nn.Module, layout: str) -> Iterator[str]:
             model.set_attn_implementation(original)
 
 
-@contextlib.contextmanager
-def trainer_hooks(batches: list) -> Iterator[None]:
-    """Record each collated batch; skip checkpoint and final-model writes (see the module docstring)."""
-    import dpo_core.trainer as trainer_mod
-
-    saved = trainer_mod._collate, trainer_mod.save_checkpoint, trainer_mod._save_final
-
-    def counting_collate(rows, layout, tokenizer):
-        batch = saved[0](rows, layout, tokenizer)
-        batches.append(batch)
-        return batch
-
-    trainer_mod._collate = counting_collate
-    trainer_mod.save_checkpoint = lambda root, step, **kw: None
-    trainer_mod._save_final = lambda model, tokenizer, target, tensors=None: target
-    try:
-        yield
-    finally:
-        trainer_mod._collate, trainer_mod.save_checkpoint, trainer_mod._save_final = saved
-
-
 # ------------------------------------------------------------------------------------------------------ variants
 
 
@@ -318,7 +297,7 @@ def run_ours(model, init_state: dict, data, s: GpuBenchSettings, spec, layout: s
 
     model.load_state_dict(init_state)
     cfg = train_config(s.bench_settings(), gradient_checkpointing=s.gradient_checkpointing, layout=layout,
-                       chunk=s.logprob_chunk_size)
+                       chunk=s.logprob_chunk_size, steps=s.warmup_steps + s.steps)
     tokenizer = SimpleNamespace(pad_token_id=PAD_ID)  # all the trainer reads of a tokenizer once writes are off
     reset_memory(spec.device)
     with attention(model, layout) as attn:

@@ -2,18 +2,24 @@
 
 `python -m bench.ours --precompute --json out.json` runs the default path: the reference table is computed from
 the initial policy with `dpo_core.reference.compute_reference_logps` (timed apart, as `precompute_seconds`), then
-`train(..., reference=table)`. `--live` passes a second frozen copy of the model as `ref_model` instead.
+`train(..., reference=table)`, then the trained policy is evaluated on the same pairs with
+`dpo_core.evaluation.evaluate_preferences` (timed apart, as `eval_seconds`): the reference precompute and the
+evaluation score pairs with the same forward-only scorer. `--live` passes a second frozen copy of the model as
+`ref_model` instead (no precompute, no evaluation).
 
-Timing: the wall-clock between consecutive `on_step` callbacks (collation, forward, backward, clipping, optimizer),
-minus the checkpoint writes that fall inside (TRL runs with `save_strategy="no"`; the final checkpoint the trainer
-always writes is not part of a training step's throughput). The first (warm-up) step is not timed.
+Timing: the wall-clock between consecutive `on_step` callbacks (collation, forward, backward, clipping, optimizer).
+The first (warm-up) step is not timed. Checkpoint and final-model writes are switched off (`trainer_hooks`), as TRL
+runs with `save_strategy="no"`: they are disk writes, not training.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,7 +44,8 @@ from bench.common import (
 
 
 def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, layout: str = "auto",
-                 chunk: int | None = None):
+                 chunk: int | None = None, steps: int | None = None):
+    """The trainer's settings for a benchmark run of `steps` optimizer steps (default `s.run_steps`)."""
     from dpo_core.config import TrainConfig
 
     extra = {} if chunk is None else {"logprob_chunk_size": chunk}
@@ -51,11 +58,51 @@ def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, layo
         learning_rate=s.learning_rate,
         batch_size=s.batch_size,
         epochs=1,
+        max_steps=steps or s.run_steps,
         seed=s.seed,
         max_grad_norm=1.0,
-        checkpoint_every=10**6,  # only the final checkpoint (excluded from the timings, see the module docstring)
+        checkpoint_every=10**6,  # only the final checkpoint (which `trainer_hooks` skips)
         keep_checkpoints=1,
     )
+
+
+def trainer_step_pairs(tokenized, s: BenchSettings) -> list[list[int]]:
+    """Row indices of `tokenized` that each of the run's `s.run_steps` optimizer steps trains, in order.
+
+    The trainer's documented data order (`dpo_core.trainer`): epoch `e` is `length_grouped_batches(lengths,
+    batch_size, seed=seed + e, mega_batch_mult)`. `run` checks its batches against this plan; the seed loop uses it
+    to train the very pairs our timed steps train.
+    """
+    from dpo_core.batching import length_grouped_batches, pair_length
+
+    cfg = train_config(s)
+    lengths = [pair_length(r) for r in tokenized[["prompt_ids", "chosen_ids", "rejected_ids"]].to_dict("records")]
+    mult = cfg.mega_batch_mult if cfg.length_grouping else 1
+    steps: list[list[int]] = []
+    for epoch in range(math.ceil(s.run_steps / math.ceil(len(lengths) / cfg.batch_size))):
+        steps += length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch, mega_batch_mult=mult)
+    return steps[: s.run_steps]
+
+
+@contextlib.contextmanager
+def trainer_hooks(batches: list) -> Iterator[None]:
+    """Record each batch the trainer collates (in `batches`); skip its checkpoint and final-model writes."""
+    import dpo_core.trainer as trainer_mod
+
+    saved = trainer_mod._collate, trainer_mod.save_checkpoint, trainer_mod._save_final
+
+    def counting_collate(rows, layout, tokenizer):
+        batch = saved[0](rows, layout, tokenizer)
+        batches.append(batch)
+        return batch
+
+    trainer_mod._collate = counting_collate
+    trainer_mod.save_checkpoint = lambda root, step, **kw: None
+    trainer_mod._save_final = lambda model, tokenizer, target, tensors=None: target
+    try:
+        yield
+    finally:
+        trainer_mod._collate, trainer_mod.save_checkpoint, trainer_mod._save_final = saved
 
 
 def run(
@@ -63,7 +110,7 @@ def run(
     chunk: int | None = None,
 ) -> VariantResult:
     import dpo_core.trainer as trainer_mod
-    from dpo_core.batching import PairBatch
+    from dpo_core.evaluation import evaluate_preferences
     from dpo_core.models import DeviceSpec
     from dpo_core.reference import compute_reference_logps
 
@@ -88,48 +135,36 @@ def run(
         )
         precompute_seconds = time.perf_counter() - t0
 
-    # count each training batch's tokens, and time the checkpoint writes so they can be taken out of the steps
-    # (pairs, trained tokens of the 2B sequences, non-padding positions computed, positions incl. padding)
-    batches: list[tuple[int, int, int, int]] = []
-    ckpt_seconds: dict[int, tuple[float, float]] = {}
-    rss_before_save: list[float] = []
-    original_collate, original_save = trainer_mod._collate, trainer_mod.save_checkpoint
-
-    def counting_collate(rows, layout, tokenizer) -> PairBatch:
-        b = original_collate(rows, layout, tokenizer)
-        batches.append((b.n_pairs, b.n_sequence_tokens, b.n_tokens, int(b.input_ids.numel())))
-        layouts.add(b.layout)
-        return b
-
-    def timed_save(root, step, **kw):
-        rss_before_save.append(peak_rss_mb())
-        t = now()
-        out = original_save(root, step, **kw)
-        done = now()
-        ckpt_seconds[step] = (done[0] - t[0], done[1] - t[1])
-        return out
-
-    layouts: set[str] = set()
+    batches: list = []
     step_ends: list[tuple[float, float]] = []
-    trainer_mod._collate, trainer_mod.save_checkpoint = counting_collate, timed_save
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-ours-") as out_dir:
-            result = trainer_mod.train(
-                model, tokenizer, data.tokenized, cfg, out_dir=Path(out_dir), spec=spec, reference=reference,
-                ref_model=ref_model, on_step=lambda m: step_ends.append(now()), progress_bar=False,
-            )  # fmt: skip
-    finally:
-        trainer_mod._collate, trainer_mod.save_checkpoint = original_collate, original_save
+    with trainer_hooks(batches), tempfile.TemporaryDirectory(prefix="bench-ours-") as out_dir:
+        result = trainer_mod.train(
+            model, tokenizer, data.tokenized, cfg, out_dir=Path(out_dir), spec=spec, reference=reference,
+            ref_model=ref_model, on_step=lambda m: step_ends.append(now()), progress_bar=False,
+        )  # fmt: skip
+    train_peak = peak_rss_mb()
 
-    if result.steps != s.steps or len(step_ends) != s.steps or len(batches) != s.steps:
+    if result.steps != s.run_steps or len(step_ends) != s.run_steps or len(batches) != s.run_steps:
         raise BenchError(
-            f"expected {s.steps} steps of one batch each; got {result.steps} steps, {len(step_ends)} callbacks, "
+            f"expected {s.run_steps} steps of one batch each; got {result.steps} steps, {len(step_ends)} callbacks, "
             f"{len(batches)} batches"
         )
-    # the interval ending at step k holds step k's checkpoint write, if any: take it out
-    intervals, cpu = step_intervals(step_ends, [ckpt_seconds.get(k, (0.0, 0.0)) for k in range(2, s.steps + 1)])
+    ids = data.tokenized.pair_id.tolist()
+    if [b.pair_ids for b in batches] != [[ids[i] for i in step] for step in trainer_step_pairs(data.tokenized, s)]:
+        raise BenchError("the trainer's batches differ from bench.ours.trainer_step_pairs; the seed loop would time "
+                         "other pairs than ours")
+    intervals, cpu = step_intervals(step_ends)
+    timed = batches[1:]
     first = result.history[0]
-    warmup = batches[0][1] / first["tokens_per_second"] if first.get("tokens_per_second") else float("nan")
+    warmup = batches[0].n_sequence_tokens / first["tokens_per_second"] if first.get("tokens_per_second") else None
+
+    eval_seconds = None
+    if precompute:  # the trained policy against the reference table, as the evaluate stage does
+        t0 = time.perf_counter()
+        evaluate_preferences(model, data.tokenized, reference_df=reference, beta=s.beta,
+                             batch_size=cfg.reference_batch_size, spec=spec, chunk_size=cfg.logprob_chunk_size,
+                             layout=layout)  # fmt: skip
+        eval_seconds = time.perf_counter() - t0
     return VariantResult(
         variant=("ours_precompute" if precompute else "ours_live") + ("_gc" if gradient_checkpointing else "")
         + ("" if layout == "auto" else f"_{layout}"),
@@ -137,21 +172,21 @@ def run(
         live_reference=not precompute,
         step_seconds=intervals,
         step_cpu_seconds=cpu,
-        step_pairs=[b[0] for b in batches[1:]],
-        step_tokens=[b[1] for b in batches[1:]],
-        step_positions=[b[2] for b in batches[1:]],
-        padded_tokens=[b[3] for b in batches[1:]],
+        step_pairs=[b.n_pairs for b in timed],
+        step_tokens=[b.n_sequence_tokens for b in timed],
+        step_positions=[b.n_tokens for b in timed],
+        padded_tokens=[int(b.input_ids.numel()) for b in timed],
         peak_rss_mb=0.0,
-        train_peak_rss_mb=rss_before_save[0] if rss_before_save else None,
+        train_peak_rss_mb=train_peak,
+        warmup_seconds=warmup,
         precompute_seconds=precompute_seconds,
         precompute_pairs=len(data.tokenized) if precompute else None,
+        eval_seconds=eval_seconds,
+        eval_pairs=len(data.tokenized) if precompute else None,
         load_seconds=load_seconds,
         threads=s.threads,
-        notes=[
-            f"warm-up step {warmup:.2f}s not timed",
-            f"batch layout: {', '.join(sorted(layouts))}",
-            f"final checkpoint write {sum(w for w, _ in ckpt_seconds.values()):.2f}s excluded",
-        ],
+        notes=[f"batch layout: {', '.join(sorted({b.layout for b in batches}))}",
+               "checkpoint and final-model writes switched off"],
         history=result.history,
     )
 

@@ -141,7 +141,7 @@ def trl_setup(kind: str = "tiny", n_pairs: int = 4, beta: float = 0.1, **trl_arg
     from dpo_core.reference import compute_reference_logps
 
     torch.manual_seed(0)
-    s = BenchSettings(steps=1, batch_size=n_pairs, beta=beta)
+    s = BenchSettings(timed_steps=1, batch_size=n_pairs, beta=beta)
     path = model_dir()
     tokenizer = load_tokenizer(path)
     data = load_bench_data(tokenizer, s, n_pairs)

@@ -17,6 +17,10 @@ One adaptation, so that every benchmark variant trains the same tokens at the sa
 are the shared tokenized pairs (`bench.common.load_bench_data`), and the counted-from-the-end response length
 is capped at the kept response (the original collator does not truncate at all).
 
+Which pairs: the first pair of our trainer's warm-up batch (one untimed step), then `--seed-loop-pairs` timed
+pairs spread evenly over the pairs our trainer's timed steps train, in the trainer's order
+(`bench.ours.trainer_step_pairs`: longest batch to shortest), so they span the same lengths; 0: all of them.
+
 Run: `python -m bench.seed_loop --json out.json` (in its own process, for an unmixed peak RSS).
 """
 
@@ -46,6 +50,7 @@ from bench.common import (
     step_intervals,
     write_result,
 )
+from bench.ours import trainer_step_pairs
 
 
 def strip_pad(seq: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -128,7 +133,11 @@ def run(s: BenchSettings) -> VariantResult:
     path = model_dir()
     tokenizer = load_tokenizer(path)
     data = load_bench_data(tokenizer, s, s.n_pairs)
-    n = min(s.seed_loop_pairs or s.n_pairs, len(data.raw))
+    plan = trainer_step_pairs(data.tokenized, s)
+    timed = [i for step in plan[1:] for i in step]
+    n_timed = min(s.seed_loop_pairs or len(timed), len(timed))
+    # the warm-up pair, then n_timed pairs spread evenly over the trainer's timed ones
+    order = [plan[0][0]] + [timed[(j * len(timed)) // n_timed] for j in range(n_timed)]
     t0 = time.perf_counter()
     policy = load_policy(path)
     reference = load_policy(path)  # align-anything loads a second full copy
@@ -138,10 +147,10 @@ def run(s: BenchSettings) -> VariantResult:
     pad_id = tokenizer.pad_token_id
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.learning_rate, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(0.1 * n)), n)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(0.1 * len(order))), len(order))
     step_ends = [now()]  # wall-clock at each step end: preprocessing, forward, backward, optimizer
     step_pairs, step_tokens, padded, history = [], [], [], []
-    for i in range(n):
+    for i in order:
         row = data.tokenized.iloc[i]
         raw = data.raw[i]
         prompt = list(row.prompt_ids)
@@ -176,9 +185,10 @@ def run(s: BenchSettings) -> VariantResult:
         step_tokens=step_tokens[1:],
         padded_tokens=padded[1:],
         peak_rss_mb=0.0,
+        warmup_seconds=intervals[0],
         load_seconds=load_seconds,
         threads=s.threads,
-        notes=[f"warm-up step {intervals[0]:.2f}s not timed", "batch size 1 (the seed tutorial's method)"],
+        notes=[f"batch size 1 (the seed tutorial's method), {n_timed} of the {len(timed)} pairs our timed steps train"],
         history=history,
     )
 

@@ -147,7 +147,7 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
     DPOTrainer._precompute_ref_logps = timed_precompute
     try:
         with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
-            args = dpo_config(s, out_dir, precompute=precompute, max_steps=s.steps)
+            args = dpo_config(s, out_dir, precompute=precompute, max_steps=s.run_steps)
             trainer = DPOTrainer(
                 model=model,
                 ref_model=ref_model,
@@ -164,27 +164,28 @@ def run(s: BenchSettings, *, precompute: bool) -> VariantResult:
     finally:
         DPOTrainer._precompute_ref_logps = original
 
-    if len(step_ends) != s.steps + 1:
-        raise BenchError(f"TRL ran {len(step_ends) - 1} optimizer steps, expected {s.steps}")
+    if len(step_ends) != s.run_steps + 1:
+        raise BenchError(f"TRL ran {len(step_ends) - 1} optimizer steps, expected {s.run_steps}")
     intervals, cpu = step_intervals(step_ends)
-    batches = counts[: s.steps]
-    if len(batches) != s.steps:
-        raise BenchError(f"counted {len(batches)} TRL training batches, expected {s.steps}")
+    batches = counts[: s.run_steps]
+    if len(batches) != s.run_steps:
+        raise BenchError(f"counted {len(batches)} TRL training batches, expected {s.run_steps}")
     return VariantResult(
         variant="trl_precompute" if precompute else "trl_live",
         params=count_params(model),
         live_reference=not precompute,
         step_seconds=intervals[1:],
         step_cpu_seconds=cpu[1:],
-        step_pairs=[s.batch_size] * (s.steps - 1),
+        step_pairs=[s.batch_size] * s.timed_steps,
         step_tokens=[c[0] for c in batches[1:]],
         padded_tokens=[c[1] for c in batches[1:]],
         peak_rss_mb=0.0,
         precompute_seconds=sum(precompute_seconds) if precompute else None,
         precompute_pairs=len(data.raw) if precompute else None,
+        warmup_seconds=intervals[0],
         load_seconds=load_seconds,
         threads=s.threads,
-        notes=[f"warm-up step {intervals[0]:.2f}s not timed", "LM head on every position (CPU: no Triton kernel)"],
+        notes=["LM head on every position (CPU: no Triton kernel)"],
         history=history,
     )
 
