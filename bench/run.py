@@ -9,9 +9,12 @@ rounds, and per target the per-round ratios with a verdict that is "met" only wh
 meets it (`bench.stats`). A round whose GEMM peak moved more than 10% from the first round's is flagged.
 A variant that fails is reported as failed (with the tail of its log), never silently left out.
 
-Budget: the defaults (3 rounds of ours_precompute, trl_precompute and seed_loop; 8 timed steps of 4 pairs at
-max_length 192; the seed loop times 16 of those 32 pairs) take about 15 minutes on 2 idle cores; the other
-variants (`--variants`) add about 1.3 (ours_live), 2 (trl_live) and 1.5 (ours_precompute_padded) minutes per round.
+Budget: the defaults (3 rounds of ours_precompute, trl_precompute and seed_loop; 1 + 8 steps of 4 pairs at
+max_length 192; the seed loop times 16 of those 32 pairs; the reference precompute and the evaluation over the 32
+pairs) take about 14-15 minutes on 2 idle cores, estimated from the per-step and precompute rates measured on
+2026-11-26 (ours ~95 s, TRL ~115 s, the seed loop ~60 s, the GEMM peak ~10 s per round); on a day with a 1.5x slower
+GEMM peak, about 20. The other variants (`--variants`) add about 1.3 (ours_live), 2 (trl_live) and 1.8
+(ours_precompute_padded) minutes per round.
 
 BENCHMARKS.md is regenerated except the hand-written analysis between the `<!-- notes:begin -->` and
 `<!-- notes:end -->` markers, which is carried over from the existing file.
