@@ -47,9 +47,11 @@ class BenchSettings:
 
     Every variant runs ``run_steps = timed_steps + 1`` optimizer steps on ``n_pairs = timed_steps * batch_size``
     pairs: the first step is warm-up and is not timed; the next ``timed_steps`` are. With the defaults (8 steps of 4
-    pairs = ``TrainConfig.mega_batch_mult`` batches) our trainer's timed steps are one whole length-grouped mega-batch:
-    steps 2..8 are batches 2..8 of epoch 1 and step 9 is the longest batch again (epoch 2), so the timed steps train
-    every pair of the set once, longest to shortest, as every stretch of 8 steps of a long run does.
+    pairs = ``TrainConfig.mega_batch_mult`` batches) our trainer's timed steps span one whole length-grouped
+    mega-batch, longest batch to shortest, as every stretch of 8 steps of a long run does: steps 2..8 are batches 2..8
+    of epoch 1 and step 9 is epoch 2's first, longest batch. That batch has the warm-up batch's lengths but, where
+    more pairs share the longest length (192, cut), not necessarily its pairs (`bench.ours.trainer_step_pairs` says
+    which).
     """
 
     timed_steps: int = 8  # optimizer steps timed per run, after one warm-up step
@@ -66,7 +68,7 @@ class BenchSettings:
 
     @property
     def n_pairs(self) -> int:
-        """Pairs in the training set: one batch per timed step, so the timed steps cover every pair once."""
+        """Pairs in the training set: one batch per timed step (one epoch of them)."""
         return self.timed_steps * self.batch_size
 
     @property

@@ -125,6 +125,14 @@ def train_step(policy, reference, optimizer, scheduler, batch: dict, response_le
     return out
 
 
+def pair_order(trainer_steps: list[list[int]], n: int) -> list[int]:
+    """The pairs the seed loop trains, one per step: the first pair of the trainer's warm-up batch, then `n` of the
+    pairs the trainer's timed steps train, spread evenly over them in the trainer's order (0: all of them)."""
+    timed = [i for step in trainer_steps[1:] for i in step]
+    k = min(n or len(timed), len(timed))
+    return [trainer_steps[0][0]] + [timed[(j * len(timed)) // k] for j in range(k)]
+
+
 def run(s: BenchSettings) -> VariantResult:
     from transformers import get_cosine_schedule_with_warmup
 
@@ -133,11 +141,7 @@ def run(s: BenchSettings) -> VariantResult:
     path = model_dir()
     tokenizer = load_tokenizer(path)
     data = load_bench_data(tokenizer, s, s.n_pairs)
-    plan = trainer_step_pairs(data.tokenized, s)
-    timed = [i for step in plan[1:] for i in step]
-    n_timed = min(s.seed_loop_pairs or len(timed), len(timed))
-    # the warm-up pair, then n_timed pairs spread evenly over the trainer's timed ones
-    order = [plan[0][0]] + [timed[(j * len(timed)) // n_timed] for j in range(n_timed)]
+    order = pair_order(trainer_step_pairs(data.tokenized, s), s.seed_loop_pairs)
     t0 = time.perf_counter()
     policy = load_policy(path)
     reference = load_policy(path)  # align-anything loads a second full copy
@@ -188,7 +192,8 @@ def run(s: BenchSettings) -> VariantResult:
         warmup_seconds=intervals[0],
         load_seconds=load_seconds,
         threads=s.threads,
-        notes=[f"batch size 1 (the seed tutorial's method), {n_timed} of the {len(timed)} pairs our timed steps train"],
+        notes=[f"batch size 1 (the seed tutorial's method), {len(order) - 1} of the {s.n_pairs} pairs our timed steps "
+               "train"],
         history=history,
     )
 
