@@ -4,7 +4,7 @@
 the initial policy with `dpo_core.reference.compute_reference_logps` (timed apart, as `precompute_seconds`), then
 `train(..., reference=table)`, then the trained policy is evaluated on the same pairs with
 `dpo_core.evaluation.evaluate_preferences` (timed apart, as `eval_seconds`): the reference precompute and the
-evaluation score pairs with the same forward-only scorer. `--live` passes a second frozen copy of the model as
+evaluation score pairs with the same forward-only scorer, `dpo_core.scoring.score_pairs`. `--live` passes a second frozen copy of the model as
 `ref_model` instead (no precompute, no evaluation).
 
 Timing: the wall-clock between consecutive `on_step` callbacks (collation, forward, backward, clipping, optimizer).

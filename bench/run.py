@@ -239,6 +239,11 @@ def _median(xs: list[float]) -> float:
     return quartiles(xs).median if xs else NAN
 
 
+def _range(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x == x]
+    return (min(xs), max(xs)) if xs else (NAN, NAN)
+
+
 def _fmt(x: float, digits: int = 2) -> str:
     return "n/a" if x is None or x != x else f"{x:,.{digits}f}"
 
@@ -302,8 +307,8 @@ def summarize(run: Run) -> dict[str, dict[str, Any]]:
             # each run against its own round's GEMM peak
             "mfu": _median([o.result.get("computed_flops_per_second", o.result["flops_per_second"])
                             / _peak_of(run, o.round) for o in runs]),
-            "range": {k: (min(v), max(v)) for k in ("precompute_pairs_per_second", "eval_pairs_per_second")
-                      if (v := [x for r in res if (x := value(r, k)) == x])},
+            "range": {k: _range([value(r, k) for r in res]) for k in ("precompute_pairs_per_second",
+                                                                        "eval_pairs_per_second")},
             "runs": len(res),
         }
     return out
@@ -409,7 +414,8 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
     L += ["", "## Scoring (forward only): the reference precompute and the evaluation", "",
           "The same pairs as training. Ours: `dpo_core.reference.compute_reference_logps` before training and "
           "`dpo_core.evaluation.evaluate_preferences` of the trained policy after it, both through the one "
-          "forward-only scorer; TRL: `DPOTrainer`'s own reference precompute (`precompute_ref_log_probs=True`, "
+          "forward-only scorer `dpo_core.scoring.score_pairs` (batch 8, the config's `reference_batch_size`); TRL: "
+          "`DPOTrainer`'s own reference precompute (`precompute_ref_log_probs=True`, "
           "batch 8 as ours). Each is the whole call in a fresh process (the precompute holds the process's first "
           "forward).", "",
           "| scoring | pairs | seconds | pairs/s (median; rounds' range) |", "|---|---|---|---|"]
@@ -420,7 +426,7 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
         m = summary.get(name)
         if m is None or m[f"{kind}_seconds"] != m[f"{kind}_seconds"]:
             continue
-        lo, hi = m["range"].get(f"{kind}_pairs_per_second", (NAN, NAN))
+        lo, hi = m["range"][f"{kind}_pairs_per_second"]
         L.append(f"| {label} | {m[f'{kind}_pairs']:.0f} | {m[f'{kind}_seconds']:.1f} | "
                  f"{m[f'{kind}_pairs_per_second']:.2f} ({lo:.2f}-{hi:.2f}) |")
     L += ["", "## Targets: per-round ratios", "",
