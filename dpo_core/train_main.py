@@ -1,16 +1,18 @@
-"""The per-rank entry point that torchrun starts: ``python -m dpo_core.train_main JOB.json``.
+"""One entry path per job, in this process or as one rank of a torchrun group: ``run_train_job`` and
+``run_reference_job``.
 
 Two kinds of job: ``TrainJob`` (DPO training) and ``ReferenceJob`` (the reference log-prob precompute, split across
-the ranks and gathered into one table by ``dpo_core.distributed.distributed_reference_logps``).
+the ranks and gathered into one table by ``dpo_core.distributed.distributed_reference_logps``). A job names the
+model folder and its ``ModelConfig``, the tokenized pairs (Parquet), the reference table (Parquet, optional), the
+``TrainConfig`` and the output. The train and reference tasks build the job and either call ``run_train_job`` /
+``run_reference_job`` here (one process) or write it as JSON and start ``train.processes`` ranks with
+``tasks.launch``, each of which runs ``python -m dpo_core.train_main JOB.json`` (``main``) and calls the same function.
 
-A job is a small JSON file the train task writes (``TrainJob``): the model folder and its ``ModelConfig``, the
-tokenized pairs (Parquet), the reference table (Parquet, optional), the ``TrainConfig`` and the output folder.
-Every rank loads the model and data itself, joins the process group (gloo on CPU, NCCL on CUDA) and calls
-``dpo_core.trainer.train``; rank 0 prints one ``DPO_PROGRESS {json}`` line per optimizer step (the launcher turns
-them into Prefect progress) and finally writes ``out_dir/train_main_result.json`` (a reference job: next to its
-table).
-
-Run with one process (no torchrun) it trains in this process, exactly like calling ``train`` directly.
+Every rank loads the model and data itself, joins the process group (gloo on CPU, NCCL on CUDA; none for a single
+process) and calls ``dpo_core.trainer.train`` (``distributed_reference_logps`` for a reference job). Under torchrun,
+rank 0 prints one ``DPO_PROGRESS {json}`` line per optimizer step (the launcher turns them into Prefect progress)
+and finally writes the job's result record to ``train_main_result.json`` (in ``out_dir``; a reference job: next to
+its table), which the launcher reads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -26,25 +29,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dpo_core.config import ModelConfig, TrainConfig
-from dpo_core.distributed import Dist, destroy_process_group, device_for, distributed_reference_logps
+from dpo_core.distributed import destroy_process_group, device_for, distributed_reference_logps
 from dpo_core.distributed import init_process_group, resolve_strategy
 from dpo_core.fileio import atomic_file
 from dpo_core.models import load_model, load_tokenizer, pick_device
 from dpo_core.reference import read_reference_table, write_reference_table
 from dpo_core.trainer import TrainingInterrupted, train
 
-__all__ = ["TrainJob", "ReferenceJob", "RESULT_FILE", "PROGRESS_PREFIX", "run_job", "run_reference_job",
+__all__ = ["TrainJob", "ReferenceJob", "RESULT_FILE", "PROGRESS_PREFIX", "run_train_job", "run_reference_job",
            "read_job", "read_result", "main"]
 
 RESULT_FILE = "train_main_result.json"
 PROGRESS_PREFIX = "DPO_PROGRESS "
-# Fault injection for the launcher tests: rank DPO_FAIL_RANK raises after optimizer step DPO_FAIL_AFTER_STEP.
-FAIL_AFTER_STEP_ENV = "DPO_FAIL_AFTER_STEP"
-FAIL_RANK_ENV = "DPO_FAIL_RANK"
-
-
-class InjectedRankFailure(RuntimeError):
-    """Raised by the fault-injection hook; only tests set DPO_FAIL_AFTER_STEP / DPO_FAIL_RANK."""
 
 
 class _Job(BaseModel):
@@ -113,32 +109,23 @@ def read_job(path: Path) -> TrainJob | ReferenceJob:
     return _AnyJob.model_validate_json('{"job": ' + path.read_text() + "}").job
 
 
-def _progress_printer(ctx: Dist):
-    fail_after = int(os.environ.get(FAIL_AFTER_STEP_ENV, "0") or 0)
-    fail_rank = int(os.environ.get(FAIL_RANK_ENV, "0") or 0)
+def run_train_job(job: TrainJob, *, on_step: Callable[[dict[str, Any]], None] | None = None,
+                  progress_bar: bool = False) -> dict[str, Any]:
+    """Train as ``job`` says in this process (alone, or one rank of a torchrun group); return the result record.
 
-    def on_step(metrics: dict[str, Any]) -> None:
-        if ctx.is_main:
-            print(PROGRESS_PREFIX + json.dumps(metrics, default=float), flush=True)
-        if fail_after and int(metrics["step"]) >= fail_after and ctx.rank == fail_rank:
-            raise InjectedRankFailure(f"injected failure on rank {ctx.rank} after step {metrics['step']}")
+    The RNG is seeded with ``train.seed`` before the model is built, so LoRA's initial adapters are the same on every
+    path and every rank, whatever ran before (DDP also broadcasts rank 0's weights). ``on_step`` gets each optimizer
+    step's metrics on rank 0 (after that step's checkpoint, if it has one).
 
-    return on_step
-
-
-def run_job(job: TrainJob) -> dict[str, Any]:
-    """Train as ``job`` says in this process (one rank of a torchrun group, or alone); returns the result record.
-
-    The record (also written by rank 0 to ``out_dir/train_main_result.json``) has ``status`` ("complete" or
-    "interrupted"), ``steps``, ``resumed_from_step``, ``tokens``, ``seconds``, ``model_dir``, ``selected_step``,
-    ``world_size``,
-    ``strategy`` (``single``, ``ddp`` or ``fsdp``).
+    The record has ``status`` ("complete" or "interrupted" by ``job.stop_after_steps``), ``steps``,
+    ``resumed_from_step``, ``tokens``, ``seconds``, ``model_dir``, ``selected_step``, ``world_size``, ``strategy``
+    (``single``, ``ddp`` or ``fsdp``).
     """
     spec = pick_device(job.model)
     ctx = init_process_group(spec)
     try:
         spec = device_for(spec, ctx)
-        torch.manual_seed(job.train.seed)  # LoRA initialisation; DDP also broadcasts rank 0's weights
+        torch.manual_seed(job.train.seed)
         tokenizer = load_tokenizer(job.model_dir, job.model)
         policy = load_model(job.model_dir, job.model, spec)
         table = pd.read_parquet(job.tokenized)
@@ -151,12 +138,12 @@ def run_job(job: TrainJob) -> dict[str, Any]:
         ref_model = None
         if job.ref_model_dir:
             ref_model = load_model(job.ref_model_dir, job.model.model_copy(update={"lora": None}), spec).eval()
-        out_dir = Path(job.out_dir)
         record: dict[str, Any] = {"world_size": ctx.world}
         try:
-            result = train(policy, tokenizer, table, job.train, out_dir=out_dir, spec=spec, reference=reference,
-                           ref_model=ref_model, validation=validation, on_step=_progress_printer(ctx),
-                           stop_after_steps=job.stop_after_steps, progress_bar=False)
+            result = train(policy, tokenizer, table, job.train, out_dir=Path(job.out_dir), spec=spec,
+                           reference=reference, ref_model=ref_model, validation=validation,
+                           on_step=on_step if ctx.is_main else None, stop_after_steps=job.stop_after_steps,
+                           progress_bar=progress_bar)
             record.update(status="complete", steps=result.steps, resumed_from_step=result.resumed_from_step,
                           tokens=result.tokens, seconds=result.seconds, model_dir=str(result.model_dir),
                           selected_step=result.selected_step)
@@ -164,18 +151,16 @@ def run_job(job: TrainJob) -> dict[str, Any]:
             record.update(status="interrupted", steps=exc.step)
         # train() has accepted the combination by now
         record["strategy"] = resolve_strategy(job.train.strategy, job.train.processes, lora=job.model.lora is not None)
-        if ctx.is_main:
-            _write_result(out_dir, record)
         return record
     finally:
         destroy_process_group()
 
 
-def run_reference_job(job: ReferenceJob) -> dict[str, Any]:
-    """Score every pair with the reference model, rows split across the ranks; rank 0 writes the whole table.
+def run_reference_job(job: ReferenceJob, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Score the job's pairs with the reference model (rows split across the ranks); rank 0 writes the whole table.
 
-    Returns (and rank 0 writes next to the table) ``{status, rows, world_size, out_file}``. Rank 0 prints
-    ``DPO_PROGRESS {"done": d, "total": t}`` with its own share scaled to the whole table.
+    Returns ``{status, rows, world_size, out_file}``. ``progress(done, total)`` is called on rank 0 after each batch,
+    with its own share of the rows scaled to the whole table.
     """
     spec = pick_device(job.model)
     ctx = init_process_group(spec)
@@ -186,21 +171,23 @@ def run_reference_job(job: ReferenceJob) -> dict[str, Any]:
         if job.splits is not None:
             table = table[table["split"].isin(job.splits)].reset_index(drop=True)
 
-        def progress(done: int, total: int) -> None:
-            if ctx.is_main:
-                info = {"done": min(done * ctx.world, len(table)), "total": len(table)}
-                print(PROGRESS_PREFIX + json.dumps(info), flush=True)
+        def report(done: int, total: int) -> None:
+            if progress is not None and ctx.is_main:
+                progress(min(done * ctx.world, len(table)), len(table))
 
         logps = distributed_reference_logps(model, table, batch_size=job.batch_size, spec=spec, ctx=ctx,
-                                            chunk_size=job.chunk_size, layout=job.layout, progress=progress)
-        record = {"status": "complete", "rows": len(logps), "world_size": ctx.world, "out_file": job.out_file}
+                                            chunk_size=job.chunk_size, layout=job.layout, progress=report)
         if ctx.is_main:
             write_reference_table(logps, job.out_file)
-            _write_result(job.result_dir, record)
         ctx.barrier()
-        return record
+        return {"status": "complete", "rows": len(logps), "world_size": ctx.world, "out_file": job.out_file}
     finally:
         destroy_process_group()
+
+
+def _print_progress(info: dict[str, Any]) -> None:
+    """One ``DPO_PROGRESS {json}`` line for the launcher (``tasks.launch``)."""
+    print(PROGRESS_PREFIX + json.dumps(info, default=float), flush=True)
 
 
 def _write_result(folder: Path, record: dict[str, Any]) -> None:
@@ -223,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = read_job(Path(args[0]))
     if isinstance(job, ReferenceJob):
-        run_reference_job(job)
+        record = run_reference_job(job, progress=lambda done, total: _print_progress({"done": done, "total": total}))
     else:
-        run_job(job)
+        record = run_train_job(job, on_step=_print_progress)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank of this process
+        _write_result(job.result_dir, record)
     return 0
 
 

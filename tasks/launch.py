@@ -91,7 +91,7 @@ def launch_training(
     env: dict[str, str] | None = None,
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
-    """Run ``job`` on ``processes`` ranks; return rank 0's result record (see ``dpo_core.train_main.run_job``).
+    """Run ``job`` on ``processes`` ranks; return rank 0's result record (see ``dpo_core.train_main.run_train_job``).
 
     ``on_progress`` gets each optimizer step's metrics (TRL names, ``step``, ``total_steps``). Raises
     ``RankFailedError`` naming the rank that died and its last lines; ``TimeoutError`` after ``timeout_s``

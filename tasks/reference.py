@@ -16,10 +16,12 @@ from prefect import task
 from data_contracts.reference import validate_reference
 from dpo_core.config import VALIDATION_SPLIT, RunConfig
 from dpo_core.fileio import sha256_file
-from dpo_core.models import load_model, pick_device
-from dpo_core.reference import compute_reference_logps, read_reference_table, write_reference_table
+from dpo_core.models import pick_device
+from dpo_core.reference import read_reference_table, write_reference_table
+from dpo_core.train_main import ReferenceJob, run_reference_job
 from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import Progress
+from tasks.launch import launch_reference
 
 STAGE = "reference"
 
@@ -51,7 +53,6 @@ def scored_splits(cfg: RunConfig, table: pd.DataFrame) -> list[str] | None:
 @task(name="reference", cache_key_fn=prefect_cache_key(STAGE, reference_key), persist_result=True)
 def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]) -> dict[str, Any]:
     def fill(folder: Path) -> dict[str, Any]:
-        spec = pick_device(cfg.model)
         tokenized_file = Path(tokenized["path"]) / tokenized["tokenized_file"]
         table = pd.read_parquet(tokenized_file)
         splits = scored_splits(cfg, table)
@@ -62,28 +63,15 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
         # rows split across torchrun ranks, one table gathered by rank 0; with several machines (train.nnodes) only
         # this machine's share of the ranks runs it (no other node is started for the precompute)
         local = cfg.train.processes // cfg.train.nnodes
+        job = ReferenceJob(model_dir=str(model["model_dir"]), model=base_model_config(cfg),
+                           tokenized=str(tokenized_file), out_file=str(out),
+                           batch_size=cfg.train.reference_batch_size, chunk_size=cfg.train.logprob_chunk_size,
+                           layout=cfg.train.batch_layout, processes=local, splits=splits)
         if local > 1:
-            from dpo_core.train_main import ReferenceJob
-            from tasks.launch import launch_reference
-
-            job = ReferenceJob(model_dir=str(model["model_dir"]), model=base_model_config(cfg),
-                               tokenized=str(tokenized_file), out_file=str(out),
-                               batch_size=cfg.train.reference_batch_size, chunk_size=cfg.train.logprob_chunk_size,
-                               layout=cfg.train.batch_layout, processes=local, splits=splits)
             launch_reference(job, on_progress=lambda p: progress.update(int(p["done"]), int(p["total"])))
-            logps = read_reference_table(out)
         else:
-            ref_model = load_model(model["model_dir"], base_model_config(cfg), spec)
-            ref_model.eval()
-            logps = compute_reference_logps(
-                ref_model,
-                table,
-                batch_size=cfg.train.reference_batch_size,
-                spec=spec,
-                chunk_size=cfg.train.logprob_chunk_size,
-                layout=cfg.train.batch_layout,
-                progress=progress.update,
-            )
+            run_reference_job(job, progress=progress.update)
+        logps = read_reference_table(out)
         progress.update(len(table), len(table), force=True)
         logps = validate_reference(logps, table)
         write_reference_table(logps, out)

@@ -8,6 +8,7 @@ be counted twice.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -23,8 +24,10 @@ from dpo_core.distributed import SINGLE, Dist, DistributedError, all_reduce_sums
 from dpo_core.models import DeviceSpec, tiny_llama
 from dpo_core.models import attach_lora, load_model, pick_device
 from dpo_core.reference import compute_reference_logps, read_reference_table
-from dpo_core.train_main import FAIL_AFTER_STEP_ENV, FAIL_RANK_ENV, ReferenceJob, TrainJob, read_job, run_job
+from dpo_core.train_main import PROGRESS_PREFIX, ReferenceJob, TrainJob, main, read_job, read_result
+from dpo_core.train_main import run_train_job
 from dpo_core.trainer import TrainError, train
+from faults.inject import step_failure
 from tasks.launch import RankFailedError, launch_reference, launch_training, torchrun_command
 
 CPU = DeviceSpec(torch.device("cpu"), torch.float32, None, "eager")
@@ -73,7 +76,7 @@ def _weights(out) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    return out, run_job(_job(data, out, 1))
+    return out, run_train_job(_job(data, out, 1))
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +136,10 @@ def test_a_dead_rank_is_named_and_the_run_resumes_on_two_or_one_processes(data, 
     job = _job(data, out, 2)
     # rank 1 dies after step 3; the newest checkpoint is step 2; torchrun stops rank 0
     with pytest.raises(RankFailedError) as info:
-        launch_training(job, 2, env={FAIL_AFTER_STEP_ENV: "3", FAIL_RANK_ENV: "1"})
+        launch_training(job, 2, env=step_failure.env(after_step=3, rank=1))
     err = info.value
     assert err.rank == 1 and err.exit_code == 1
-    assert "rank 1 of 2" in str(err) and "InjectedRankFailure" in str(err)
+    assert "rank 1 of 2" in str(err) and "InjectedFailure" in str(err)
     assert any("injected failure on rank 1 after step 3" in line for line in err.last_lines)
     assert not (out / "final").exists()
     shutil.copytree(out, tmp_path / "then-one")
@@ -149,7 +152,7 @@ def test_a_dead_rank_is_named_and_the_run_resumes_on_two_or_one_processes(data, 
         assert torch.equal(tensor, reference[name]), name  # bit-identical to the uninterrupted 2-process run
 
     # the same checkpoint on 1 process: the global batch does not depend on the world size
-    record = run_job(_job(data, tmp_path / "then-one", 1))
+    record = run_train_job(_job(data, tmp_path / "then-one", 1))
     assert record["resumed_from_step"] == 2 and record["world_size"] == 1
     np.testing.assert_allclose([r["loss"] for r in _history(tmp_path / "then-one")],
                                [r["loss"] for r in _history(two_processes[0])], rtol=1e-5)
@@ -214,7 +217,7 @@ def test_fsdp_on_two_gloo_processes_gives_the_loss_curve_and_weights_of_one_proc
 def test_fsdp_with_gradient_checkpointing_and_accumulation_matches_one_process(data, tmp_path):
     # 9 pairs in micro-batches of 2, 2 per step: each epoch's last step is one 1-pair micro-batch (rank 1 idles)
     settings = dict(batch_size=2, grad_accum=2, gradient_checkpointing=True)
-    run_job(_job(data, tmp_path / "one", 1, train_kw=settings))
+    run_train_job(_job(data, tmp_path / "one", 1, train_kw=settings))
     record = launch_training(_job(data, tmp_path / "fsdp", 2, "fsdp", train_kw=settings), 2)
     assert record["status"] == "complete" and record["strategy"] == "fsdp" and record["steps"] == STEPS
     _assert_same_training(tmp_path / "one", tmp_path / "fsdp")
@@ -224,8 +227,8 @@ def test_an_fsdp_run_resumes_after_a_dead_rank_on_two_fsdp_processes_or_one_proc
     out = tmp_path / "killed"
     job = _job(data, out, 2, "fsdp")
     with pytest.raises(RankFailedError) as info:  # rank 1 dies after step 3; the newest checkpoint is step 2
-        launch_training(job, 2, env={FAIL_AFTER_STEP_ENV: "3", FAIL_RANK_ENV: "1"})
-    assert info.value.rank == 1 and "InjectedRankFailure" in str(info.value)
+        launch_training(job, 2, env=step_failure.env(after_step=3, rank=1))
+    assert info.value.rank == 1 and "InjectedFailure" in str(info.value)
     assert not (out / "final").exists()
     shutil.copytree(out, tmp_path / "then-one")
 
@@ -237,7 +240,7 @@ def test_an_fsdp_run_resumes_after_a_dead_rank_on_two_fsdp_processes_or_one_proc
         assert torch.equal(tensor, reference[name]), name  # bit-identical to the uninterrupted FSDP run
 
     # the FSDP checkpoint on 1 process (world size 2 -> 1, sharded -> whole)
-    record = run_job(_job(data, tmp_path / "then-one", 1))
+    record = run_train_job(_job(data, tmp_path / "then-one", 1))
     assert record["resumed_from_step"] == 2 and record["world_size"] == 1 and record["strategy"] == "single"
     np.testing.assert_allclose([r["loss"] for r in _history(tmp_path / "then-one")],
                                [r["loss"] for r in _history(fsdp_processes[0])], rtol=1e-5)
@@ -247,17 +250,52 @@ def test_an_fsdp_run_resumes_after_a_dead_rank_on_two_fsdp_processes_or_one_proc
 
 def test_a_single_process_checkpoint_resumes_on_two_fsdp_processes(data, tmp_path, one_process):
     out = tmp_path / "one-then-fsdp"
-    assert run_job(_job(data, out, 1, stop_after_steps=2))["status"] == "interrupted"
+    assert run_train_job(_job(data, out, 1, stop_after_steps=2))["status"] == "interrupted"
     record = launch_training(_job(data, out, 2, "fsdp"), 2)  # world size 1 -> 2, whole -> sharded
     assert record["resumed_from_step"] == 2 and record["strategy"] == "fsdp" and record["steps"] == STEPS
     _assert_same_training(one_process[0], out)
 
 
-def test_stop_after_steps_is_recorded_as_interrupted(data, tmp_path):
-    record = run_job(_job(data, tmp_path, 1, stop_after_steps=2))
-    assert record == {"world_size": 1, "status": "interrupted", "steps": 2, "strategy": "single"}
-    assert json.loads((tmp_path / "train_main_result.json").read_text()) == record
+def test_stop_after_steps_is_recorded_as_interrupted(data, tmp_path, capsys):
+    job_file = _job(data, tmp_path, 1, stop_after_steps=2).write(tmp_path / "job.json")
+    assert main([str(job_file)]) == 0  # the per-rank entry torchrun starts, here as the only process
+    assert read_result(tmp_path) == {"world_size": 1, "status": "interrupted", "steps": 2, "strategy": "single"}
+    assert [json.loads(line.removeprefix(PROGRESS_PREFIX))["step"] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(PROGRESS_PREFIX)] == [1, 2]
     assert not (tmp_path / "final").exists()
+
+
+def test_lora_initial_adapters_do_not_depend_on_earlier_rng_use(data, tmp_path, tokenizer, monkeypatch):
+    """run_train_job (the in-process and the per-rank entry) seeds with train.seed before it builds the model."""
+    from dpo_core import train_main
+
+    class Built(Exception):
+        pass
+
+    def stop_with_adapters(model, *args, **kwargs):  # stands in for dpo_core.trainer.train
+        raise Built({k: v.clone() for k, v in model.state_dict().items() if "lora_A" in k})
+
+    monkeypatch.setattr(train_main, "train", stop_with_adapters)
+    lora = LoraConfig(r=2)
+    adapters = []
+    for draws in (0, 1000):
+        torch.rand(draws)  # earlier RNG use in this process
+        job = _job(data, tmp_path / str(draws), 1)
+        with pytest.raises(Built) as built:
+            run_train_job(job.model_copy(update={"model": job.model.model_copy(update={"lora": lora})}))
+        adapters.append(built.value.args[0])
+    assert adapters[0] and adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        assert tensor.abs().sum() > 0 and torch.equal(tensor, adapters[1][name]), name
+
+    # the adapters are drawn from the global RNG: without that seed they would differ
+    base = tiny_llama(tokenizer, seed=0, hidden_size=32)
+    unseeded = []
+    for draws in (0, 1000):
+        torch.rand(draws)
+        model = attach_lora(copy.deepcopy(base), ModelConfig(lora=lora))
+        unseeded.append({k: v for k, v in model.state_dict().items() if "lora_A" in k})
+    assert any(not torch.equal(tensor, unseeded[1][name]) for name, tensor in unseeded[0].items())
 
 
 def test_shards_split_unevenly_and_never_duplicate():

@@ -150,10 +150,13 @@ def test_failure_in_training_resumes_from_checkpoint(harness, tiny_model_dir, tm
     cfg = tiny_config(tiny_model_dir, state, data_file, max_steps=4)
     cfg["registry"]["enabled"] = False
 
-    monkeypatch.setenv("DPO_FAIL_AFTER_STEP", "2")
-    with pytest.raises(Exception, match="injected failure after step 2"):
-        run_flow(cfg)
-    monkeypatch.delenv("DPO_FAIL_AFTER_STEP")
+    from dpo_core import train_main
+    from faults.inject.step_failure import failing
+
+    with monkeypatch.context() as patched:  # the train stage fails after step 2 (checkpointed: checkpoint_every 1)
+        patched.setattr(train_main, "train", failing(train_main.train, after_step=2))
+        with pytest.raises(Exception, match="injected failure on rank 0 after step 2"):
+            run_flow(cfg)
 
     again = run_flow(cfg)
     assert all(again["stages"][s] == "Cached" for s in UPSTREAM), again["stages"]

@@ -64,6 +64,7 @@ def _step_of_tmp(folder: Path) -> int | None:
 
 def install() -> None:
     import dpo_core.checkpoints as checkpoints
+    import dpo_core.train_main as train_main
     import dpo_core.trainer as trainer
     import flows.dpo as flow_module
     import tasks.artifacts as artifacts
@@ -128,7 +129,7 @@ def install() -> None:
 
     checkpoints._save_tensors = save_tensors_hook
 
-    train_fn = train_task.train
+    train_fn = train_main.train  # what the one training entry (run_train_job) calls
 
     @functools.wraps(train_fn)
     def train_hook(*args, **kwargs):
@@ -137,7 +138,7 @@ def install() -> None:
         pause("train")
         return train_fn(*args, **kwargs)
 
-    train_task.train = train_hook
+    train_main.train = train_hook
 
     finish = train_task._finish
 
