@@ -186,8 +186,11 @@ def run_reference_job(job: ReferenceJob, *, progress: Callable[[int, int], None]
 
 
 def _print_progress(info: dict[str, Any]) -> None:
-    """One ``DPO_PROGRESS {json}`` line for the launcher (``tasks.launch``)."""
-    print(PROGRESS_PREFIX + json.dumps(info, default=float), flush=True)
+    """One ``DPO_PROGRESS {json}`` line for the launcher (``tasks.launch``), in a single write: torchrun's ``--tee``
+    forwards whatever part of a rank's log it has read, so a line written in two pieces (``print`` writes the text,
+    then the newline) can reach the launcher cut in two."""
+    sys.stdout.write(PROGRESS_PREFIX + json.dumps(info, default=float) + "\n")
+    sys.stdout.flush()
 
 
 def _write_result(folder: Path, record: dict[str, Any]) -> None:

@@ -160,8 +160,13 @@ def _launch(job: TrainJob | ReferenceJob, job_file: Path, processes: int, on_pro
             rank, text = int(match.group(1)), match.group(2)
             tails[rank].append(text)
             if rank == 0 and text.startswith(PROGRESS_PREFIX):
+                try:
+                    info = json.loads(text[len(PROGRESS_PREFIX):])
+                except json.JSONDecodeError:  # progress is for display: a damaged line is logged, never fatal
+                    log.warning("[rank 0] unreadable progress line: %s", text)
+                    continue
                 if on_progress is not None:
-                    on_progress(json.loads(text[len(PROGRESS_PREFIX):]))
+                    on_progress(info)
                 continue
             log.info("[rank %d] %s", rank, text)
         code = proc.wait()

@@ -377,6 +377,56 @@ def test_the_launcher_builds_a_multi_node_torchrun_command(data, tmp_path, monke
                                        "--rdzv-endpoint=node0:29400", "--rdzv-id=r1"]
 
 
+def test_progress_lines_are_written_whole_and_a_cut_one_is_not_fatal(data, tmp_path, monkeypatch, caplog):
+    import io
+    import subprocess
+    import sys
+
+    from dpo_core import train_main
+
+    writes: list[str] = []
+
+    class Stdout:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    # torchrun's --tee forwards what it has read of a rank's log: text and newline must reach the file in one write
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    train_main._print_progress({"step": 3, "total_steps": 6})
+    monkeypatch.undo()
+    assert writes == ['DPO_PROGRESS {"step": 3, "total_steps": 6}\n']
+
+    # a line read before its newline was written reaches the launcher as `[default0]:<text>[default0]:`
+    job = _job(data, tmp_path / "out", 2)
+    record = {"world_size": 2, "status": "complete", "steps": 2}
+    output = ('[default0]:DPO_PROGRESS {"step": 1, "total_steps": 2}\n'
+              '[default0]:DPO_PROGRESS {"step": 2, "total_steps": 2}[default0]:\n'
+              '[default1]:a line of rank 1\n')
+
+    class Torchrun:  # its ranks' output, and the result file rank 0 writes
+        pid = -1
+
+        def __init__(self, cmd, **kw) -> None:
+            self.stdout = io.StringIO(output)
+            (job.result_dir / train_main.RESULT_FILE).write_text(json.dumps(record))
+
+        def wait(self, timeout=None) -> int:
+            return 0
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Torchrun)
+    progress: list[dict] = []
+    with caplog.at_level("INFO", logger="tasks.launch"):
+        assert launch_training(job, 2, on_progress=progress.append) == record
+    assert progress == [{"step": 1, "total_steps": 2}]
+    assert "unreadable progress line" in caplog.text and "a line of rank 1" in caplog.text
+
+
 class _RecordedProgress:
     """Stands in for tasks.common.Progress (whose Prefect artifact would start a temporary server outside a run)."""
 
