@@ -468,7 +468,7 @@ def test_validation_scoring_and_best_val_on_two_processes_match_one_process(data
     table.to_parquet(tmp_path / "tokenized.parquet")
     kw = dict(train_kw={"eval_every": 2, "select": "best_val", "select_metric": "val/loss"},
               validation_split="validation")
-    one = run_job(_job(data, tmp_path / "one", 1, **kw).model_copy(
+    one = run_train_job(_job(data, tmp_path / "one", 1, **kw).model_copy(
         update={"tokenized": str(tmp_path / "tokenized.parquet")}))
     two = launch_training(_job(data, tmp_path / "two", 2, **kw).model_copy(
         update={"tokenized": str(tmp_path / "tokenized.parquet")}), 2)
