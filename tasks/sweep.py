@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 
 from dpo_core.config import RunConfig
 from dpo_core.sweep import SweepSpec, Trial
-from tasks.curves import plot_sweep
+from tracking.curves import plot_sweep
 from tasks.train import read_history
 from tracking.tracker import RunTracker
 

@@ -224,7 +224,7 @@ def test_sweep_cli_fails_fast_on_a_bad_sweep_file(tmp_path, capsys):
 
 
 def test_sweep_plot_has_a_panel_per_key_and_marks_the_winner():
-    from tasks.curves import plot_sweep
+    from tracking.curves import plot_sweep
 
     rows = [{"trial": i, "status": "completed", "train.learning_rate": lr, "train.loss": loss,
              "val/rewards/accuracies": acc}

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dpo_core.config import RunConfig, load_config
-from tasks.curves import ema, plot_training_curves, save_training_curves
+from tracking.curves import ema, plot_training_curves, save_training_curves
 from tracking.retry import RetryPolicy, TrackingUnavailable
 from tracking.tracker import (
     MAX_PARAM_VALUE,

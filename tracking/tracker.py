@@ -471,7 +471,7 @@ class RunTracker:
         metrics = [Metric(key, value, now, step) for key, value, step in training_metric_rows(todo)]
         self._log_batch(run_id, metrics=metrics)
         if curves and records:
-            from tasks.curves import plot_training_curves
+            from tracking.curves import plot_training_curves
 
             objective = self.cfg.train.objective_name()
             figure = plot_training_curves(records, loss_type=objective,
