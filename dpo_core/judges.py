@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -162,13 +164,53 @@ class SimilarityJudge:
         return [float(s) for s in scores]
 
 
-def bradley_terry_features(encoder: SentenceEncoder, prompts: Sequence[Messages], answers: Sequence[str]) -> torch.Tensor:
-    """The judge's view of (prompt, answer) pairs: `[a, p * a]` for unit embeddings `p` of the prompt and `a` of the
-    answer, float32 [N, 2D]. `a` carries what the answer says and how; `p * a` how it relates to the prompt
-    (its sum is their cosine). A prompt-only term would cancel in every Bradley-Terry difference, so there is none."""
-    p = encoder.embed([_user_text(m) for m in prompts])
+FEATURE_SETS = ("embeddings", "embeddings+text")
+_REFUSAL = re.compile(r"as an ai|language model|i'm sorry|i am sorry|i cannot|i can't", re.IGNORECASE)
+_LIST_LINE = re.compile(r"\s*([-*\u2022]|\d+[.)])\s")
+
+
+def text_statistics(prompt: str, answer: str) -> list[float]:
+    """Twelve surface statistics of an answer (to its prompt) that sentence embeddings blur: log characters, words and
+    lines; the fraction of list lines, of digits, of question marks per word; a refusal phrase; distinct word
+    bigrams / bigrams; whether it ends a sentence; log length relative to the prompt; a code fence; the fraction of
+    its words that occur in the prompt."""
+    words, lines = answer.split(), answer.splitlines()
+    n_words, n_lines = max(1, len(words)), max(1, len(lines))
+    bigrams = list(zip(words, words[1:]))
+    prompt_words = {w.lower() for w in prompt.split()}
+    return [
+        math.log1p(len(answer)), math.log1p(len(words)), math.log1p(len(lines)),
+        sum(1 for line in lines if _LIST_LINE.match(line)) / n_lines,
+        sum(c.isdigit() for c in answer) / max(1, len(answer)),
+        float(bool(_REFUSAL.search(answer))),
+        answer.count("?") / n_words,
+        len(set(bigrams)) / max(1, len(bigrams)),
+        float(answer.rstrip()[-1:] in ".!?)\"'`"),
+        math.log1p(len(answer)) - math.log1p(len(prompt)),
+        float("```" in answer),
+        sum(1 for w in words if w.lower() in prompt_words) / n_words,
+    ]
+
+
+N_TEXT_STATISTICS = len(text_statistics("", ""))
+
+
+def bradley_terry_features(encoder: SentenceEncoder, prompts: Sequence[Messages], answers: Sequence[str], *,
+                           text_scaling: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The judge's view of (prompt, answer) pairs, float32 [N, F]: `[a, p * a]` for unit embeddings `p` of the prompt
+    and `a` of the answer (F = 2D), then, with `text_scaling = (mean, scale)`, the answer's `text_statistics`
+    standardised by them (F = 2D + 12). `a` carries what the answer says and how; `p * a` how it relates to the
+    prompt (its sum is their cosine). A prompt-only term would cancel in every Bradley-Terry difference, so there is
+    none."""
+    texts = [_user_text(m) for m in prompts]
+    p = encoder.embed(texts)
     a = encoder.embed(list(answers))
-    return torch.cat([a, p * a], dim=-1)
+    parts = [a, p * a]
+    if text_scaling is not None:
+        mean, scale = text_scaling
+        stats = torch.tensor([text_statistics(t, ans) for t, ans in zip(texts, answers)], dtype=torch.float32)
+        parts.append((stats.reshape(len(texts), N_TEXT_STATISTICS) - mean) / scale)
+    return torch.cat(parts, dim=-1)
 
 
 def fit_bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, l2: float, *, max_iter: int = 500) -> torch.Tensor:
@@ -205,21 +247,27 @@ def _fold(pair_id: str, folds: int) -> int:
 
 
 class BradleyTerryJudge:
-    """A linear Bradley-Terry head on frozen sentence embeddings (`bradley_terry_features`); trained by
-    `train_bradley_terry`, saved with `save` and reloaded with `load`. Scores are logits; `chosen` / `rejected` are not
-    used, so its validity on held-out pairs is a real measurement."""
+    """A linear Bradley-Terry head on frozen sentence embeddings, plus standardised `text_statistics` when its feature
+    set is `embeddings+text` (`bradley_terry_features`); trained by `train_bradley_terry`, saved with `save` and
+    reloaded with `load`. Scores are logits; `chosen` / `rejected` are not used, so its validity on held-out pairs is
+    a real measurement."""
 
     uses_references = False
 
-    def __init__(self, encoder: SentenceEncoder, weight: torch.Tensor, *, info: dict[str, Any] | None = None) -> None:
-        expected = 2 * encoder.dim
+    def __init__(self, encoder: SentenceEncoder, weight: torch.Tensor, *,
+                 text_scaling: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+        expected = 2 * encoder.dim + (N_TEXT_STATISTICS if text_scaling is not None else 0)
         if weight.shape != (expected,):
             raise JudgeError(f"Bradley-Terry head has shape {tuple(weight.shape)}, but {encoder.label} needs "
                              f"({expected},)")
         self.encoder = encoder
         self.weight = weight.float()
+        self.text_scaling = text_scaling
         self.info = dict(info or {})
-        self.name = f"bradley-terry({encoder.label}): linear head on [answer, prompt*answer] embeddings"
+        self.features = "embeddings+text" if text_scaling is not None else "embeddings"
+        view = "[answer, prompt*answer] embeddings" + (" + text statistics" if text_scaling is not None else "")
+        self.name = f"bradley-terry({encoder.label}): linear head on {view}"
 
     def score(
         self,
@@ -231,15 +279,21 @@ class BradleyTerryJudge:
         _check_lengths(prompts, answers, chosen, rejected)
         if len(answers) == 0:
             return []
-        return [float(s) for s in bradley_terry_features(self.encoder, prompts, answers) @ self.weight]
+        features = bradley_terry_features(self.encoder, prompts, answers, text_scaling=self.text_scaling)
+        return [float(s) for s in features @ self.weight]
 
     def save(self, folder: str | Path) -> None:
-        """`head.safetensors` (the weight) and `judge.json` (encoder label, training record) into `folder`."""
+        """`head.safetensors` (the weight, and the text statistics' mean and scale) and `judge.json` (the training
+        record, the encoder label and the feature set) into `folder`."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        save_file({"weight": self.weight.contiguous()}, str(folder / "head.safetensors"))
-        (folder / "judge.json").write_text(json.dumps({"encoder": self.encoder.label, **self.info}, indent=1))
+        tensors = {"weight": self.weight.contiguous()}
+        if self.text_scaling is not None:
+            tensors["text_mean"], tensors["text_scale"] = (t.contiguous() for t in self.text_scaling)
+        save_file(tensors, str(folder / "head.safetensors"))
+        info = {**self.info, "encoder": self.encoder.label, "features": self.features}
+        (folder / "judge.json").write_text(json.dumps(info, indent=1))
 
     @classmethod
     def load(cls, folder: str | Path, encoder: SentenceEncoder) -> "BradleyTerryJudge":
@@ -250,10 +304,11 @@ class BradleyTerryJudge:
         if missing:
             raise JudgeError(f"{folder} is not a trained Bradley-Terry judge: {', '.join(missing)} missing")
         info = json.loads((folder / "judge.json").read_text())
-        if info.get("encoder") != encoder.label:
-            raise JudgeError(f"the judge in {folder} was trained on {info.get('encoder')} embeddings, not "
-                             f"{encoder.label}")
-        return cls(encoder, load_file(str(folder / "head.safetensors"))["weight"], info=info)
+        if info.pop("encoder", None) != encoder.label:
+            raise JudgeError(f"the judge in {folder} was not trained on {encoder.label} embeddings")
+        tensors = load_file(str(folder / "head.safetensors"))
+        scaling = (tensors["text_mean"], tensors["text_scale"]) if "text_mean" in tensors else None
+        return cls(encoder, tensors["weight"], text_scaling=scaling, info=info)
 
 
 def train_bradley_terry(
@@ -264,39 +319,59 @@ def train_bradley_terry(
     pair_ids: Sequence[str],
     *,
     l2_grid: Sequence[float],
+    feature_sets: Sequence[str] = FEATURE_SETS,
     folds: int = 5,
 ) -> BradleyTerryJudge:
-    """Train the Bradley-Terry judge on preference pairs (the train split): pick the L2 strength by k-fold
-    cross-validation over `l2_grid` (folds by a hash of `pair_id`; the pick is the best mean held-out-fold pairwise
-    accuracy, the larger L2 on a tie), then fit on every pair with it.
+    """Train the Bradley-Terry judge on preference pairs (the train split): pick the feature set (`FEATURE_SETS`) and
+    the L2 strength by k-fold cross-validation over `feature_sets` x `l2_grid` (folds by a hash of `pair_id`; the
+    pick is the best mean held-out-fold pairwise accuracy; on a tie the simpler feature set, then the larger L2),
+    then fit on every pair with them. The text statistics are standardised by their mean and standard deviation over
+    the training answers.
 
-    The returned judge's `info` records `n_pairs`, `l2`, `folds` and `cross_validation` (per L2: the mean held-out-fold
-    accuracy), the evidence for the pick; nothing here looks at the eval split.
+    The returned judge's `info` records `n_pairs`, `features`, `l2`, `folds` and `cross_validation` (per feature set
+    and L2: the mean held-out-fold accuracy), the evidence for the pick; nothing here looks at the eval split.
     """
     _check_lengths(prompts, chosen, chosen, rejected)
     if len(pair_ids) != len(chosen):
         raise JudgeError(f"{len(pair_ids)} pair ids for {len(chosen)} pairs")
     if not l2_grid:
         raise JudgeError("the Bradley-Terry judge needs at least one L2 strength to try")
+    unknown = sorted(set(feature_sets) - set(FEATURE_SETS))
+    if unknown or not feature_sets:
+        raise JudgeError(f"Bradley-Terry feature sets must be among {list(FEATURE_SETS)}, got {list(feature_sets)}")
     fold = np.array([_fold(str(pid), folds) for pid in pair_ids])
     present = sorted(set(fold.tolist()))
     if folds < 2 or len(present) < 2:
         raise JudgeError(f"the Bradley-Terry judge needs pairs in at least 2 cross-validation folds; got {len(chosen)} "
                          f"pair(s) over {len(present)} fold(s) of {folds}")
-    fc = bradley_terry_features(encoder, prompts, chosen)
-    fr = bradley_terry_features(encoder, prompts, rejected)
-    cv: dict[str, float] = {}
-    for l2 in sorted(float(x) for x in l2_grid):
-        accs = []
-        for k in present:
-            train, held = torch.from_numpy(fold != k), torch.from_numpy(fold == k)
-            w = fit_bradley_terry(fc[train], fr[train], l2)
-            accs.append(float(((fc[held] - fr[held]) @ w > 0).float().mean()))
-        cv[repr(l2)] = float(np.mean(accs))
-    best = max(cv.items(), key=lambda kv: (kv[1], float(kv[0])))[0]
-    weight = fit_bradley_terry(fc, fr, float(best))
-    info = {"n_pairs": len(chosen), "l2": float(best), "folds": folds, "cross_validation": cv}
-    return BradleyTerryJudge(encoder, weight, info=info)
+    texts = [_user_text(m) for m in prompts]
+    stats = torch.tensor([text_statistics(t, a) for t, a in zip(texts * 2, [*chosen, *rejected])])
+    scaling = (stats.mean(dim=0).float(), stats.std(dim=0).clamp_min(1e-6).float())
+    candidates = {}
+    for name in FEATURE_SETS:
+        if name in feature_sets:
+            text = scaling if name == "embeddings+text" else None
+            candidates[name] = (text, bradley_terry_features(encoder, prompts, chosen, text_scaling=text),
+                                bradley_terry_features(encoder, prompts, rejected, text_scaling=text))
+    cv: dict[str, dict[str, float]] = {}
+    for name, (_, fc, fr) in candidates.items():
+        cv[name] = {}
+        for l2 in sorted(float(x) for x in l2_grid):
+            accs = []
+            for k in present:
+                train, held = torch.from_numpy(fold != k), torch.from_numpy(fold == k)
+                w = fit_bradley_terry(fc[train], fr[train], l2)
+                accs.append(float(((fc[held] - fr[held]) @ w > 0).float().mean()))
+            cv[name][repr(l2)] = float(np.mean(accs))
+    order = {name: i for i, name in enumerate(FEATURE_SETS)}
+    best_name, best_l2 = max(((name, l2) for name in cv for l2 in cv[name]),
+                             key=lambda c: (cv[c[0]][c[1]], -order[c[0]], float(c[1])))
+    text, fc, fr = candidates[best_name]
+    weight = fit_bradley_terry(fc, fr, float(best_l2))
+    info = {"n_pairs": len(chosen), "features": best_name, "l2": float(best_l2), "folds": folds,
+            "cross_validation": cv}
+    return BradleyTerryJudge(encoder, weight, text_scaling=text, info=info)
+
 
 class RewardModelJudge:
     """The logit of a local sequence-classification reward model (`num_labels == 1`) on the rendered prompt + answer.

@@ -6,7 +6,7 @@ Every judge is measured the same way before it judges anything: its pairwise acc
 
 - `bradley_terry`: trains a linear head on frozen sentence embeddings on the train split only (every accepted train
   pair, not just the `data.max_train_pairs` DPO trains on: the flow hands this stage an ingest without that cap),
-  its L2 strength picked by cross-validation on those train pairs; the head is saved in the artifact folder.
+  its feature set and L2 strength picked by cross-validation on those train pairs; the head is saved in the artifact folder.
 - `reward_model`: the user's reward-model folder, measured on the same pairs (nothing to train).
 - `similarity`: reads the reference answers, so it cannot be measured on them; recorded as unvalidated.
 
@@ -69,7 +69,8 @@ def judge_stage(cfg: RunConfig, pairs: dict[str, Any]) -> dict[str, Any]:
                 train = train.head(judge_cfg.max_train_pairs)
             prompts, chosen, rejected = _rows(train)
             judge = train_bradley_terry(encoder, prompts, chosen, rejected, train["pair_id"].tolist(),
-                                        l2_grid=judge_cfg.l2_grid, folds=judge_cfg.folds)
+                                        l2_grid=judge_cfg.l2_grid, feature_sets=judge_cfg.feature_sets,
+                                        folds=judge_cfg.folds)
             judge.save(folder)
             training = judge.info
         prompts, chosen, rejected = _rows(held_out)

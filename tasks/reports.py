@@ -72,10 +72,11 @@ def judge_markdown(judge: dict[str, Any]) -> str:
                      f": {verdict}.")
     training = judge.get("training")
     if training:
-        lines += ["", f"Trained on {training['n_pairs']} train pairs; L2 {training['l2']:g} picked by "
-                      f"{training['folds']}-fold cross-validation on them:", "", "| L2 | cross-validated accuracy |",
-                  "|---|---|"]
-        lines += [f"| {float(l2):g} | {acc:.3f} |" for l2, acc in training["cross_validation"].items()]
+        lines += ["", f"Trained on {training['n_pairs']} train pairs; features `{training['features']}` and L2 "
+                      f"{training['l2']:g} picked by {training['folds']}-fold cross-validation on them:", "",
+                  "| features | L2 | cross-validated accuracy |", "|---|---|---|"]
+        lines += [f"| {features} | {float(l2):g} | {acc:.3f} |"
+                  for features, per_l2 in training["cross_validation"].items() for l2, acc in per_l2.items()]
     return "\n".join(lines) + "\n"
 
 

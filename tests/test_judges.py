@@ -4,6 +4,7 @@ and make_judge."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -21,6 +22,7 @@ from dpo_core.judges import (
     fit_bradley_terry,
     judge_validity,
     make_judge,
+    text_statistics,
     train_bradley_terry,
 )
 
@@ -111,9 +113,12 @@ def test_bradley_terry_judge_learns_a_known_preference(marker_judge):
     assert v["validity_n_pairs"] == 60 and v["validity_tie_rate"] == 0.0
     info = marker_judge.info
     assert info["n_pairs"] == 120 and info["folds"] == 5
-    assert set(info["cross_validation"]) == {"0.001", "0.01", "0.1"}
-    assert info["l2"] == max((float(k) for k in info["cross_validation"]),
-                             key=lambda k: (info["cross_validation"][repr(k)], k))
+    cv = info["cross_validation"]
+    assert set(cv) == {"embeddings", "embeddings+text"} and all(set(v) == {"0.001", "0.01", "0.1"} for v in cv.values())
+    # the pick is the best cross-validated accuracy (simpler features, then larger L2, on a tie)
+    best = max(((f, float(l2)) for f in cv for l2 in cv[f]),
+               key=lambda c: (cv[c[0]][repr(c[1])], c[0] == "embeddings", c[1]))
+    assert (info["features"], info["l2"]) == best and marker_judge.features == info["features"]
     assert marker_judge.uses_references is False and isinstance(marker_judge, Judge)
 
 
@@ -123,8 +128,36 @@ def test_bradley_terry_judge_ignores_the_reference_answers_and_survives_a_save(m
     assert scores == marker_judge.score(prompts, chosen, rejected, chosen)  # chosen / rejected are not read
     marker_judge.save(tmp_path)
     loaded = make_judge(JudgeConfig(kind="bradley_terry"), trained=tmp_path)
-    assert isinstance(loaded, BradleyTerryJudge) and loaded.info == {"encoder": encoder.label, **marker_judge.info}
+    assert isinstance(loaded, BradleyTerryJudge) and loaded.info == marker_judge.info
+    assert loaded.name == marker_judge.name
     assert loaded.score(prompts, chosen, chosen, rejected) == pytest.approx(scores, abs=1e-5)
+
+
+def test_bradley_terry_text_features_are_standardised_and_saved(encoder, tmp_path):
+    """The `embeddings+text` feature set: 12 text statistics standardised by the training answers' mean and sd, kept
+    with the head so a reloaded judge scores the same."""
+    prompts, chosen, rejected, ids = marker_pairs(30, seed=3)
+    judge = train_bradley_terry(encoder, prompts, chosen, rejected, ids, l2_grid=[0.01],
+                                feature_sets=["embeddings+text"], folds=3)
+    assert judge.features == "embeddings+text" and "text statistics" in judge.name
+    assert judge.weight.shape == (2 * encoder.dim + len(text_statistics("", "")),)
+    stats = torch.tensor([text_statistics(p[0]["content"], a) for p, a in zip(prompts * 2, chosen + rejected)])
+    mean, scale = judge.text_scaling
+    assert torch.allclose(mean, stats.mean(0)) and torch.allclose(scale, stats.std(0).clamp_min(1e-6))
+    judge.save(tmp_path)
+    loaded = make_judge(JudgeConfig(kind="bradley_terry"), trained=tmp_path)
+    assert loaded.features == "embeddings+text"
+    assert loaded.score(prompts[:3], chosen[:3], chosen[:3], rejected[:3]) == pytest.approx(
+        judge.score(prompts[:3], chosen[:3], chosen[:3], rejected[:3]), abs=1e-5)
+
+
+def test_text_statistics_by_hand():
+    stats = text_statistics("How do I boil eggs?", "1. Boil water.\n2. Add eggs?\n```\nwait()\n```")
+    assert len(stats) == 12
+    assert stats[2] == pytest.approx(math.log1p(5))  # five lines
+    assert stats[3] == pytest.approx(2 / 5)  # two numbered list lines
+    assert stats[5] == 0.0 and text_statistics("", "As an AI language model, I cannot.")[5] == 1.0
+    assert stats[10] == 1.0  # a code fence
 
 
 def test_fit_bradley_terry_is_the_regularised_optimum():
@@ -145,6 +178,8 @@ def test_fit_bradley_terry_is_the_regularised_optimum():
 def test_bradley_terry_errors(encoder, tmp_path):
     with pytest.raises(JudgeError, match="at least 2 cross-validation folds"):
         train_bradley_terry(encoder, [PROMPT], [CHOSEN], [REJECTED], ["only"], l2_grid=[0.1])
+    with pytest.raises(JudgeError, match="feature sets must be among"):
+        train_bradley_terry(encoder, [PROMPT], [CHOSEN], [REJECTED], ["only"], l2_grid=[0.1], feature_sets=["words"])
     with pytest.raises(JudgeError, match="at least one L2"):
         train_bradley_terry(encoder, [PROMPT], [CHOSEN], [REJECTED], ["only"], l2_grid=[])
     with pytest.raises(JudgeError, match="trained by the judge stage"):

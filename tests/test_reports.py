@@ -43,12 +43,13 @@ def test_judge_markdown_shows_validity_and_the_cross_validation_behind_the_head(
         "name": "bradley-terry(all-MiniLM-L6-v2): linear head",
         "validity": {"validity": 0.615, "validity_ci_low": 0.55, "validity_ci_high": 0.68, "validity_tie_rate": 0.0,
                      "validity_n_pairs": 199, "confidence": 0.95, "validated": True, "note": ""},
-        "training": {"n_pairs": 1000, "l2": 0.01, "folds": 5, "cross_validation": {"0.001": 0.55, "0.01": 0.58}},
+        "training": {"n_pairs": 1000, "features": "embeddings", "l2": 0.01, "folds": 5,
+                     "cross_validation": {"embeddings": {"0.001": 0.55, "0.01": 0.58}, "embeddings+text": {"0.01": 0.57}}},
     }
     md = judge_markdown(manifest)
     assert "**0.615** (95% bootstrap CI 0.550-0.680, ties 0.000): validated" in md and "199 held-out pairs" in md
-    assert "Trained on 1000 train pairs; L2 0.01 picked by 5-fold cross-validation" in md
-    assert "| 0.01 | 0.580 |" in md
+    assert "Trained on 1000 train pairs; features `embeddings` and L2 0.01 picked by 5-fold cross-validation" in md
+    assert "| embeddings | 0.01 | 0.580 |" in md and "| embeddings+text | 0.01 | 0.570 |" in md
     unmeasured = judge_markdown({"name": "similarity", "validity": {"validity": None, "note": "unvalidated: reads"},
                                  "training": None})
     assert "Validity not measured: unvalidated: reads." in unmeasured
