@@ -91,7 +91,7 @@ def embedded_judge_model_dir() -> Path:
 
 
 def _user_text(prompt: Messages) -> str:
-    """The conversation before the answer as one text: the messages' contents, one per paragraph."""
+    """The conversation before the answer as one text: the non-system messages' contents, one per paragraph."""
     return "\n\n".join(m["content"] for m in prompt if m.get("role") != "system")
 
 
