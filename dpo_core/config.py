@@ -77,6 +77,9 @@ class ModelConfig(_Section):
     # None: keep the template's default system prompt; "": explicitly no system prompt; text: use it
     system_prompt: str | None = None
     lora: LoraConfig | None = None
+    # where the policy starts: `base` (name_or_path; also the reference) or `champion` (the registered model's
+    # `champion` version, which is then the reference too: iterative DPO); `base` when there is no champion yet
+    init_from: Literal["base", "champion"] = "base"
 
 
 class SourceConfig(_Section):
@@ -115,11 +118,22 @@ class DataConfig(_Section):
     max_eval_pairs: int | None = Field(None, gt=0)
     max_extra_eval_pairs: int | None = Field(None, gt=0)
     max_validation_pairs: int | None = Field(None, gt=0)  # the first N of the validation split (file order)
+    # which accepted train pairs train: `first` max_train_pairs in file order (reproducible experiments), `newest`
+    # max_train_pairs by arrival (a pair's `added_at` field, else its file's modification time; dpo_data.ingest), or
+    # `all` of them
+    select: Literal["first", "newest", "all"] = "first"
     on_invalid: Literal["quarantine", "fail"] = "quarantine"
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
     min_chars: int = Field(1, ge=1)
     max_prompt_chars: int = Field(100_000, gt=0)
     max_response_chars: int = Field(100_000, gt=0)
+
+    @model_validator(mode="after")
+    def _select_fits_cap(self) -> "DataConfig":
+        if self.select == "all" and self.max_train_pairs is not None:
+            raise ValueError(f"data.select=all trains on every pair; remove data.max_train_pairs "
+                             f"({self.max_train_pairs}) or pick select first/newest")
+        return self
 
 
 class TemplateConfig(_Section):
@@ -323,8 +337,15 @@ class RegistryConfig(_Section):
     experiment: str = "dpo"
     model_name: str = "dpo-policy"
     enabled: bool = True  # register the model at all
-    # a new version becomes champion only if its accuracy and win rate are not worse than champion's by more than this
+    # a new version becomes champion only if, scored head to head with the champion on the gate set, its accuracy
+    # and win rate are not worse than the champion's by more than this
     promotion_tolerance: float = Field(0.02, ge=0.0)
+    # the pairs the promotion gate scores on; they never train. None: the eval split of the first registered run,
+    # stored with every version and taken from the champion from then on (tracking.registry)
+    gate_set: SourceConfig | None = None
+    # end the run before loading any model when the champion was trained on the same selected train pairs with the
+    # same config (nothing new to learn); no new version is registered
+    skip_unchanged: bool = False
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under the state folder
 
 

@@ -12,9 +12,22 @@ the split and pairs already taken by an earlier split (train, then eval, then th
 pair is in two splits. With ``data.eval: null`` the accepted train pairs are split by a hash of ``pair_id``: a pair's
 split never changes when data is appended. ``data.validation_fraction`` carves a ``validation`` split from the
 remaining train pairs the same way (an independent hash of ``pair_id``): it is what model selection (checkpoints,
-hyperparameter sweeps) is judged on, so the eval split is scored once, at the end. ``max_*_pairs`` then keep the
-first N pairs of a split (file order); the rest are counted in ``left_out_by_max_pairs`` (accepted, not lost). With ``on_invalid: fail`` any invalid row fails
-the stage; with ``quarantine`` a split whose invalid fraction exceeds ``max_invalid_fraction`` fails it; both with a
+hyperparameter sweeps) is judged on, so the eval split is scored once, at the end. ``max_eval_pairs``,
+``max_validation_pairs`` and ``max_extra_eval_pairs`` then keep the first N pairs of a split (file order);
+``data.select`` picks the train pairs: the first ``max_train_pairs`` in file order (``first``), the newest
+``max_train_pairs`` by arrival (``newest``) or every one (``all``). The pairs not kept are counted in
+``left_out_by_max_pairs`` (accepted, not lost).
+
+Arrival (``newest``): a pair arrives at its record's ``added_at`` field when it has one (epoch seconds, or an ISO 8601
+date/time, UTC unless it names a zone; anything else quarantines the row as ``bad_added_at``), else at the
+modification time of the file it was read from; ties (one file) keep file order, then relative file path. A pair
+read more than once arrives at its earliest time. The order is stable across runs as long as files are not rewritten:
+new data goes into a new file (appending to a file moves all its rows to the file's new modification time).
+
+The promotion gate's pairs are taken before anything else, so they never train, even when they reappear in the data
+files (they count as ``duplicates_across_splits`` there): an explicit gate set (``gate_source``) as split ``gate``, or
+the pinned eval split of an earlier run (``pinned_eval``, canonical pairs) as split ``eval``. With ``on_invalid:
+fail`` any invalid row fails the stage; with ``quarantine`` a split whose invalid fraction exceeds ``max_invalid_fraction`` fails it; both with a
 message that counts rows per failed check and names the quarantine file (which is written first).
 """
 
@@ -23,8 +36,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +53,7 @@ from data_contracts.errors import ContractError, DataError
 from data_contracts.pairs import PAIR_COLUMNS, pair_failures, validate_pairs
 from dpo_data.quarantine import QuarantineEntry, count_checks, write_quarantine
 from dpo_core.config import VALIDATION_SPLIT, DataConfig, SourceConfig
-from dpo_core.fileio import atomic_file
+from dpo_core.fileio import atomic_file, sha256_file
 from dpo_data.formats import (
     FormatError,
     RawRecord,
@@ -50,7 +67,9 @@ from dpo_data.formats import (
 )
 
 __all__ = ["IngestResult", "ingest", "write_pairs", "read_pairs", "in_hashed_split", "pairs_fingerprint",
-           "report_rows", "CHECK_DESCRIPTIONS"]
+           "pair_set_id", "arrival_time", "report_rows", "CHECK_DESCRIPTIONS", "GATE_SPLIT"]
+
+GATE_SPLIT = "gate"  # the promotion gate's own pairs (README "Scheduled retraining")
 
 # what each quarantine check means (reader, adapter and contract checks)
 CHECK_DESCRIPTIONS: dict[str, str] = {
@@ -79,8 +98,10 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "rejected_too_long": "rejected is longer than data.max_response_chars",
     "chosen_too_short": "chosen is shorter than data.min_chars",
     "rejected_too_short": "rejected is shorter than data.min_chars",
+    "bad_added_at": "added_at is neither epoch seconds nor an ISO 8601 date/time",
 }
-_PRIVATE = ["_source", "_record"]
+_PRIVATE = ["_source", "_record", "_arrival", "_file"]
+_ARRIVAL_ORDER = ["_arrival", "_file", "_row"]
 _ARROW_SCHEMA = pa.schema([
     ("pair_id", pa.string()),
     ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -95,12 +116,14 @@ _ARROW_SCHEMA = pa.schema([
 @dataclass
 class IngestResult:
     """``pairs``: the canonical table (PAIR_COLUMNS, every split); ``report``: counts (see ingest); ``fingerprint``:
-    16-hex content hash of the pairs used (split + pair_id, in order)."""
+    16-hex content hash of the pairs used (split + pair_id, in order); ``train_fingerprint``: `pair_set_id` of the
+    train pairs (what "nothing new" compares)."""
 
     pairs: pd.DataFrame
     report: dict[str, Any]
     fingerprint: str
     quarantine_path: Path
+    train_fingerprint: str
 
 
 def in_hashed_split(pair_id: str, fraction: float, split: str = "eval") -> bool:
@@ -116,6 +139,41 @@ def pairs_fingerprint(pairs: pd.DataFrame) -> str:
     for split, pid in zip(pairs["split"], pairs["pair_id"], strict=True):
         h.update(f"{split}\t{pid}\n".encode())
     return h.hexdigest()[:16]
+
+
+def pair_set_id(pair_ids: Iterable[str]) -> str:
+    """sha256 of the sorted distinct pair ids, 16 hex: the identity of a set of pairs, whatever their order."""
+    h = hashlib.sha256()
+    for pid in sorted(set(pair_ids)):
+        h.update(f"{pid}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def arrival_time(value: Any) -> float:
+    """Seconds since the epoch of an ``added_at`` value: a number (epoch seconds) or an ISO 8601 date or date/time
+    (UTC unless it names a zone). ValueError for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"added_at {value!r} is not finite")
+        return float(value)
+    if isinstance(value, str):
+        stamp = datetime.fromisoformat(value.strip())
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=timezone.utc)
+        return stamp.timestamp()
+    raise ValueError(f"added_at {value!r} is not a number or a date/time string")
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _file_facts(file: str) -> tuple[float, str | None]:
+    """A data file's modification time and sha256 (0 and None for what is not a local file, e.g. a hub dataset)."""
+    try:
+        return os.stat(file).st_mtime, sha256_file(file)
+    except OSError:
+        return 0.0, None
 
 
 def _label(src: SourceConfig) -> str:
@@ -152,6 +210,7 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
     rows: list[dict[str, Any]] = []
     entries: list[QuarantineEntry] = []
     formats: dict[str, str] = {}
+    files: dict[str, dict[str, Any]] = {}
     for file, group in itertools.groupby(records, key=lambda r: r.file):
         recs = list(group)
         fmt = src.format
@@ -163,7 +222,10 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
                     raise DataError(f"{where}: {exc}") from exc
             else:
                 fmt = "unreadable"  # nothing readable: every record is quarantined with its read error below
-        formats[_rel(file, root)] = fmt
+        rel = _rel(file, root)
+        formats[rel] = fmt
+        modified, digest = _file_facts(file)
+        files[rel] = {"format": fmt, "records": len(recs), "sha256": digest, "modified": _iso(modified)}
         for rec in recs:
             if rec.record is None:
                 entries.append(_entry(split, label, rec, [rec.error or "unreadable"], [rec.detail or ""], root))
@@ -173,6 +235,13 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
             except RecordError as exc:
                 entries.append(_entry(split, label, rec, [exc.reason], [exc.detail], root))
                 continue
+            arrival = modified
+            if canon.meta.get("added_at") is not None:
+                try:
+                    arrival = arrival_time(canon.meta["added_at"])
+                except ValueError as exc:
+                    entries.append(_entry(split, label, rec, ["bad_added_at"], [str(exc)], root))
+                    continue
             rows.append({
                 "pair_id": make_pair_id(canon.prompt, canon.chosen, canon.rejected),
                 "prompt": canon.prompt,
@@ -183,8 +252,11 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
                 "split": split,
                 "_source": idx,  # which source (for per-source counts)
                 "_record": rec,  # where it came from (for a quarantine entry)
+                "_arrival": arrival,  # when it arrived (data.select=newest), then where: file, row
+                "_file": rel,
+                "_row": rec.row,
             })
-    report = {"name": label, "path": src.path, "formats": formats, "read": len(records),
+    report = {"name": label, "path": src.path, "formats": formats, "files": files, "read": len(records),
               "quarantined": len(entries)}
     return rows, entries, report
 
@@ -199,9 +271,11 @@ def _ingest_split(split: str, sources: list[SourceConfig], root: Path, bounds: d
         rows += r
         entries += e
         src_reports.append(rep)
-    df = pd.DataFrame(rows, columns=PAIR_COLUMNS + _PRIVATE)
+    df = pd.DataFrame(rows, columns=PAIR_COLUMNS + _PRIVATE + ["_row"])
     if df.empty:  # no row converted: give the text columns their dtype so the contract sees a typed empty table
         df = df.astype({c: "str" for c in PAIR_COLUMNS if c != "prompt"})
+    else:  # a pair read more than once arrives when it was first seen
+        df["_arrival"] = df.groupby("pair_id")["_arrival"].transform("min")
     # exact duplicates: within this split (keep the first), and pairs an earlier split already holds
     within = df["pair_id"].duplicated(keep="first")
     across = df["pair_id"].isin(taken) & ~within
@@ -253,26 +327,38 @@ def _gate(split: str, rep: dict[str, Any], cfg: DataConfig, quarantine_path: Pat
                         f"data.max_invalid_fraction={cfg.max_invalid_fraction} ({checks}); {where}")
 
 
-def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> IngestResult:
+def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path, gate_source: SourceConfig | None = None,
+           pinned_eval: pd.DataFrame | None = None, pinned_origin: str = "pinned") -> IngestResult:
     """Read, convert, validate and split every configured source (see the module docstring).
 
+    ``gate_source``: the promotion gate's own pairs, read first as split ``gate``. ``pinned_eval``: canonical pairs
+    that are the eval split (the eval split of the first registered run, stored with the champion; ``pinned_origin``
+    names it in the report): they are taken first, never train, and ``data.eval`` sources are not read; held-out
+    pairs of a hash split that are not among them are counted in ``left_out_by_max_pairs['eval']``.
+
     ``report``: ``splits`` (per configured split: ``read``, ``accepted``, ``quarantined``, ``duplicates_removed``,
-    ``duplicates_across_splits``, ``quarantined_by_check``, ``invalid_fraction``, ``sources`` with per-source counts
-    and detected formats), ``pairs`` (pairs per split in the result), ``left_out_by_max_pairs`` (per split),
-    ``eval_split`` (``sources`` or ``hash``), ``validation_fraction``, totals ``read``/``accepted``/``quarantined``/``duplicates_removed``,
-    ``quarantine_file`` and ``fingerprint``. Hashed eval and validation pairs are counted in ``splits.train``.
+    ``duplicates_across_splits``, ``quarantined_by_check``, ``invalid_fraction``, ``sources`` with per-source counts,
+    detected formats and per-file ``files`` (format, records, sha256, modified)), ``pairs`` (pairs per split in the
+    result), ``left_out_by_max_pairs`` (per split), ``eval_split`` (``sources``, ``hash`` or ``pinned``),
+    ``validation_fraction``, ``select`` (the train selection rule and the arrival times of the oldest and newest train
+    pair), totals ``read``/``accepted``/``quarantined``/``duplicates_removed``, ``quarantine_file``, ``fingerprint``,
+    ``train_fingerprint`` and ``gate_set_id`` (`pair_set_id` of split ``gate``, None without one). Hashed eval and
+    validation pairs are counted in ``splits.train``.
     """
     root = Path(root)
     quarantine_path = Path(quarantine_path)
-    groups: list[tuple[str, list[SourceConfig], int | None]] = [("train", data_cfg.train, data_cfg.max_train_pairs)]
+    groups: list[tuple[str, list[SourceConfig], int | None]] = []
+    if gate_source is not None:
+        groups.append((GATE_SPLIT, [gate_source], None))
+    groups.append(("train", data_cfg.train, data_cfg.max_train_pairs))
     if not data_cfg.train:
         raise DataError("data.train lists no sources")
-    if data_cfg.eval is not None:
+    if data_cfg.eval is not None and pinned_eval is None:
         if not data_cfg.eval:
             raise DataError("data.eval is an empty list: give eval sources, or null to split train by hash")
         groups.append(("eval", data_cfg.eval, data_cfg.max_eval_pairs))
     for name, src in data_cfg.extra_eval.items():
-        if name in {"train", "eval", VALIDATION_SPLIT} or not name.strip():
+        if name in {"train", "eval", VALIDATION_SPLIT, GATE_SPLIT} or not name.strip():
             raise DataError(f"data.extra_eval set name '{name}' is reserved or blank; pick another name")
         groups.append((name, [src], data_cfg.max_extra_eval_pairs))
     bounds = {"min_chars": data_cfg.min_chars, "max_prompt_chars": data_cfg.max_prompt_chars,
@@ -282,12 +368,15 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
     entries: list[QuarantineEntry] = []
     split_reports: dict[str, dict[str, Any]] = {}
     frames: dict[str, pd.DataFrame] = {}
+    pinned = _pinned(pinned_eval, bounds) if pinned_eval is not None else None
+    if pinned is not None:
+        taken.update(pinned["pair_id"])
     for split, sources, _ in groups:
         accepted, split_entries, rep = _ingest_split(split, sources, root, bounds, taken)
         taken.update(accepted["pair_id"])
         entries += split_entries
         split_reports[split] = rep
-        frames[split] = accepted[PAIR_COLUMNS]
+        frames[split] = accepted[PAIR_COLUMNS + _ARRIVAL_ORDER]
     write_quarantine(entries, quarantine_path)
     for split, rep in split_reports.items():
         _gate(split, rep, data_cfg, quarantine_path)
@@ -296,31 +385,67 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path) -> Ingest
     if data_cfg.eval is None:
         frames = _carve(frames, "eval", data_cfg.eval_fraction)
         caps["eval"] = data_cfg.max_eval_pairs
+    left_out: dict[str, int] = {}
+    if pinned is not None:  # the pinned pairs are the eval split; other held-out pairs stay out of training unused
+        left_out["eval"] = len(frames.get("eval", ()))
+        frames = {**frames, "eval": pinned}
+        caps["eval"] = None
+        n = len(pinned)
+        split_reports["eval"] = {
+            "read": n, "accepted": n, "quarantined": 0, "duplicates_removed": 0, "duplicates_across_splits": 0,
+            "quarantined_by_check": {}, "invalid_fraction": 0.0,
+            "sources": [{"name": pinned_origin, "path": pinned_origin, "formats": {}, "files": {}, "read": n,
+                         "quarantined": 0, "duplicates_removed": 0, "accepted": n}],
+        }
     if data_cfg.validation_fraction > 0:  # before the caps: max_train_pairs never changes the validation set
         frames = _carve(frames, VALIDATION_SPLIT, data_cfg.validation_fraction)
         caps[VALIDATION_SPLIT] = data_cfg.max_validation_pairs
-    left_out: dict[str, int] = {}
+    if GATE_SPLIT in frames:  # the gate split goes last in the table (it was read first)
+        frames[GATE_SPLIT] = frames.pop(GATE_SPLIT)
     for split, frame in frames.items():
         cap = caps.get(split)
-        left_out[split] = max(0, len(frame) - cap) if cap is not None else 0
-        frames[split] = frame.head(cap) if cap is not None else frame
+        left_out[split] = left_out.get(split, 0) + (max(0, len(frame) - cap) if cap is not None else 0)
+        if split == "train" and data_cfg.select == "newest":
+            ordered = frame.sort_values(_ARRIVAL_ORDER, kind="stable")
+            frames[split] = ordered.tail(cap) if cap is not None else ordered
+        else:
+            frames[split] = frame.head(cap) if cap is not None else frame
+    train = frames["train"]
+    select = {"rule": data_cfg.select,
+              "oldest_arrival": _iso(train["_arrival"].min()) if len(train) else None,
+              "newest_arrival": _iso(train["_arrival"].max()) if len(train) else None}
     pairs = pd.concat(list(frames.values()), ignore_index=True)[PAIR_COLUMNS]
     validate_pairs(pairs, **bounds)
     fingerprint = pairs_fingerprint(pairs)
+    train_fingerprint = pair_set_id(train["pair_id"])
     report = {
         "splits": split_reports,
         "pairs": {split: int(len(frame)) for split, frame in frames.items()},
         "left_out_by_max_pairs": left_out,
-        "eval_split": "sources" if data_cfg.eval is not None else "hash",
+        "eval_split": "pinned" if pinned is not None else "sources" if data_cfg.eval is not None else "hash",
         "validation_fraction": data_cfg.validation_fraction,
+        "select": select,
         "read": sum(r["read"] for r in split_reports.values()),
         "accepted": sum(r["accepted"] for r in split_reports.values()),
         "quarantined": sum(r["quarantined"] for r in split_reports.values()),
         "duplicates_removed": sum(r["duplicates_removed"] for r in split_reports.values()),
         "quarantine_file": str(quarantine_path),
         "fingerprint": fingerprint,
+        "train_fingerprint": train_fingerprint,
+        "gate_set_id": pair_set_id(frames[GATE_SPLIT]["pair_id"]) if GATE_SPLIT in frames else None,
     }
-    return IngestResult(pairs=pairs, report=report, fingerprint=fingerprint, quarantine_path=quarantine_path)
+    return IngestResult(pairs=pairs, report=report, fingerprint=fingerprint, quarantine_path=quarantine_path,
+                        train_fingerprint=train_fingerprint)
+
+
+def _pinned(pairs: pd.DataFrame, bounds: dict[str, int]) -> pd.DataFrame:
+    """Canonical pinned pairs as split ``eval``, validated, with arrival columns (unused: never capped)."""
+    missing = [c for c in PAIR_COLUMNS if c not in pairs.columns]
+    if missing:
+        raise ContractError("pinned eval pairs", {f"missing_column_{c}": 1 for c in missing})
+    frame = pairs[PAIR_COLUMNS].assign(split="eval").reset_index(drop=True)
+    validate_pairs(frame, **bounds)
+    return frame.assign(_arrival=0.0, _file="", _row=range(len(frame)))
 
 
 def _carve(frames: dict[str, pd.DataFrame], split: str, fraction: float) -> dict[str, pd.DataFrame]:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from data_contracts.errors import DataError
-from dpo_data.ingest import in_hashed_split, ingest, read_pairs, report_rows, write_pairs
+from dpo_data.ingest import in_hashed_split, ingest, pair_set_id, read_pairs, report_rows, write_pairs
 from data_contracts.pairs import PAIR_COLUMNS, validate_pairs
 from dpo_data.quarantine import read_quarantine
 from dpo_core.config import DataConfig, SourceConfig
@@ -263,6 +263,124 @@ def test_explicit_format_and_field_renames(tmp_path):
     assert result.report["accepted"] == 3
     with pytest.raises(DataError, match="does not have"):
         ingest(DataConfig(train=[SourceConfig(path=str(path), format="trl", fields={"question": "x"})]),
+               root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- selection and gate
+
+
+def _train_ids(result) -> list[str]:
+    return result.pairs.loc[result.pairs["split"] == "train", "pair_id"].tolist()
+
+
+def _ids(records: list[dict]) -> list[str]:
+    from dpo_data.formats import make_pair_id
+
+    return [make_pair_id([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in records]
+
+
+def test_select_newest_takes_the_last_n_by_file_modification_time(tmp_path):
+    import os
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    old, new = _pairs(6), _pairs(4, start=50)
+    # the newer file sorts first by name: arrival order, not file order, decides
+    _write_jsonl(folder / "b-old.jsonl", old)
+    _write_jsonl(folder / "a-new.jsonl", new)
+    os.utime(folder / "b-old.jsonl", (1_000, 1_000))
+    os.utime(folder / "a-new.jsonl", (2_000, 2_000))
+    cfg = DataConfig(train=[SourceConfig(path=str(folder))], eval=None, eval_fraction=0.01, max_train_pairs=5,
+                     select="newest")
+    result = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    _assert_accounted(result.report)
+    assert _train_ids(result) == _ids(old)[-1:] + _ids(new)  # arrival order: the last old pair, then the new file
+    assert result.report["select"]["newest_arrival"].startswith("1970-01-01T00:33:20")
+    files = result.report["splits"]["train"]["sources"][0]["files"]
+    assert files["incoming/a-new.jsonl"]["records"] == 4 and len(files["incoming/a-new.jsonl"]["sha256"]) == 64
+    # the same files again: the same selection and fingerprint (the rule is stable across runs)
+    again = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    assert _train_ids(again) == _train_ids(result) and again.train_fingerprint == result.train_fingerprint
+    first = ingest(cfg.model_copy(update={"select": "first"}), root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    assert _train_ids(first) == _ids(new) + _ids(old)[:1]  # file order
+    every = ingest(cfg.model_copy(update={"select": "all", "max_train_pairs": None}), root=tmp_path,
+                   quarantine_path=tmp_path / "q.jsonl")
+    assert sorted(_train_ids(every)) == sorted(_ids(old) + _ids(new))
+
+
+def test_added_at_overrides_the_file_time_and_bad_values_are_quarantined(tmp_path):
+    records = _pairs(4)
+    for rec, stamp in zip(records, ["2026-03-02T10:00:00Z", 1_700_000_000, "2026-03-01", "2026-03-02T09:00:00+01:00"]):
+        rec["added_at"] = stamp
+    bad = {**_pairs(1, start=9)[0], "added_at": "last tuesday"}
+    path = _write_jsonl(tmp_path / "d.jsonl", records + [bad])
+    cfg = DataConfig(train=[SourceConfig(path=str(path))], eval=None, eval_fraction=0.01, max_train_pairs=2,
+                     select="newest", max_invalid_fraction=0.5)
+    result = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    _assert_accounted(result.report)
+    ids = _ids(records)
+    assert _train_ids(result) == [ids[3], ids[0]]  # 08:00 UTC, then 10:00 UTC on 2 March
+    assert result.report["splits"]["train"]["quarantined_by_check"] == {"bad_added_at": 1}
+
+
+def test_select_all_with_a_cap_is_a_config_error():
+    with pytest.raises(ValueError, match="data.select=all trains on every pair"):
+        DataConfig(select="all", max_train_pairs=10)
+
+
+def test_a_gate_set_is_read_first_and_never_trains(tmp_path):
+    gate_records = _pairs(4, start=100)
+    gate = _write_jsonl(tmp_path / "gate.jsonl", gate_records)
+    # two gate pairs reappear in the training data and one in the eval file
+    train = _write_jsonl(tmp_path / "t.jsonl", _pairs(10) + gate_records[:2])
+    test = _write_jsonl(tmp_path / "e.jsonl", _pairs(3, start=200) + gate_records[2:3])
+    cfg = DataConfig(train=[SourceConfig(path=str(train))], eval=[SourceConfig(path=str(test))])
+    result = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl", gate_source=SourceConfig(path=str(gate)))
+    _assert_accounted(result.report)
+    assert result.report["pairs"] == {"train": 10, "eval": 3, "gate": 4}
+    assert result.report["splits"]["train"]["duplicates_across_splits"] == 2
+    assert result.report["splits"]["eval"]["duplicates_across_splits"] == 1
+    by_split = result.pairs.groupby("split")["pair_id"].apply(set)
+    assert by_split["gate"] == set(_ids(gate_records)) and not by_split["gate"] & by_split["train"]
+    assert result.report["gate_set_id"] == pair_set_id(_ids(gate_records))
+    assert list(result.pairs["split"].unique()) == ["train", "eval", "gate"]
+
+
+def test_a_pinned_eval_split_replaces_the_held_out_pairs_and_never_trains(tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", _pairs(40))
+    cfg = DataConfig(train=[SourceConfig(path=str(data))], eval=None, eval_fraction=0.25, max_eval_pairs=4)
+    first = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    eval_pairs = first.pairs[first.pairs["split"] == "eval"]
+    # the pinned pairs from the first run: the same files give the same table
+    same = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl", pinned_eval=eval_pairs,
+                  pinned_origin="champion v1")
+    _assert_accounted(same.report)
+    assert same.fingerprint == first.fingerprint and same.report["eval_split"] == "pinned"
+    assert same.report["splits"]["eval"]["sources"][0]["name"] == "champion v1"
+    # new pairs written before the old ones: unpinned, the first held-out pairs (the eval split) change; pinned, the
+    # eval split stays the pinned pairs and none of them trains
+    _write_jsonl(data, _pairs(30, start=500) + _pairs(40))
+    later = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl", pinned_eval=eval_pairs)
+    _assert_accounted(later.report)
+    later_eval = later.pairs[later.pairs["split"] == "eval"]
+    assert later_eval["pair_id"].tolist() == eval_pairs["pair_id"].tolist()
+    assert not set(eval_pairs["pair_id"]) & set(_train_ids(later))
+    unpinned = ingest(cfg, root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+    assert unpinned.pairs.loc[unpinned.pairs["split"] == "eval", "pair_id"].tolist() != eval_pairs["pair_id"].tolist()
+    # explicit eval sources are replaced too
+    test = _write_jsonl(tmp_path / "e.jsonl", _pairs(5, start=900))
+    with_sources = ingest(cfg.model_copy(update={"eval": [SourceConfig(path=str(test))]}), root=tmp_path,
+                          quarantine_path=tmp_path / "q.jsonl", pinned_eval=eval_pairs)
+    _assert_accounted(with_sources.report)
+    assert with_sources.pairs.loc[with_sources.pairs["split"] == "eval", "pair_id"].tolist() == \
+        eval_pairs["pair_id"].tolist()
+
+
+def test_reserved_gate_name(tmp_path):
+    gate = _write_jsonl(tmp_path / "gate.jsonl", _pairs(2))
+    train = _write_jsonl(tmp_path / "t.jsonl", _pairs(3, start=10))
+    with pytest.raises(DataError, match="reserved"):
+        ingest(DataConfig(train=[SourceConfig(path=str(train))], extra_eval={"gate": SourceConfig(path=str(gate))}),
                root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
 
 
