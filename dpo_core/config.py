@@ -343,8 +343,8 @@ class RegistryConfig(_Section):
     # the pairs the promotion gate scores on; they never train. None: the eval split of the first registered run,
     # stored with every version and taken from the champion from then on (tracking.registry)
     gate_set: SourceConfig | None = None
-    # end the run before loading any model when the champion was trained on the same selected train pairs with the
-    # same config (nothing new to learn); no new version is registered
+    # end the run before loading any model when a registered version (the champion, or one that lost its gate) was
+    # trained on the same selected train pairs with the same config: nothing new to learn, no new version
     skip_unchanged: bool = False
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under the state folder
 

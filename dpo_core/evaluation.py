@@ -1,11 +1,13 @@
 """Evaluation of a trained policy against its reference: the model side (scoring, generating, judging).
 
-- `evaluate_preferences`: held-out pairs -> the policy's log-probs (`dpo_core.scoring.score_pairs`) joined with the
-  precomputed reference table -> one metrics record per eval set (`data_contracts.evaluation.EvalMetrics`).
+- `preference_scores`: held-out pairs -> the policy's log-probs (`dpo_core.scoring.score_pairs`) joined with the
+  precomputed reference table, one row per pair; `preference_record` -> one metrics record per eval set
+  (`data_contracts.evaluation.EvalMetrics`); `evaluate_preferences` does both.
 - `compare_generations`: generate with the reference and the policy on the first N held-out prompts, score each
   answer (implicit reward, repetition, length, end-of-turn, a judge) -> a side-by-side table
   (`data_contracts.evaluation.Generations`) and a summary: the judge's validity beside its win rates (raw and
-  length-controlled), the length ratio, end-of-turn and repetition rates, each with a bootstrap CI.
+  length-controlled), the length ratio, end-of-turn and repetition rates, each with a bootstrap CI;
+  `judged_answers` decodes and judges one more model the same way (the champion, for the promotion gate).
 
 The maths on the resulting arrays (accuracy, bootstrap CI, repetition statistics, win rate) is `dpo_core.metrics`.
 """
@@ -31,7 +33,8 @@ from dpo_core.metrics import (
 )
 from dpo_core.scoring import score_pairs
 
-__all__ = ["EvaluationError", "evaluate_preferences", "compare_generations"]
+__all__ = ["EvaluationError", "preference_scores", "preference_record", "evaluate_preferences", "compare_generations",
+           "judged_answers"]
 
 _TOKENIZED_NEEDED = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")
 _REFERENCE_NEEDED = ("pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
@@ -61,29 +64,26 @@ def _join_reference(tokenized_df: Any, reference_df: Any, eval_set: str) -> Any:
     return ref.loc[tokenized_df["pair_id"].tolist()]
 
 
-def evaluate_preferences(
+def preference_scores(
     policy: Any,
     tokenized_df: Any,
     *,
     reference_df: Any,
-    beta: float,
     batch_size: int,
     spec: Any = None,
     chunk_size: int = 1024,
     layout: str = "auto",
-    bootstrap_samples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
     eval_set: str = "eval",
-) -> dict[str, Any]:
-    """One metrics record (`data_contracts.evaluation.EvalMetrics` row) for one eval set.
+) -> pd.DataFrame:
+    """Per pair of `tokenized_df`, in its order: `pair_id`, the policy's summed response log-probs of chosen and
+    rejected (`policy_chosen_logps`, `policy_rejected_logps`), the reference table's (`reference_chosen_logps`,
+    `reference_rejected_logps`) and the response token counts (`chosen_tokens`, `rejected_tokens`).
 
-    The policy's summed response log-probs on the held-out `tokenized_df` (columns of
-    `dpo_core.templating.tokenize_pairs`) come from `dpo_core.scoring.score_pairs` and are joined by `pair_id` with the
-    precomputed `reference_df` (`dpo_core.reference.compute_reference_logps`), then turned into `preference_metrics`.
-
-    Raises `EvaluationError` when the set has zero pairs, when a pair has no reference row, or when the policy and
-    the reference table disagree on a pair's response token counts (the two were tokenized differently).
+    The policy's log-probs on the held-out `tokenized_df` (columns of `dpo_core.templating.tokenize_pairs`) come from
+    `dpo_core.scoring.score_pairs` and are joined by `pair_id` with the precomputed `reference_df`
+    (`dpo_core.reference.compute_reference_logps`). Raises `EvaluationError` when the set has zero pairs, when a pair
+    has no reference row, or when the policy and the reference table disagree on a pair's response token counts (the
+    two were tokenized differently).
     """
     _check_columns(tokenized_df, _TOKENIZED_NEEDED, "tokenized pairs", eval_set)
     _check_columns(reference_df, _REFERENCE_NEEDED, "reference log-prob", eval_set)
@@ -103,11 +103,32 @@ def evaluate_preferences(
             f"table (e.g. {np.asarray(ref.index)[bad][:3].tolist()}); the reference was computed on a different "
             "tokenization"
         )
+    return pd.DataFrame({
+        "pair_id": tokenized_df["pair_id"].astype(str).tolist(),
+        "policy_chosen_logps": scores.chosen_logps,
+        "policy_rejected_logps": scores.rejected_logps,
+        "reference_chosen_logps": ref["chosen_logps"].to_numpy(dtype=np.float64),
+        "reference_rejected_logps": ref["rejected_logps"].to_numpy(dtype=np.float64),
+        "chosen_tokens": scores.chosen_tokens,
+        "rejected_tokens": scores.rejected_tokens,
+    })
+
+
+def preference_record(
+    scores: pd.DataFrame,
+    beta: float,
+    *,
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    eval_set: str = "eval",
+) -> dict[str, Any]:
+    """One metrics record (`data_contracts.evaluation.EvalMetrics` row) from a `preference_scores` table."""
     metrics = preference_metrics(
-        scores.chosen_logps,
-        scores.rejected_logps,
-        ref["chosen_logps"].to_numpy(),
-        ref["rejected_logps"].to_numpy(),
+        scores["policy_chosen_logps"].to_numpy(),
+        scores["policy_rejected_logps"].to_numpy(),
+        scores["reference_chosen_logps"].to_numpy(),
+        scores["reference_rejected_logps"].to_numpy(),
         beta,
         bootstrap_samples=bootstrap_samples,
         confidence=confidence,
@@ -116,9 +137,32 @@ def evaluate_preferences(
     return {
         "eval_set": eval_set,
         **metrics,
-        "chosen_tokens_mean": float(scores.chosen_tokens.mean()),
-        "rejected_tokens_mean": float(scores.rejected_tokens.mean()),
+        "chosen_tokens_mean": float(scores["chosen_tokens"].mean()),
+        "rejected_tokens_mean": float(scores["rejected_tokens"].mean()),
     }
+
+
+def evaluate_preferences(
+    policy: Any,
+    tokenized_df: Any,
+    *,
+    reference_df: Any,
+    beta: float,
+    batch_size: int,
+    spec: Any = None,
+    chunk_size: int = 1024,
+    layout: str = "auto",
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    eval_set: str = "eval",
+) -> dict[str, Any]:
+    """One metrics record (`data_contracts.evaluation.EvalMetrics` row) for one eval set: `preference_scores`, then
+    `preference_record` (the errors are those of `preference_scores`)."""
+    scores = preference_scores(policy, tokenized_df, reference_df=reference_df, batch_size=batch_size, spec=spec,
+                               chunk_size=chunk_size, layout=layout, eval_set=eval_set)
+    return preference_record(scores, beta, bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
+                             eval_set=eval_set)
 
 
 _PAIRS_NEEDED = ("pair_id", "prompt", "chosen", "rejected")
@@ -142,6 +186,65 @@ def _answer_stats(prefix: str, gens: Sequence[Any]) -> dict[str, list]:
         f"{prefix}_distinct_2": [distinct_n(g.content_ids, 2) for g in gens],
         f"{prefix}_longest_repeat": [longest_repeated_ngram(g.content_ids) for g in gens],
     }
+
+
+def _generation_setup(pairs_df: Any, eval_cfg: Any, system_prompt: str | None, spec: Any,
+                      max_prompt_length: int | None) -> tuple[list[dict], list[list[dict[str, str]]], dict[str, Any]]:
+    """The first `eval_cfg.n_generations` held-out rows, their chat messages and the decoding settings."""
+    _check_columns(pairs_df, _PAIRS_NEEDED, "held-out pairs", "generation comparison")
+    n = int(eval_cfg.n_generations)
+    if n == 0:
+        raise EvaluationError("eval.n_generations is 0: the generation comparison has nothing to do; skip the stage")
+    if len(pairs_df) == 0:
+        raise EvaluationError("the generation comparison got zero held-out pairs; nothing to generate from")
+    rows = pairs_df.head(n).to_dict("records")
+    settings = dict(
+        max_new_tokens=eval_cfg.max_new_tokens,
+        do_sample=eval_cfg.do_sample,
+        temperature=eval_cfg.temperature,
+        top_p=eval_cfg.top_p,
+        seed=eval_cfg.seed,
+        batch_size=eval_cfg.generation_batch_size,
+        system_prompt=system_prompt,
+        spec=spec,
+        max_prompt_length=max_prompt_length,
+    )
+    return rows, [_messages(r["prompt"]) for r in rows], settings
+
+
+def _generate(model: Any, tokenizer: Any, rows: list[dict], prompts: list[list[dict[str, str]]],
+              settings: dict[str, Any]) -> list[Any]:
+    """`dpo_core.generation.generate`, a prompt that cannot be rendered raised as an EvaluationError naming its pair."""
+    try:
+        return generate(model, tokenizer, prompts, **settings)
+    except PromptRenderError as exc:
+        raise EvaluationError(f"pair {rows[exc.index]['pair_id']}: its prompt cannot be rendered: {exc.reason}") from exc
+
+
+def judged_answers(
+    model: Any,
+    tokenizer: Any,
+    pairs_df: Any,
+    *,
+    eval_cfg: Any,
+    judge: Any,
+    spec: Any = None,
+    system_prompt: str | None = None,
+    max_prompt_length: int | None = None,
+) -> pd.DataFrame:
+    """One model's answers to the first `eval_cfg.n_generations` held-out prompts, decoded exactly as
+    `compare_generations` decodes the policy's (same prompts, settings and seed), scored by `judge`: a table with
+    `pair_id`, `answer`, `answer_tokens`, `judge_score` (to put another model beside a comparison's reference)."""
+    rows, prompts, settings = _generation_setup(pairs_df, eval_cfg, system_prompt, spec, max_prompt_length)
+    gens = _generate(model, tokenizer, rows, prompts, settings)
+    scores = judge.score(prompts, [g.text for g in gens], [str(r["chosen"]) for r in rows],
+                         [str(r["rejected"]) for r in rows])
+    return pd.DataFrame({
+        "pair_id": [str(r["pair_id"]) for r in rows],
+        "answer": [g.text for g in gens],
+        "answer_tokens": [len(g.content_ids) for g in gens],
+        "judge_score": [float(x) for x in scores],
+    })
 
 
 def compare_generations(
@@ -184,29 +287,8 @@ def compare_generations(
     """
     if beta <= 0:
         raise EvaluationError(f"beta must be > 0, got {beta}")
-    _check_columns(pairs_df, _PAIRS_NEEDED, "held-out pairs", "generation comparison")
-    n = int(eval_cfg.n_generations)
-    if n == 0:
-        raise EvaluationError("eval.n_generations is 0: the generation comparison has nothing to do; skip the stage")
-    if len(pairs_df) == 0:
-        raise EvaluationError("the generation comparison got zero held-out pairs; nothing to generate from")
-    rows = pairs_df.head(n).to_dict("records")
-    prompts = [_messages(r["prompt"]) for r in rows]
-    settings = dict(
-        max_new_tokens=eval_cfg.max_new_tokens,
-        do_sample=eval_cfg.do_sample,
-        temperature=eval_cfg.temperature,
-        top_p=eval_cfg.top_p,
-        seed=eval_cfg.seed,
-        batch_size=eval_cfg.generation_batch_size,
-        system_prompt=system_prompt,
-        spec=spec,
-        max_prompt_length=max_prompt_length,
-    )
-    try:
-        ref_gens = generate(reference_model, tokenizer, prompts, **settings)
-    except PromptRenderError as exc:
-        raise EvaluationError(f"pair {rows[exc.index]['pair_id']}: its prompt cannot be rendered: {exc.reason}") from exc
+    rows, prompts, settings = _generation_setup(pairs_df, eval_cfg, system_prompt, spec, max_prompt_length)
+    ref_gens = _generate(reference_model, tokenizer, rows, prompts, settings)
     pol_gens = generate(policy, tokenizer, prompts, **settings)
 
     # one "pair" per prompt: chosen = the policy's answer, rejected = the reference's answer, both after the same

@@ -26,9 +26,11 @@ new data goes into a new file (appending to a file moves all its rows to the fil
 
 The promotion gate's pairs are taken before anything else, so they never train, even when they reappear in the data
 files (they count as ``duplicates_across_splits`` there): an explicit gate set (``gate_source``) as split ``gate``, or
-the pinned eval split of an earlier run (``pinned_eval``, canonical pairs) as split ``eval``. With ``on_invalid:
-fail`` any invalid row fails the stage; with ``quarantine`` a split whose invalid fraction exceeds ``max_invalid_fraction`` fails it; both with a
-message that counts rows per failed check and names the quarantine file (which is written first).
+the pinned eval split of an earlier run (``pinned_eval``, canonical pairs) as split ``eval``.
+
+With ``on_invalid: fail`` any invalid row fails the stage; with ``quarantine`` a split whose invalid fraction exceeds
+``max_invalid_fraction`` fails it; both with a message that counts rows per failed check and names the quarantine
+file (which is written first).
 """
 
 from __future__ import annotations

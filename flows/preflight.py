@@ -49,6 +49,7 @@ def _sources(cfg: RunConfig) -> list[tuple[str, SourceConfig]]:
     named = [(f"data.train[{i}]", src) for i, src in enumerate(cfg.data.train)]
     named += [(f"data.eval[{i}]", src) for i, src in enumerate(cfg.data.eval or [])]
     named += [(f"data.extra_eval.{name}", src) for name, src in cfg.data.extra_eval.items()]
+    named += [("registry.gate_set", cfg.registry.gate_set)] if cfg.registry.gate_set is not None else []
     return named
 
 

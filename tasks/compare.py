@@ -1,4 +1,6 @@
-"""Stage 7: policy-vs-reference generations on held-out prompts, scored and judged by the judge stage's judge."""
+"""Stage 7: policy-vs-reference generations on the gate set's prompts (the held-out eval split when the run has no
+gate split), scored and judged by the judge stage's judge. `model` is the reference that answers beside the policy:
+the base model."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from typing import Any
 from prefect import task
 
 from data_contracts.evaluation import validate_generations
-from dpo_data.ingest import read_pairs
 from dpo_core.config import RunConfig
 from dpo_core.evaluation import compare_generations
 from dpo_core.fileio import sha256_file
@@ -17,6 +18,7 @@ from dpo_core.judges import make_judge
 from dpo_core.models import load_tokenizer, pick_device
 from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import MODEL_LOAD_LOCK, load_model_locked
+from tasks.ingest import split_pairs
 from tasks.reference import base_model_config
 from tasks.train import policy_dir
 
@@ -37,8 +39,8 @@ def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], 
     """`judge`: the judge stage's manifest (tasks/judge.py): the trained head's folder and the judge's validity."""
     def fill(folder: Path) -> dict[str, Any]:
         spec = pick_device(cfg.model)
-        canonical = read_pairs(Path(pairs["path"]) / pairs["pairs_file"])
-        held_out = canonical[canonical["split"] == "eval"].reset_index(drop=True)
+        # the gate's prompts: the champion answers them too (tasks/champion.py)
+        held_out = split_pairs(pairs, pairs.get("gate_split", "eval"))
         tokenizer = load_tokenizer(model["model_dir"], cfg.model)
         policy = load_model_locked(policy_dir(trained), base_model_config(cfg), spec)
         reference = load_model_locked(model["model_dir"], base_model_config(cfg), spec)

@@ -1,4 +1,9 @@
-"""Stage 2: read every configured source, convert to canonical pairs, validate, quarantine, split, fingerprint."""
+"""Stage 2: read every configured source, convert to canonical pairs, validate, quarantine, split, select, fingerprint.
+
+The promotion gate's pairs are taken first: `registry.gate_set` when configured (split `gate`), else the eval split
+stored with the champion when one is given (`gate`, the manifest of tasks.champion.pinned_gate_stage; it becomes the
+`eval` split), else the run's own eval split is the gate (and gets stored with the version it registers).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,10 @@ from typing import Any
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from dpo_data.ingest import ingest, write_pairs
+import pandas as pd
+
+from dpo_data.formats import list_data_files
+from dpo_data.ingest import GATE_SPLIT, ingest, pair_set_id, read_pairs, write_pairs
 from dpo_core.config import RunConfig
 from tasks.artifacts import PROJECT_ROOT, build_artifact, prefect_cache_key, stage_key, tree_hash
 from tasks.common import retry_transient_only
@@ -24,7 +32,8 @@ def data_root() -> Path:
 
 
 def _source_hashes(cfg: RunConfig) -> dict[str, str]:
-    sources = [*cfg.data.train, *(cfg.data.eval or []), *cfg.data.extra_eval.values()]
+    sources = [*cfg.data.train, *(cfg.data.eval or []), *cfg.data.extra_eval.values(),
+               *([cfg.registry.gate_set] if cfg.registry.gate_set is not None else [])]
     out = {}
     for src in sources:
         path = data_root() / src.path
@@ -33,8 +42,25 @@ def _source_hashes(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
-def ingest_key(cfg: RunConfig) -> str:
-    return stage_key(STAGE, {"data": cfg.data.model_dump(mode="json"), "sources": _source_hashes(cfg)})
+def _arrival_stamps(cfg: RunConfig) -> dict[str, int]:
+    """Modification times of the train files: with data.select=newest they decide which pairs train."""
+    if cfg.data.select != "newest":
+        return {}
+    stamps = {}
+    for src in cfg.data.train:
+        path = data_root() / src.path
+        files = list_data_files(path) if path.is_dir() else [path] if path.is_file() else []
+        stamps.update({str(f): f.stat().st_mtime_ns for f in files})
+    return stamps
+
+
+def ingest_key(cfg: RunConfig, gate: dict[str, Any] | None = None) -> str:
+    inputs = {"data": cfg.data.model_dump(mode="json"), "sources": _source_hashes(cfg),
+              "arrival": _arrival_stamps(cfg),
+              "gate_set": cfg.registry.gate_set.model_dump(mode="json") if cfg.registry.gate_set else None}
+    return stage_key(STAGE, inputs, [gate] if gate is not None else [])
+
+
 
 
 @task(
@@ -45,15 +71,23 @@ def ingest_key(cfg: RunConfig) -> str:
     retry_delay_seconds=exponential_backoff(2),
     retry_condition_fn=retry_transient_only,
 )
-def ingest_stage(cfg: RunConfig) -> dict[str, Any]:
+def ingest_stage(cfg: RunConfig, gate: dict[str, Any] | None = None) -> dict[str, Any]:
     def fill(folder: Path) -> dict[str, Any]:
-        result = ingest(cfg.data, root=data_root(), quarantine_path=folder / "quarantine.jsonl")
+        pinned = read_pairs(Path(gate["path"]) / gate["pairs_file"]) if gate is not None else None
+        result = ingest(cfg.data, root=data_root(), quarantine_path=folder / "quarantine.jsonl",
+                        gate_source=cfg.registry.gate_set, pinned_eval=pinned,
+                        pinned_origin=gate["origin"] if gate is not None else "pinned")
         write_pairs(result.pairs, folder / "pairs.parquet")
         (folder / "report.json").write_text(json.dumps(result.report, indent=1, default=str))
         splits = result.pairs["split"].value_counts().to_dict()
+        # the promotion gate scores on split `gate` when there is one, else on `eval` (pinned when registered)
+        gate_split = GATE_SPLIT if splits.get(GATE_SPLIT) else "eval"
         return {
             "content_hash": result.fingerprint,
             "fingerprint": result.fingerprint,
+            "train_fingerprint": result.train_fingerprint,
+            "gate_split": gate_split,
+            "gate_set_id": pair_set_id(result.pairs.loc[result.pairs["split"] == gate_split, "pair_id"]),
             "pairs_file": "pairs.parquet",
             "quarantine_file": "quarantine.jsonl",
             "report": result.report,
@@ -61,4 +95,10 @@ def ingest_stage(cfg: RunConfig) -> dict[str, Any]:
             "sources": [s.path for s in cfg.data.train],
         }
 
-    return build_artifact(cfg, STAGE, ingest_key(cfg), fill)
+    return build_artifact(cfg, STAGE, ingest_key(cfg, gate), fill)
+
+
+def split_pairs(pairs: dict[str, Any], split: str) -> pd.DataFrame:
+    """The canonical pairs of one split of an ingest manifest."""
+    table = read_pairs(Path(pairs["path"]) / pairs["pairs_file"])
+    return table[table["split"] == split].reset_index(drop=True)

@@ -13,6 +13,8 @@ from dpo_core.models import default_model_cache, resolve_model_path
 from tasks.artifacts import state_dir, tree_hash
 from tasks.common import retry_transient_only
 
+MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt")  # what a model's content hash covers
+
 
 def model_cache_dir(cfg: RunConfig) -> Path:
     """$DPO_MODEL_CACHE when set (tests share one), else `<state_dir>/models`."""
@@ -27,7 +29,7 @@ def materialize_model(cfg: RunConfig) -> dict[str, Any]:
     path = resolve_model_path(cfg.model, model_cache_dir(cfg))
     if isinstance(path, Path) or Path(str(path)).is_dir():
         folder = Path(path)
-        content = tree_hash(folder, ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"))
+        content = tree_hash(folder, MODEL_FILES)
         return {"stage": "materialize", "model_dir": str(folder), "name": cfg.model.name_or_path,
                 "content_hash": content}
     # a hub id (online only): the id and revision are its identity

@@ -35,10 +35,11 @@ def base_model_config(cfg: RunConfig):
 TRAINING_SPLITS = ("train", VALIDATION_SPLIT)
 
 
-def reference_key(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]) -> str:
+def reference_key(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any],
+                  only_split: str | None = None) -> str:
     spec = pick_device(cfg.model)
     inputs = {"device": spec.device.type, "autocast": str(spec.autocast_dtype), "dtype": str(spec.dtype),
-              "training_splits": cfg.train.needs_reference()}
+              "training_splits": cfg.train.needs_reference(), "only_split": only_split}
     return stage_key(STAGE, inputs, [model, tokenized])
 
 
@@ -51,18 +52,22 @@ def scored_splits(cfg: RunConfig, table: pd.DataFrame) -> list[str] | None:
 
 
 @task(name="reference", cache_key_fn=prefect_cache_key(STAGE, reference_key), persist_result=True)
-def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any]) -> dict[str, Any]:
+def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, Any],
+                    only_split: str | None = None) -> dict[str, Any]:
+    """The reference log-probs of the tokenized pairs under `model`; `only_split`: of that split's pairs only (the
+    base model's on the gate set, when the policy starts from the champion)."""
     def fill(folder: Path) -> dict[str, Any]:
         tokenized_file = Path(tokenized["path"]) / tokenized["tokenized_file"]
         table = pd.read_parquet(tokenized_file)
-        splits = scored_splits(cfg, table)
+        splits = [only_split] if only_split is not None else scored_splits(cfg, table)
         if splits is not None:
             table = table[table["split"].isin(splits)].reset_index(drop=True)
         out = folder / "reference.parquet"
         progress = Progress("reference-precompute", f"reference log-probs ({len(table)} pairs)", bar_unit="pair")
         # rows split across torchrun ranks, one table gathered by rank 0; with several machines (train.nnodes) only
-        # this machine's share of the ranks runs it (no other node is started for the precompute)
-        local = cfg.train.processes // cfg.train.nnodes
+        # this machine's share of the ranks runs it (no other node is started for the precompute); one split alone
+        # (a gate set) is small and runs here
+        local = cfg.train.processes // cfg.train.nnodes if only_split is None else 1
         job = ReferenceJob(model_dir=str(model["model_dir"]), model=base_model_config(cfg),
                            tokenized=str(tokenized_file), out_file=str(out),
                            batch_size=cfg.train.reference_batch_size, chunk_size=cfg.train.logprob_chunk_size,
@@ -77,4 +82,4 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
         write_reference_table(logps, out)
         return {"content_hash": sha256_file(out)[:16], "reference_file": "reference.parquet", "rows": len(logps)}
 
-    return build_artifact(cfg, STAGE, reference_key(cfg, model, tokenized), fill)
+    return build_artifact(cfg, STAGE, reference_key(cfg, model, tokenized, only_split), fill)

@@ -9,8 +9,8 @@ import pandas as pd
 
 from tracking.tracker import comparison_lines
 
-__all__ = ["comparison_lines", "comparison_markdown", "data_report_markdown", "generations_rows", "judge_markdown",
-           "metrics_rows"]
+__all__ = ["comparison_lines", "comparison_markdown", "data_report_markdown", "decision_markdown", "generations_rows",
+           "judge_markdown", "metrics_rows"]
 
 
 def _fmt(value: Any) -> str:
@@ -92,4 +92,22 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
         low, high = summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high")
         lines.append(f"| {key} | {_fmt(value)} | {_fmt(low) if low is not None else ''} | "
                      f"{_fmt(high) if high is not None else ''} |")
+
+
+def decision_markdown(name: str, version: str, decision: dict[str, Any], gate: dict[str, Any]) -> str:
+    """The promotion decision: candidate and champion numbers on the same gate pairs, the paired differences with
+    their CI, and the reason."""
+    verdict = "promoted to champion" if decision["promote"] else "not promoted"
+    lines = [f"# {name} v{version}: {verdict}", "", decision["reason"], "",
+             f"gate set `{gate['gate_set_id']}`: {gate['n_pairs']} pairs"
+             + (f", {gate['n_prompts']} judged prompts ({gate.get('judge')})" if gate.get("n_prompts") else ""), ""]
+    champion = gate.get("champion") or {}
+    lines += [f"| metric | candidate v{version} | champion v{gate.get('champion_version') or '-'} | paired difference "
+              f"| {gate.get('confidence', 0.95):.0%} CI |", "|---|---|---|---|---|"]
+    for metric, value in gate["candidate"].items():
+        paired = gate["paired"].get(metric)
+        ci = f"{paired['ci_low']:+.4f} to {paired['ci_high']:+.4f}" if paired else "-"
+        diff = f"{paired['difference']:+.4f}" if paired else "-"
+        theirs = f"{champion[metric]:.4f}" if metric in champion else "-"
+        lines.append(f"| {metric} | {value:.4f} | {theirs} | {diff} | {ci} |")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""dpo_core.metrics (maths on arrays), dpo_core.evaluation (evaluate_preferences, compare_generations) and
+"""dpo_core.metrics (maths on arrays), dpo_core.evaluation (evaluate_preferences, compare_generations, judged_answers)
 data_contracts.evaluation."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from data_contracts.errors import ContractError
 from data_contracts.evaluation import GENERATION_COLUMNS, METRIC_COLUMNS, validate_generations, validate_metrics
 from dpo_core.batching import collate_pairs
 from dpo_core.config import EvalConfig, ModelConfig
-from dpo_core.evaluation import compare_generations, evaluate_preferences
+from dpo_core.evaluation import compare_generations, evaluate_preferences, judged_answers
 from dpo_core.logprobs import sequence_logps
 from dpo_core.metrics import (
     EvaluationError,
@@ -366,6 +366,20 @@ def test_compare_generations_table_scores_and_summary(tokenizer):
     assert summary["judge_validated"] is True and summary["judge_validity_note"] == "test"
     for key in ("win_rate", "lc_win_rate", "length_ratio", "policy_eot_rate", "policy_distinct_2_mean"):
         assert summary[f"{key}_ci_low"] <= summary[key] <= summary[f"{key}_ci_high"]
+
+
+def test_judged_answers_decode_and_judge_a_model_as_the_comparison_does(tokenizer):
+    """A third model (the champion, in the promotion gate) answers beside a comparison: with the policy in its place
+    it reproduces the comparison's policy answers and judge scores exactly."""
+    reference, policy = tiny_llama(tokenizer, seed=0), tiny_llama(tokenizer, seed=1)
+    table, _ = compare_generations(policy, reference, tokenizer, PAIRS, eval_cfg=_eval_cfg(), beta=0.5,
+                                   judge=LengthJudge(), spec=SPEC, max_prompt_length=12)
+    answers = judged_answers(policy, tokenizer, PAIRS, eval_cfg=_eval_cfg(), judge=LengthJudge(), spec=SPEC,
+                             max_prompt_length=12)
+    assert answers["pair_id"].tolist() == table["pair_id"].tolist()
+    assert answers["answer"].tolist() == table["policy_answer"].tolist()
+    assert answers["judge_score"].tolist() == table["policy_judge_score"].tolist()
+    assert answers["answer_tokens"].tolist() == table["policy_tokens"].tolist()
 
 
 def test_compare_generations_policy_equal_to_reference(tokenizer, tiny_model):

@@ -81,3 +81,58 @@ def test_make_up_deployment_run_smoke_make_down(tmp_path, smollm2_dir):
         stopped = stack.down(state)
     assert set(stopped) == {"prefect-server", "mlflow-server", "prefect-worker"}
     assert not stack.port_in_use(prefect_port) and not stack.port_in_use(mlflow_port)
+
+
+@pytest.mark.stack
+@pytest.mark.timeout(1200)
+def test_nightly_deployment_twice_with_a_file_added_in_between(tmp_path, tiny_model_dir):
+    """`prefect deployment run dpo/nightly` by hand, twice, through the real servers and worker: the second night
+    trains on the newly delivered pairs and scores the champion on the gate pairs pinned by the first."""
+    import json
+
+    import mlflow
+
+    from dpo_data.formats import make_pair_id
+
+    state, folder = tmp_path / "state", tmp_path / "incoming"
+    folder.mkdir()
+
+    def deliver(name: str, start: int, day: int) -> set[str]:
+        records = [{"prompt": f"Question {i}?", "chosen": f"A helpful answer {i}.", "rejected": "No."}
+                   for i in range(start, start + 16)]
+        path = folder / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.utime(path, (1_700_000_000 + day * 86_400,) * 2)
+        return {make_pair_id([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in records}
+
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"data.train=[{{path: {folder}}}]",
+                 "data.max_train_pairs=8", "data.max_eval_pairs=4", "data.eval_fraction=0.25",
+                 "template.max_length=64", "template.max_prompt_length=32", "train.max_steps=2",
+                 "train.batch_size=2", "eval.n_generations=0", "eval.bootstrap_samples=50"]
+    prefect_port, mlflow_port = stack.free_port(), stack.free_port()
+    info = stack.up(state, prefect_port, mlflow_port, timeout_s=180)
+    try:
+        env = {**os.environ, "PREFECT_API_URL": info["PREFECT_API_URL"],
+               "MLFLOW_TRACKING_URI": info["MLFLOW_TRACKING_URI"]}
+        client = mlflow.MlflowClient(tracking_uri=info["MLFLOW_TRACKING_URI"])
+
+        def night() -> None:
+            run = subprocess.run(
+                [str(BIN / "prefect"), "deployment", "run", "dpo/nightly", "-p", f"overrides={json.dumps(overrides)}",
+                 "--watch", "--watch-timeout", "500"], env=env, capture_output=True, text=True, timeout=560)
+            out = run.stdout + run.stderr
+            assert run.returncode == 0 and "Completed" in out, out[-3000:]
+
+        first_ids = deliver("delivery-1.jsonl", 0, day=0)
+        night()
+        v1 = client.get_model_version_by_alias("dpo-policy-nightly", "champion")
+        assert v1.version == "1"
+        second_ids = deliver("delivery-2.jsonl", 100, day=1)
+        night()
+        v2 = client.get_model_version("dpo-policy-nightly", "2")
+        trained = set(Path(client.download_artifacts(v2.run_id, "lineage/train_pair_ids.txt")).read_text().split())
+        assert len(trained) == 8 and trained <= second_ids and not trained & first_ids
+        assert v2.tags["gate_set_id"] == v1.tags["gate_set_id"] and v2.tags["data.new_pairs"] == "8"
+        assert "gate.accuracy.champion" in v2.tags and v2.tags["promotion.decision"] in ("promoted", "candidate")
+    finally:
+        stack.down(state)
