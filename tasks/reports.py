@@ -92,6 +92,7 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
         low, high = summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high")
         lines.append(f"| {key} | {_fmt(value)} | {_fmt(low) if low is not None else ''} | "
                      f"{_fmt(high) if high is not None else ''} |")
+    return "\n".join(lines) + "\n"
 
 
 def decision_markdown(name: str, version: str, decision: dict[str, Any], gate: dict[str, Any]) -> str:

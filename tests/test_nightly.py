@@ -55,6 +55,8 @@ def _nightly_config(tiny_model_dir: Path, state: Path, folder: Path, **registry)
     cfg["data"].update({"select": "newest", "max_train_pairs": 8, "eval_fraction": 0.3, "max_eval_pairs": 4})
     cfg["registry"].update({"experiment": "test-nightly", "model_name": "nightly-policy", "skip_unchanged": True,
                             "promotion_tolerance": 0.0, **registry})
+    # a judge that is not trained on the night's data: the champion's win rate is then comparable across nights
+    cfg["eval"]["judge"] = {"kind": "similarity"}
     return cfg
 
 
