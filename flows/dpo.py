@@ -41,19 +41,17 @@ def _default_prefect_env() -> None:
 
 _default_prefect_env()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.context import get_run_context  # noqa: E402
 from prefect.artifacts import MarkdownArtifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from dpo_core.config import RunConfig, UserError  # noqa: E402
-from flows.preflight import load_checked_config, one_line, preflight  # noqa: E402
+from dpo_core.config import RunConfig  # noqa: E402
+from flows.preflight import cli_parser, load_checked_config, preflight, run_cli  # noqa: E402
 from tasks.artifacts import needs_refresh  # noqa: E402
 from tasks.champion import (  # noqa: E402
     champion_lookup,
@@ -403,23 +401,19 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.dpo", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set train.beta=0.2 (repeatable)")
-    parser.add_argument("--debug", action="store_true",
-                        help="on a config, data or model-path error, print the traceback above the one-line message")
-    args = parser.parse_args(argv)
-    try:
+    args = cli_parser("python -m flows.dpo", __doc__.splitlines()[0], "configs/default.yaml", "YAML config",
+                      "override one config key, e.g. --set train.beta=0.2 (repeatable)",
+                      "on a config, data or model-path error, print the traceback above the one-line message",
+                      ).parse_args(argv)
+
+    def run() -> dict[str, Any]:
         preflight(load_checked_config(args.config, args.overrides))  # before Prefect starts
-        summary = dpo(config_path=args.config, overrides=args.overrides)
-    except UserError as exc:  # anything else is a bug: its traceback is shown as is
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
-        return 2
-    _print_summary(summary)
-    return 0
+        return dpo(config_path=args.config, overrides=args.overrides)
+
+    code, summary = run_cli(run, debug=args.debug)
+    if code == 0:
+        _print_summary(summary)
+    return code
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ to fix; all problems found are reported together.
 
 from __future__ import annotations
 
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -76,3 +81,25 @@ def preflight(cfg: RunConfig) -> None:
             problems.append(f"{where}: {one_line(str(exc))}")
     if problems:
         raise UserError("; ".join(problems))
+
+
+def cli_parser(prog: str, description: str, config_default: str, config_help: str, set_help: str,
+               debug_help: str) -> argparse.ArgumentParser:
+    """The flows' shared command line: `--config`, repeatable `--set KEY=VALUE` and `--debug`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default=config_default, help=f"{config_help} (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    return parser
+
+
+def run_cli(run: Callable[[], Any], *, debug: bool) -> tuple[int, Any]:
+    """`(0, run())`, or `(2, None)` after one `error: ...` line on stderr when `run` raises a UserError (with the
+    traceback above it under `--debug`); any other exception is a bug and propagates with its traceback."""
+    try:
+        return 0, run()
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2, None

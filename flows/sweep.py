@@ -21,12 +21,10 @@ or as a deployment after `make up`: `prefect deployment run dpo-sweep/sweep`. Th
 # (cloudpickle), and Prefect validates their parameters from the annotations, which must then be the classes
 # themselves rather than names to look up in this module
 
-import argparse
 import contextlib
 import importlib
 import os
 import sys
-import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,7 +41,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from dpo_core.config import RunConfig, UserError
 from dpo_core.sweep import SweepSpec, Trial, base_config, load_sweep, pick_winner, plan_trials, trial_config
-from flows.preflight import config_error_line, one_line, preflight
+from flows.preflight import cli_parser, config_error_line, preflight, run_cli
 from tasks.sweep import TrialRun, log_sweep, start_sweep_run
 
 
@@ -204,23 +202,19 @@ def _print_summary(summary: dict[str, Any], spec: SweepSpec) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/sweep.yaml", help="sweep file (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="sweep.<field>=... changes the sweep; any other key every trial's config (repeatable)")
-    parser.add_argument("--debug", action="store_true",
-                        help="on a sweep, config, data or model-path error, print the traceback above the message")
-    args = parser.parse_args(argv)
-    try:
+    args = cli_parser("python -m flows.sweep", __doc__.splitlines()[0], "configs/sweep.yaml", "sweep file",
+                      "sweep.<field>=... changes the sweep; any other key every trial's config (repeatable)",
+                      "on a sweep, config, data or model-path error, print the traceback above the message",
+                      ).parse_args(argv)
+
+    def run() -> tuple[Any, dict[str, Any]]:
         spec, _, _ = load_checked_sweep(args.config, args.overrides)  # before Prefect starts
-        summary = dpo_sweep(config_path=args.config, overrides=args.overrides)
-    except UserError as exc:  # anything else is a bug: its traceback is shown as is
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
-        return 2
-    _print_summary(summary, spec)
-    return 0
+        return spec, dpo_sweep(config_path=args.config, overrides=args.overrides)
+
+    code, result = run_cli(run, debug=args.debug)
+    if code == 0:
+        _print_summary(result[1], result[0])
+    return code
 
 
 if __name__ == "__main__":
