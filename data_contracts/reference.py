@@ -23,10 +23,8 @@ from pandera.typing import Series
 from data_contracts.errors import ContractError
 from data_contracts.validation import Failures, collect_failures
 
-__all__ = ["ReferenceLogps", "reference_failures", "validate_reference", "LOGP_TOLERANCE", "REFERENCE_COLUMNS"]
+__all__ = ["ReferenceLogps", "reference_failures", "validate_reference", "LOGP_TOLERANCE"]
 
-REFERENCE_COLUMNS = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens",
-                     "chosen_shared_logps", "rejected_shared_logps"]
 LOGP_TOLERANCE = 1e-4
 
 

@@ -21,10 +21,7 @@ from pandera.typing import Series
 
 from data_contracts.validation import Failures, collect_failures
 
-__all__ = ["TokenizedPairs", "tokenized_schema", "tokenized_failures", "validate_tokenized", "TOKENIZED_COLUMNS"]
-
-TOKENIZED_COLUMNS = ["pair_id", "split", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated",
-                     "chosen_truncated", "rejected_truncated"]
+__all__ = ["TokenizedPairs", "tokenized_schema", "tokenized_failures", "validate_tokenized"]
 
 
 def _ids(value: Any) -> list | None:

@@ -23,6 +23,7 @@ from dpo_core.scoring import score_pairs
 __all__ = ["REFERENCE_COLUMNS", "ReferenceError", "compute_reference_logps", "write_reference_table",
            "read_reference_table"]
 
+# the columns of data_contracts.reference.ReferenceLogps, in order (tests/test_contracts.py holds them equal)
 REFERENCE_COLUMNS = ["pair_id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens",
                      "chosen_shared_logps", "rejected_shared_logps"]
 _TOKENIZED_NEEDED = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")

@@ -50,6 +50,7 @@ __all__ = [
     "TOKENIZED_COLUMNS",
 ]
 
+# the columns of data_contracts.tokenized.TokenizedPairs, in order (tests/test_contracts.py holds them equal)
 TOKENIZED_COLUMNS = [
     "pair_id",
     "split",

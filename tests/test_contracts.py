@@ -13,8 +13,10 @@ import pytest
 
 from data_contracts.errors import ContractError
 from data_contracts.pairs import PAIR_COLUMNS, pair_failures, prompt_problem, validate_pairs
-from data_contracts.reference import validate_reference
-from data_contracts.tokenized import tokenized_failures, validate_tokenized
+from data_contracts.reference import ReferenceLogps, validate_reference
+from data_contracts.tokenized import TokenizedPairs, tokenized_failures, validate_tokenized
+from dpo_core.reference import REFERENCE_COLUMNS
+from dpo_core.templating import TOKENIZED_COLUMNS
 from dpo_data.formats import make_pair_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +172,12 @@ def _ref(pids, chosen_tokens=(2, 3), rejected_tokens=(1, 1), chosen=(-1.5, -2.0)
                          "rejected_tokens": np.array(rejected_tokens, dtype=np.int64),
                          "chosen_shared_logps": np.array(chosen_shared, dtype=np.float64),
                          "rejected_shared_logps": np.array(rejected, dtype=np.float64)})
+
+
+@pytest.mark.parametrize("produced, contract", [(TOKENIZED_COLUMNS, TokenizedPairs), (REFERENCE_COLUMNS, ReferenceLogps)])
+def test_the_producers_columns_are_the_contracts_columns(produced, contract):
+    """dpo_core writes the tables and may not import their contracts: its column lists must stay the schemas'."""
+    assert produced == list(contract.to_schema().columns)
 
 
 def test_good_reference_table_passes():
