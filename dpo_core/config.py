@@ -81,6 +81,11 @@ class ModelConfig(_Section):
     # `champion` version, which is then the reference too: iterative DPO); `base` when there is no champion yet
     init_from: Literal["base", "champion"] = "base"
 
+    def without_lora(self) -> ModelConfig:
+        """This model section with no adapters: how the base model (the reference) and every saved policy (its LoRA
+        merged into the weights) are loaded."""
+        return self.model_copy(update={"lora": None})
+
 
 class SourceConfig(_Section):
     """One preference-data source: a file, a folder of files, a `save_to_disk` folder, or a hub dataset id."""

@@ -137,7 +137,7 @@ def run_train_job(job: TrainJob, *, on_step: Callable[[dict[str, Any]], None] | 
         reference = read_reference_table(job.reference) if job.reference else None
         ref_model = None
         if job.ref_model_dir:
-            ref_model = load_model(job.ref_model_dir, job.model.model_copy(update={"lora": None}), spec).eval()
+            ref_model = load_model(job.ref_model_dir, job.model.without_lora(), spec).eval()
         record: dict[str, Any] = {"world_size": ctx.world}
         try:
             result = train(policy, tokenizer, table, job.train, out_dir=Path(job.out_dir), spec=spec,

@@ -31,7 +31,6 @@ from tasks.artifacts import build_artifact, prefect_cache_key, stage_key, tree_h
 from tasks.common import MODEL_LOAD_LOCK, load_model_locked
 from tasks.ingest import split_pairs
 from tasks.materialize import MODEL_FILES
-from tasks.reference import base_model_config
 from tracking.registry import (
     GATE_PAIRS_FILE,
     TAG_GATE_SET,
@@ -134,7 +133,7 @@ def champion_scores_stage(cfg: RunConfig, champion_model: dict[str, Any], base_m
         table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])
         rows = table[table["split"] == split].reset_index(drop=True)
         reference = read_reference_table(Path(gate_reference["path"]) / gate_reference["reference_file"])
-        model = load_model_locked(champion_model["model_dir"], base_model_config(cfg), spec)
+        model = load_model_locked(champion_model["model_dir"], cfg.model.without_lora(), spec)
         scores = preference_scores(model, rows, reference_df=reference, batch_size=cfg.eval.batch_size, spec=spec,
                              chunk_size=cfg.train.logprob_chunk_size, layout=cfg.train.batch_layout, eval_set=split)
         scores.to_parquet(folder / SCORES_FILE, index=False)

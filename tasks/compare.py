@@ -19,7 +19,6 @@ from dpo_core.models import load_tokenizer, pick_device
 from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import MODEL_LOAD_LOCK, load_model_locked
 from tasks.ingest import split_pairs
-from tasks.reference import base_model_config
 from tasks.train import policy_dir
 
 STAGE = "compare"
@@ -42,8 +41,8 @@ def compare_stage(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], 
         # the gate's prompts: the champion answers them too (tasks/champion.py)
         held_out = split_pairs(pairs, pairs.get("gate_split", "eval"))
         tokenizer = load_tokenizer(model["model_dir"], cfg.model)
-        policy = load_model_locked(policy_dir(trained), base_model_config(cfg), spec)
-        reference = load_model_locked(model["model_dir"], base_model_config(cfg), spec)
+        policy = load_model_locked(policy_dir(trained), cfg.model.without_lora(), spec)
+        reference = load_model_locked(model["model_dir"], cfg.model.without_lora(), spec)
         with MODEL_LOAD_LOCK:
             scorer = make_judge(cfg.eval.judge, device=spec.device, trained=judge["path"])
         table, summary = compare_generations(

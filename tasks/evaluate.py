@@ -19,7 +19,6 @@ from dpo_core.models import pick_device
 from dpo_core.reference import read_reference_table
 from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import load_model_locked
-from tasks.reference import base_model_config
 from tasks.train import policy_dir
 
 STAGE = "evaluate"
@@ -60,7 +59,7 @@ def evaluate_stage(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str,
         ref_table = read_reference_table(Path(reference["path"]) / reference["reference_file"])
         gate_table = (read_reference_table(Path(gate_reference["path"]) / gate_reference["reference_file"])
                       if gate_reference is not None else ref_table)
-        policy = load_model_locked(policy_dir(trained), base_model_config(cfg), spec)
+        policy = load_model_locked(policy_dir(trained), cfg.model.without_lora(), spec)
         rows, scored = [], []
         for name in eval_sets(cfg, table["split"].unique()):
             subset = table[table["split"] == name].reset_index(drop=True)

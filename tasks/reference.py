@@ -26,11 +26,6 @@ from tasks.launch import launch_reference
 STAGE = "reference"
 
 
-def base_model_config(cfg: RunConfig):
-    """The reference is the base model itself: no LoRA adapters."""
-    return cfg.model.model_copy(update={"lora": None})
-
-
 # the splits only training reads
 TRAINING_SPLITS = ("train", VALIDATION_SPLIT)
 
@@ -68,7 +63,7 @@ def reference_stage(cfg: RunConfig, model: dict[str, Any], tokenized: dict[str, 
         # this machine's share of the ranks runs it (no other node is started for the precompute); one split alone
         # (a gate set) is small and runs here
         local = cfg.train.processes // cfg.train.nnodes if only_split is None else 1
-        job = ReferenceJob(model_dir=str(model["model_dir"]), model=base_model_config(cfg),
+        job = ReferenceJob(model_dir=str(model["model_dir"]), model=cfg.model.without_lora(),
                            tokenized=str(tokenized_file), out_file=str(out),
                            batch_size=cfg.train.reference_batch_size, chunk_size=cfg.train.logprob_chunk_size,
                            layout=cfg.train.batch_layout, processes=local, splits=splits)

@@ -87,3 +87,10 @@ def test_validation_settings_are_checked_at_load(overrides, message):
     ok = load_config("configs/default.yaml", ["data.validation_fraction=0.1", "train.eval_every=4",
                                               "train.select=best_val", "train.select_metric=val/loss"])
     assert (ok.train.select, ok.train.select_metric) == ("best_val", "val/loss")
+
+
+def test_without_lora_is_the_model_section_minus_its_adapters():
+    cfg = load_config("configs/default.yaml", ["model.lora.r=4"])
+    base = cfg.model.without_lora()
+    assert base.lora is None and cfg.model.lora is not None and cfg.model.lora.r == 4
+    assert base.model_dump(exclude={"lora"}) == cfg.model.model_dump(exclude={"lora"})
