@@ -34,7 +34,7 @@ from dpo_core.distributed import init_process_group, resolve_strategy
 from dpo_core.fileio import atomic_file
 from dpo_core.models import load_model, load_tokenizer, pick_device
 from dpo_core.reference import read_reference_table, write_reference_table
-from dpo_core.trainer import TrainingInterrupted, train
+from dpo_core.trainer import train
 
 __all__ = ["TrainJob", "ReferenceJob", "RESULT_FILE", "PROGRESS_PREFIX", "run_train_job", "run_reference_job",
            "read_job", "read_result", "main"]
@@ -66,7 +66,6 @@ class TrainJob(_Job):
     ref_model_dir: str | None = None  # a frozen live reference model folder (train.precompute_reference=false)
     train: TrainConfig
     out_dir: str
-    stop_after_steps: int | None = None
 
     @property
     def processes(self) -> int:
@@ -117,9 +116,8 @@ def run_train_job(job: TrainJob, *, on_step: Callable[[dict[str, Any]], None] | 
     path and every rank, whatever ran before (DDP also broadcasts rank 0's weights). ``on_step`` gets each optimizer
     step's metrics on rank 0 (after that step's checkpoint, if it has one).
 
-    The record has ``status`` ("complete" or "interrupted" by ``job.stop_after_steps``), ``steps``,
-    ``resumed_from_step``, ``tokens``, ``seconds``, ``model_dir``, ``selected_step``, ``world_size``, ``strategy``
-    (``single``, ``ddp`` or ``fsdp``).
+    The record has ``status`` ("complete"), ``steps``, ``resumed_from_step``, ``tokens``, ``seconds``, ``model_dir``,
+    ``selected_step``, ``world_size``, ``strategy`` (``single``, ``ddp`` or ``fsdp``).
     """
     spec = pick_device(job.model)
     ctx = init_process_group(spec)
@@ -138,20 +136,15 @@ def run_train_job(job: TrainJob, *, on_step: Callable[[dict[str, Any]], None] | 
         ref_model = None
         if job.ref_model_dir:
             ref_model = load_model(job.ref_model_dir, job.model.without_lora(), spec).eval()
-        record: dict[str, Any] = {"world_size": ctx.world}
-        try:
-            result = train(policy, tokenizer, table, job.train, out_dir=Path(job.out_dir), spec=spec,
-                           reference=reference, ref_model=ref_model, validation=validation,
-                           on_step=on_step if ctx.is_main else None, stop_after_steps=job.stop_after_steps,
-                           progress_bar=progress_bar)
-            record.update(status="complete", steps=result.steps, resumed_from_step=result.resumed_from_step,
-                          tokens=result.tokens, seconds=result.seconds, model_dir=str(result.model_dir),
-                          selected_step=result.selected_step)
-        except TrainingInterrupted as exc:
-            record.update(status="interrupted", steps=exc.step)
-        # train() has accepted the combination by now
-        record["strategy"] = resolve_strategy(job.train.strategy, job.train.processes, lora=job.model.lora is not None)
-        return record
+        result = train(policy, tokenizer, table, job.train, out_dir=Path(job.out_dir), spec=spec,
+                       reference=reference, ref_model=ref_model, validation=validation,
+                       on_step=on_step if ctx.is_main else None, progress_bar=progress_bar)
+        return {"world_size": ctx.world, "status": "complete", "steps": result.steps,
+                "resumed_from_step": result.resumed_from_step, "tokens": result.tokens, "seconds": result.seconds,
+                "model_dir": str(result.model_dir), "selected_step": result.selected_step,
+                # train() has accepted the combination by now
+                "strategy": resolve_strategy(job.train.strategy, job.train.processes,
+                                             lora=job.model.lora is not None)}
     finally:
         destroy_process_group()
 

@@ -58,8 +58,7 @@ from dpo_core.models import DeviceSpec, pad_id
 from dpo_core.reference import read_reference_table, write_reference_table
 from dpo_core.scoring import score_pairs
 
-__all__ = ["TrainError", "NonFiniteError", "TrainingInterrupted", "TrainResult", "train", "total_steps",
-           "best_validation_step"]
+__all__ = ["TrainError", "NonFiniteError", "TrainResult", "train", "total_steps", "best_validation_step"]
 
 log = logging.getLogger(__name__)
 _NEEDED = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")
@@ -76,14 +75,6 @@ class NonFiniteError(FloatingPointError):
         self.step = step
         kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else "; no checkpoint yet"
         super().__init__(f"non-finite {what} at optimizer step {step}{kept}")
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by ``stop_after_steps`` once the checkpoint of ``step`` is written (used to test resuming)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        super().__init__(f"training stopped on request after optimizer step {step} (checkpointed)")
 
 
 @dataclass
@@ -120,7 +111,6 @@ def train(
     ref_model: torch.nn.Module | None = None,
     validation: pd.DataFrame | None = None,
     on_step: Callable[[dict], None] | None = None,
-    stop_after_steps: int | None = None,
     progress_bar: bool = True,
 ) -> TrainResult:
     """Train ``model`` (in place) on ``tokenized_df`` with ``cfg``; resume from ``out_dir/checkpoints`` if any.
@@ -128,7 +118,6 @@ def train(
     ``tokenized_df`` holds the training pairs (``tokenize_pairs`` output; every row is trained on).
     ``validation``: held-out pairs of the same form, never trained on; scored every ``cfg.eval_every`` steps and
     after the last one (``val/...`` metrics in that step's history record), and what ``cfg.select`` chooses by.
-    ``stop_after_steps``: checkpoint and raise ``TrainingInterrupted`` after that many steps of this call.
     """
     started = time.perf_counter()
     out_dir, ckpt_root = Path(out_dir), Path(out_dir) / "checkpoints"
@@ -208,9 +197,8 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
 
-        stopping = stop_after_steps is not None and step - start >= stop_after_steps and step < n_steps
         selecting = scoring and cfg.select == "best_val"  # every candidate is a checkpoint, the best one is kept
-        if step % cfg.checkpoint_every == 0 or step == n_steps or stopping or selecting:
+        if step % cfg.checkpoint_every == 0 or step == n_steps or selecting:
             state = {"history": history, "tokens": tokens, "fingerprint": fingerprint, "total_steps": n_steps,
                      "bco_rewards": vars(bco)}
             tensors, optimizer_state = _consolidated(model, optimizer, strategy)  # FSDP: a collective on all ranks
@@ -223,9 +211,6 @@ def train(
             last_ckpt = checkpoint_dir(ckpt_root, step)
         if on_step is not None:  # after the checkpoint: a callback that raises loses nothing already saved
             on_step(metrics)
-        if stopping:
-            bar.close()
-            raise TrainingInterrupted(step)
     bar.close()
 
     model_dir = out_dir / "final"

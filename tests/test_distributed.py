@@ -248,21 +248,28 @@ def test_an_fsdp_run_resumes_after_a_dead_rank_on_two_fsdp_processes_or_one_proc
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-5)
 
 
-def test_a_single_process_checkpoint_resumes_on_two_fsdp_processes(data, tmp_path, one_process):
+def test_a_single_process_checkpoint_resumes_on_two_fsdp_processes(data, tmp_path, one_process, monkeypatch):
+    from dpo_core import train_main
+
     out = tmp_path / "one-then-fsdp"
-    assert run_train_job(_job(data, out, 1, stop_after_steps=2))["status"] == "interrupted"
+    with monkeypatch.context() as patched:  # 1 process fails after step 2 (checkpointed: checkpoint_every 2)
+        patched.setattr(train_main, "train", step_failure.failing(train_main.train, after_step=2))
+        with pytest.raises(step_failure.InjectedFailure):
+            run_train_job(_job(data, out, 1))
     record = launch_training(_job(data, out, 2, "fsdp"), 2)  # world size 1 -> 2, whole -> sharded
     assert record["resumed_from_step"] == 2 and record["strategy"] == "fsdp" and record["steps"] == STEPS
     _assert_same_training(one_process[0], out)
 
 
-def test_stop_after_steps_is_recorded_as_interrupted(data, tmp_path, capsys):
-    job_file = _job(data, tmp_path, 1, stop_after_steps=2).write(tmp_path / "job.json")
+def test_the_rank_entry_prints_progress_and_writes_the_result(data, tmp_path, capsys):
+    job_file = _job(data, tmp_path, 1, train_kw={"max_steps": 2}).write(tmp_path / "job.json")
     assert main([str(job_file)]) == 0  # the per-rank entry torchrun starts, here as the only process
-    assert read_result(tmp_path) == {"world_size": 1, "status": "interrupted", "steps": 2, "strategy": "single"}
+    result = read_result(tmp_path)
+    assert {k: result[k] for k in ("world_size", "status", "steps", "strategy", "resumed_from_step")} == {
+        "world_size": 1, "status": "complete", "steps": 2, "strategy": "single", "resumed_from_step": None}
     assert [json.loads(line.removeprefix(PROGRESS_PREFIX))["step"] for line in capsys.readouterr().out.splitlines()
             if line.startswith(PROGRESS_PREFIX)] == [1, 2]
-    assert not (tmp_path / "final").exists()
+    assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
 def test_lora_initial_adapters_do_not_depend_on_earlier_rng_use(data, tmp_path, tokenizer, monkeypatch):

@@ -14,7 +14,8 @@ from dpo_core.checkpoints import list_checkpoints
 from dpo_core.config import LOSS_TYPES, LoraConfig, ModelConfig, TrainConfig
 from dpo_core.models import DeviceSpec, attach_lora, tiny_llama
 from dpo_core.reference import compute_reference_logps
-from dpo_core.trainer import NonFiniteError, TrainError, TrainingInterrupted, total_steps, train
+from dpo_core.trainer import NonFiniteError, TrainError, total_steps, train
+from faults.inject.step_failure import InjectedFailure, failing
 
 CPU = DeviceSpec(torch.device("cpu"), torch.float32, None, "eager")
 TRL_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -71,16 +72,15 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, tokenizer, lora):
 
     straight = train(_model(tokenizer, lora), tokenizer, df, cfg, out_dir=tmp_path / "a", spec=CPU, reference=ref,
                      progress_bar=False)
-    with pytest.raises(TrainingInterrupted) as stopped:
-        train(_model(tokenizer, lora), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
-              stop_after_steps=3, progress_bar=False)
-    assert stopped.value.step == 3
-    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [2, 3]
+    with pytest.raises(InjectedFailure, match="after step 4"):
+        failing(train, after_step=4)(_model(tokenizer, lora), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU,
+                                     reference=ref, progress_bar=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [2, 4]
     torch.manual_seed(12345)  # a different RNG state in the new "process": the checkpoint must restore it
     resumed = train(_model(tokenizer, lora), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
                     progress_bar=False)
 
-    assert resumed.resumed_from_step == 3 and straight.resumed_from_step is None
+    assert resumed.resumed_from_step == 4 and straight.resumed_from_step is None
     assert resumed.steps == straight.steps == steps and resumed.tokens == straight.tokens
     assert _strip(resumed.history) == _strip(straight.history)
     a, b = _weights(straight), _weights(resumed)
@@ -106,12 +106,12 @@ def test_bco_running_delta_resumes_exactly(tmp_path, tokenizer):
     # step 2's delta is step 1's mean reward: (chosen + rejected) / 2
     first = straight.history[0]
     assert deltas[1] == pytest.approx((first["rewards/chosen"] + first["rewards/rejected"]) / 2, rel=1e-6)
-    with pytest.raises(TrainingInterrupted):
-        train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
-              stop_after_steps=3, progress_bar=False)
+    with pytest.raises(InjectedFailure):
+        failing(train, after_step=4)(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU,
+                                     reference=ref, progress_bar=False)
     resumed = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
                     progress_bar=False)
-    assert resumed.resumed_from_step == 3
+    assert resumed.resumed_from_step == 4
     assert _strip(resumed.history) == _strip(straight.history)
     a, b = _weights(straight), _weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -411,9 +411,9 @@ def test_best_val_outputs_the_best_scored_checkpoint_and_resumes_exactly(tmp_pat
     last_weights = _weights(last)
     assert last.selected_step == last.steps and any(not torch.equal(final[n], last_weights[n]) for n in final)
 
-    with pytest.raises(TrainingInterrupted):
-        train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
-              validation=val, stop_after_steps=best + 1, progress_bar=False)
+    with pytest.raises(InjectedFailure):  # eval_every=1 with best_val: every step has a checkpoint
+        failing(train, after_step=best + 1)(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU,
+                                            reference=ref, validation=val, progress_bar=False)
     resumed = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "b", spec=CPU, reference=ref,
                     validation=val, progress_bar=False)
     assert resumed.resumed_from_step == best + 1 and resumed.selected_step == best
