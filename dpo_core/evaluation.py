@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpo_core.generation import PromptRenderError, generate
+from dpo_core.generation import PromptRenderError, encode_prompts, generate_from_ids
 from dpo_core.judges import make_judge
 from dpo_core.metrics import (
     EvaluationError,
@@ -188,9 +188,12 @@ def _answer_stats(prefix: str, gens: Sequence[Any]) -> dict[str, list]:
     }
 
 
-def _generation_setup(pairs_df: Any, eval_cfg: Any, system_prompt: str | None, spec: Any,
-                      max_prompt_length: int | None) -> tuple[list[dict], list[list[dict[str, str]]], dict[str, Any]]:
-    """The first `eval_cfg.n_generations` held-out rows, their chat messages and the decoding settings."""
+def _generation_setup(
+    pairs_df: Any, tokenizer: Any, eval_cfg: Any, system_prompt: str | None, spec: Any, max_prompt_length: int | None,
+) -> tuple[list[dict], list[list[dict[str, str]]], list[list[int]], dict[str, Any]]:
+    """The first `eval_cfg.n_generations` held-out rows, their chat messages, the prompt ids every model decodes from
+    (rendered once; a prompt that cannot be rendered is an EvaluationError naming its pair) and the decoding
+    settings."""
     _check_columns(pairs_df, _PAIRS_NEEDED, "held-out pairs", "generation comparison")
     n = int(eval_cfg.n_generations)
     if n == 0:
@@ -205,20 +208,15 @@ def _generation_setup(pairs_df: Any, eval_cfg: Any, system_prompt: str | None, s
         top_p=eval_cfg.top_p,
         seed=eval_cfg.seed,
         batch_size=eval_cfg.generation_batch_size,
-        system_prompt=system_prompt,
         spec=spec,
-        max_prompt_length=max_prompt_length,
     )
-    return rows, [_messages(r["prompt"]) for r in rows], settings
-
-
-def _generate(model: Any, tokenizer: Any, rows: list[dict], prompts: list[list[dict[str, str]]],
-              settings: dict[str, Any]) -> list[Any]:
-    """`dpo_core.generation.generate`, a prompt that cannot be rendered raised as an EvaluationError naming its pair."""
+    prompts = [_messages(r["prompt"]) for r in rows]
     try:
-        return generate(model, tokenizer, prompts, **settings)
+        prompt_ids = encode_prompts(tokenizer, prompts, system_prompt=system_prompt,
+                                    max_prompt_length=max_prompt_length)
     except PromptRenderError as exc:
         raise EvaluationError(f"pair {rows[exc.index]['pair_id']}: its prompt cannot be rendered: {exc.reason}") from exc
+    return rows, prompts, prompt_ids, settings
 
 
 def judged_answers(
@@ -235,8 +233,9 @@ def judged_answers(
     """One model's answers to the first `eval_cfg.n_generations` held-out prompts, decoded exactly as
     `compare_generations` decodes the policy's (same prompts, settings and seed), scored by `judge`: a table with
     `pair_id`, `answer`, `answer_tokens`, `judge_score` (to put another model beside a comparison's reference)."""
-    rows, prompts, settings = _generation_setup(pairs_df, eval_cfg, system_prompt, spec, max_prompt_length)
-    gens = _generate(model, tokenizer, rows, prompts, settings)
+    rows, prompts, prompt_ids, settings = _generation_setup(pairs_df, tokenizer, eval_cfg, system_prompt, spec,
+                                                            max_prompt_length)
+    gens = generate_from_ids(model, tokenizer, prompt_ids, **settings)
     scores = judge.score(prompts, [g.text for g in gens], [str(r["chosen"]) for r in rows],
                          [str(r["rejected"]) for r in rows])
     return pd.DataFrame({
@@ -263,8 +262,8 @@ def compare_generations(
 ) -> tuple[Any, dict[str, Any]]:
     """Reference vs policy answers on the first `eval_cfg.n_generations` held-out prompts, scored side by side.
 
-    Both models decode the same rendered prompts with the same settings and seed (`dpo_core.generation.generate`,
-    which returns the prompt ids it used; the answers are scored on exactly those ids).
+    The prompts are rendered once (`dpo_core.generation.encode_prompts`) and both models decode those ids with the
+    same settings and seed (`generate_from_ids`); the answers are scored on exactly those ids.
     Per answer: length in tokens (end-of-turn excluded), whether it stopped at end-of-turn, distinct-2, longest
     repeated n-gram, the judge's score, and the DPO implicit reward `beta * (log pi_policy(y|x) - log pi_ref(y|x))`
     of exactly the generated tokens (end-of-turn included when emitted), each answer scored under both models.
@@ -287,9 +286,10 @@ def compare_generations(
     """
     if beta <= 0:
         raise EvaluationError(f"beta must be > 0, got {beta}")
-    rows, prompts, settings = _generation_setup(pairs_df, eval_cfg, system_prompt, spec, max_prompt_length)
-    ref_gens = _generate(reference_model, tokenizer, rows, prompts, settings)
-    pol_gens = generate(policy, tokenizer, prompts, **settings)
+    rows, prompts, prompt_ids, settings = _generation_setup(pairs_df, tokenizer, eval_cfg, system_prompt, spec,
+                                                            max_prompt_length)
+    ref_gens = generate_from_ids(reference_model, tokenizer, prompt_ids, **settings)
+    pol_gens = generate_from_ids(policy, tokenizer, prompt_ids, **settings)
 
     # one "pair" per prompt: chosen = the policy's answer, rejected = the reference's answer, both after the same
     # prompt ids (the two models were given the same rendered prompts)

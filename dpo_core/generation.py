@@ -1,11 +1,12 @@
 """Batched chat generation for the evaluation stage: left-padded, greedy or sampled, seeded, stops at end-of-turn.
 
 `generate(model, tokenizer, prompts, max_new_tokens=...)` renders every prompt (a chat message list) through the
-tokenizer's chat template with the generation prompt (`dpo_core.templating`, the same renderer the training data
-goes through), left-pads each batch (with `dpo_core.models.pad_id` of the tokenizer) so all prompts end at the same
-position, and decodes with Hugging Face `model.generate` under a fully explicit `GenerationConfig` (no sampling knob
-is inherited from the model's own `generation_config.json`, so the reference and the policy decode under exactly the
-same settings). Each `Generation` carries the prompt ids it was generated from, so a caller that scores the answer
+tokenizer's chat template with the generation prompt (`encode_prompts`: `dpo_core.templating`, the same renderer the
+training data goes through), then decodes the ids (`generate_from_ids`, which a caller decoding the same prompts with
+several models calls directly): it left-pads each batch (with `dpo_core.models.pad_id` of the tokenizer) so all
+prompts end at the same position, and decodes with Hugging Face `model.generate` under a fully explicit
+`GenerationConfig` (no sampling knob is inherited from the model's own `generation_config.json`, so the reference and
+the policy decode under exactly the same settings). Each `Generation` carries the prompt ids it was generated from, so a caller that scores the answer
 uses exactly those ids and does not render the prompt again.
 
 Stopping: a sequence stops at the first *stop token*: the tokenizer's eos, the model's configured eos ids, and the
@@ -27,7 +28,8 @@ import torch
 from dpo_core.models import DeviceSpec, model_spec, pad_id
 from dpo_core.templating import ChatRenderer, PairRenderError
 
-__all__ = ["Generation", "GenerationError", "PromptRenderError", "generate", "stop_token_ids"]
+__all__ = ["Generation", "GenerationError", "PromptRenderError", "encode_prompts", "generate", "generate_from_ids",
+           "stop_token_ids"]
 
 _PROBE_ANSWER = "Probe answer for end-of-turn detection."
 
@@ -129,9 +131,7 @@ def _cut_at_stop(row: Sequence[int], stops: set[int]) -> tuple[list[int], bool]:
     return list(row), False
 
 
-def _check_args(prompts: Any, max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise GenerationError(f"prompts must be a list of chat message lists, got {type(prompts).__name__}")
+def _check_args(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not temperature > 0:
@@ -140,6 +140,30 @@ def _check_args(prompts: Any, max_new_tokens: int, temperature: float, top_p: fl
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GenerationError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def encode_prompts(tokenizer: Any, prompts: list[list[dict]], *, system_prompt: str | None = None,
+                   max_prompt_length: int | None = None) -> list[list[int]]:
+    """The ids each chat prompt is generated from: rendered with the generation prompt (``system_prompt``: the
+    system-prompt policy of `dpo_core.templating`) and, when ``max_prompt_length`` is set, cut from the LEFT to that
+    many tokens like the training data (the generation header at the end is kept).
+
+    Raises:
+        PromptRenderError: a prompt the chat template cannot render (it names the prompt's position).
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise GenerationError(f"prompts must be a list of chat message lists, got {type(prompts).__name__}")
+    renderer = ChatRenderer(tokenizer, system_prompt)
+    texts = []
+    for i, messages in enumerate(prompts):
+        try:
+            texts.append(renderer.prompt_text(messages))
+        except PairRenderError as exc:
+            raise PromptRenderError(i, str(exc)) from exc
+    prompt_ids = renderer.encode(texts)
+    if max_prompt_length is not None:
+        prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
+    return prompt_ids
 
 
 def generate(
@@ -157,7 +181,7 @@ def generate(
     spec: DeviceSpec | None = None,
     max_prompt_length: int | None = None,
 ) -> list[Generation]:
-    """Generate one answer per chat prompt, in the prompts' order.
+    """Generate one answer per chat prompt, in the prompts' order: `encode_prompts`, then `generate_from_ids`.
 
     Args:
         model: any Hugging Face causal LM (or a peft wrapper of one) with `.generate`.
@@ -178,22 +202,31 @@ def generate(
     Raises:
         PromptRenderError: a prompt the chat template cannot render (it names the prompt's position).
     """
-    _check_args(prompts, max_new_tokens, temperature, top_p, batch_size)
-    if not prompts:
+    prompt_ids = encode_prompts(tokenizer, prompts, system_prompt=system_prompt, max_prompt_length=max_prompt_length)
+    return generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, spec=spec)
+
+
+def generate_from_ids(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    spec: DeviceSpec | None = None,
+) -> list[Generation]:
+    """`generate` from prompts already rendered by `encode_prompts` (the same arguments, the same answers)."""
+    _check_args(max_new_tokens, temperature, top_p, batch_size)
+    if not prompt_ids:
         return []
     from transformers import GenerationConfig
 
     pad = pad_id(tokenizer)
-    renderer = ChatRenderer(tokenizer, system_prompt)
-    texts = []
-    for i, messages in enumerate(prompts):
-        try:
-            texts.append(renderer.prompt_text(messages))
-        except PairRenderError as exc:
-            raise PromptRenderError(i, str(exc)) from exc
-    prompt_ids = renderer.encode(texts)
-    if max_prompt_length is not None:
-        prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
     stops = stop_token_ids(tokenizer, model)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,

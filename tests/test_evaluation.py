@@ -368,6 +368,30 @@ def test_compare_generations_table_scores_and_summary(tokenizer):
         assert summary[f"{key}_ci_low"] <= summary[key] <= summary[f"{key}_ci_high"]
 
 
+def test_compare_generations_renders_each_prompt_once_and_answers_as_generate_does(tokenizer, monkeypatch):
+    """Both models decode from one rendering of the prompts; each model's answers are exactly what `generate` gives
+    it alone (same prompts, settings and seed)."""
+    from dpo_core.generation import generate
+    from dpo_core.templating import ChatRenderer
+
+    reference, policy = tiny_llama(tokenizer, seed=0), tiny_llama(tokenizer, seed=1)
+    rendered = []
+    prompt_text = ChatRenderer.prompt_text
+    with monkeypatch.context() as patched:
+        patched.setattr(ChatRenderer, "prompt_text",
+                        lambda self, prompt: rendered.append(prompt) or prompt_text(self, prompt))
+        table, _ = compare_generations(policy, reference, tokenizer, PAIRS, eval_cfg=_eval_cfg(n_generations=4),
+                                       beta=0.5, judge=LengthJudge(), spec=SPEC, max_prompt_length=12)
+    assert len(rendered) == 4
+    settings = dict(max_new_tokens=6, do_sample=True, temperature=1.0, top_p=1.0, seed=5, batch_size=2, spec=SPEC,
+                    max_prompt_length=12)
+    for model, side in ((policy, "policy"), (reference, "reference")):
+        alone = generate(model, tokenizer, list(PAIRS["prompt"][:4]), **settings)
+        assert [g.text for g in alone] == table[f"{side}_answer"].tolist()
+        assert [len(g.content_ids) for g in alone] == table[f"{side}_tokens"].tolist()
+    assert [g.prompt_tokens for g in alone] == table["prompt_tokens"].tolist()
+
+
 def test_judged_answers_decode_and_judge_a_model_as_the_comparison_does(tokenizer):
     """A third model (the champion, in the promotion gate) answers beside a comparison: with the policy in its place
     it reproduces the comparison's policy answers and judge scores exactly."""
