@@ -19,7 +19,7 @@ from dpo_core.models import load_tokenizer, pick_device
 from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import MODEL_LOAD_LOCK, load_model_locked
 from tasks.ingest import split_pairs
-from tasks.train import policy_dir
+from tasks.train_output import policy_dir
 
 STAGE = "compare"
 

@@ -19,7 +19,7 @@ from dpo_core.models import pick_device
 from dpo_core.reference import read_reference_table
 from tasks.artifacts import build_artifact, prefect_cache_key, stage_key
 from tasks.common import load_model_locked
-from tasks.train import policy_dir
+from tasks.train_output import policy_dir
 
 STAGE = "evaluate"
 _GENERATION_FIELDS = {"n_generations", "generation_batch_size", "max_new_tokens", "do_sample", "temperature", "top_p",

@@ -41,7 +41,7 @@ from tasks.champion import read_champion_scores
 from tasks.evaluate import pair_scores
 from tasks.ingest import split_pairs
 from tasks.reports import decision_markdown
-from tasks.train import policy_dir, read_history
+from tasks.train_output import policy_dir, read_history
 
 
 def gate_metrics(metrics: dict[str, Any], comparison: dict[str, Any] | None) -> dict[str, float]:

@@ -24,7 +24,7 @@ from prefect.runtime import flow_run
 from dpo_core.config import RunConfig
 from dpo_core.sweep import SweepSpec, Trial
 from tracking.curves import plot_sweep
-from tasks.train import read_history
+from tasks.train_output import read_history
 from tracking.tracker import RunTracker
 
 log = logging.getLogger(__name__)

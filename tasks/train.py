@@ -17,6 +17,7 @@ from dpo_core.train_main import TrainJob, run_train_job
 from tasks.artifacts import artifact_dir, build_artifact, prefect_cache_key, stage_key
 from tasks.common import Progress
 from tasks.launch import launch_training
+from tasks.train_output import read_history_file
 
 STAGE = "train"
 
@@ -95,7 +96,7 @@ def _finish(folder: Path, key: str, record: dict[str, Any]) -> dict[str, Any]:
     """
     model_subdir = Path(record["model_dir"]).relative_to(folder)
     weights = sorted((folder / model_subdir).glob("*.safetensors"))
-    history = _read_history(folder / "history.jsonl")
+    history = read_history_file(folder / "history.jsonl")
     final_metrics = history[-1] if history else {}
     selected = next((r for r in history if r.get("step") == record["selected_step"]), {})
     (folder / "train_result.json").write_text(
@@ -114,17 +115,3 @@ def _finish(folder: Path, key: str, record: dict[str, Any]) -> dict[str, Any]:
         "selected_step": record["selected_step"],
         "validation": {k: v for k, v in selected.items() if k.startswith("val/")},
     }
-
-
-def policy_dir(train_manifest: dict[str, Any]) -> Path:
-    return Path(train_manifest["path"]) / train_manifest["model_subdir"]
-
-
-def read_history(train_manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return _read_history(Path(train_manifest["path"]) / train_manifest["history_file"])
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -103,6 +103,23 @@ def test_editing_a_transitively_imported_module_changes_exactly_the_keys_of_the_
     assert {s for s in STAGES if after[s] == before[s]} == set(STAGES) - importers
 
 
+def test_a_trainer_edit_re_runs_train_but_leaves_the_code_of_evaluate_and_compare(tmp_path):
+    """evaluate and compare read the trained policy through `tasks.train_output`, not `tasks.train`: a trainer edit
+    changes the train stage's code version only; they re-run when the weights change, through the train manifest's
+    content hash among their upstream hashes."""
+    for package in artifacts.PROJECT_PACKAGES:
+        shutil.copytree(artifacts.PROJECT_ROOT / package, tmp_path / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    stages = ("train", "reference", "evaluate", "compare", "register")
+    before = {s: artifacts.code_version(s, tmp_path) for s in stages}
+    with open(tmp_path / "dpo_core" / "trainer.py", "a") as handle:
+        handle.write("\n\ndef _probe_edit() -> int:\n    return 1\n")
+    after = {s: artifacts.code_version(s, tmp_path) for s in stages}
+    assert {s for s in stages if after[s] != before[s]} == {"train", "reference"}  # reference runs train_main's path
+    assert artifacts.stage_key("evaluate", {}, [{"content_hash": "weights-1"}]) != artifacts.stage_key(
+        "evaluate", {}, [{"content_hash": "weights-2"}])
+
+
 def test_stage_key_depends_on_inputs_and_upstream_hashes():
     a = artifacts.stage_key("ingest", {"x": 1}, [{"content_hash": "aa"}])
     assert a == artifacts.stage_key("ingest", {"x": 1}, [{"content_hash": "aa"}])

@@ -449,7 +449,8 @@ class _RecordedProgress:
 def test_the_train_stage_launches_torchrun_when_processes_is_two(data, tmp_path, one_process, monkeypatch):
     from dpo_core.config import RunConfig
     from tasks import train as train_task
-    from tasks.train import policy_dir, read_history, train_stage
+    from tasks.train import train_stage
+    from tasks.train_output import policy_dir, read_history
 
     monkeypatch.setattr(train_task, "Progress", _RecordedProgress)
 

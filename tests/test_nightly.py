@@ -185,7 +185,7 @@ def test_init_from_champion_warm_starts_and_the_gate_keeps_the_base_reference(ha
     night2 = run_flow(cfg)
     # the policy and its reference are the champion: training starts at DPO's loss for policy == reference
     assert night2["stages"]["champion-model"] == "Completed" and night2["stages"]["reference"] == "Completed"
-    from tasks.train import read_history
+    from tasks.train_output import read_history
 
     first_step = read_history({"path": night2["train"]["path"], "history_file": "history.jsonl"})[0]
     assert first_step["loss"] == pytest.approx(0.6931, abs=1e-4)
