@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 tokenizer (materialised once per machine), tiny random Llamas for unit tests."""
+"""Shared fixtures: the real SmolLM2 tokenizer (materialised once per machine), tiny random Llamas for unit tests,
+one Prefect test server per module for the flow tests (`harness`)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,19 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     tiny_llama(tokenizer, seed=0).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """One Prefect test server for the module, with result storage in a temporary folder (not ~/.prefect)."""
+    results = tmp_path_factory.mktemp("prefect-results")
+    old = os.environ.get("PREFECT_RESULTS_LOCAL_STORAGE_PATH")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield results
+    if old is None:
+        os.environ.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
+    else:
+        os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = old

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_pipeline import harness, run_flow, tiny_config  # noqa: F401 - harness is a fixture
+from test_pipeline import run_flow, tiny_config
 
 GOOD, CURT = "Here is a careful, friendly and helpful answer.", "Go away."
 DAY = 86_400

@@ -8,7 +8,6 @@ re-running its stage, and changed data re-running everything downstream of inges
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,22 +16,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = ("ingest", "judge", "template", "reference")
 DOWNSTREAM = ("train", "evaluate", "compare")
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """One Prefect test server for the module, with result storage in a temporary folder (not ~/.prefect)."""
-    results = tmp_path_factory.mktemp("prefect-results")
-    old = os.environ.get("PREFECT_RESULTS_LOCAL_STORAGE_PATH")
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield results
-    if old is None:
-        os.environ.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
-    else:
-        os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = old
 
 
 @pytest.fixture()

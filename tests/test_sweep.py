@@ -6,7 +6,6 @@ goes on."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -91,22 +90,6 @@ def test_winner_by_validation_metric_only():
 
 
 # ----------------------------------------------------------------------------------------------------- the flow
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """One Prefect test server for the module, with result storage in a temporary folder (not ~/.prefect)."""
-    results = tmp_path_factory.mktemp("prefect-results")
-    old = os.environ.get("PREFECT_RESULTS_LOCAL_STORAGE_PATH")
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield results
-    if old is None:
-        os.environ.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
-    else:
-        os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = old
 
 
 def _tiny_run_config(tmp_path: Path, tiny_model_dir: Path) -> Path:
