@@ -330,6 +330,9 @@ class EvalConfig(_Section):
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
     n_generations: int = Field(8, ge=0)  # held-out prompts for the generation comparison
     generation_batch_size: int = Field(4, gt=0)
+    # torch threads while decoding on CPU (None: model.num_threads, or all cores). 1 by default: on 2 busy cores (the
+    # flow runs evaluate beside compare) 2 threads decoded SmolLM2 5-10x slower than 1 (README, "Judges")
+    generation_threads: int | None = Field(1, gt=0)
     max_new_tokens: int = Field(96, gt=0)
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0.0)

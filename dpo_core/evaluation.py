@@ -209,6 +209,7 @@ def _generation_setup(
         seed=eval_cfg.seed,
         batch_size=eval_cfg.generation_batch_size,
         spec=spec,
+        num_threads=eval_cfg.generation_threads,
     )
     prompts = [_messages(r["prompt"]) for r in rows]
     try:

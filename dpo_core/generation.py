@@ -6,8 +6,8 @@ training data goes through), then decodes the ids (`generate_from_ids`, which a 
 several models calls directly): it left-pads each batch (with `dpo_core.models.pad_id` of the tokenizer) so all
 prompts end at the same position, and decodes with Hugging Face `model.generate` under a fully explicit
 `GenerationConfig` (no sampling knob is inherited from the model's own `generation_config.json`, so the reference and
-the policy decode under exactly the same settings). Each `Generation` carries the prompt ids it was generated from, so a caller that scores the answer
-uses exactly those ids and does not render the prompt again.
+the policy decode under exactly the same settings). Each `Generation` carries the prompt ids it was generated from,
+so a caller that scores the answer uses exactly those ids and does not render the prompt again.
 
 Stopping: a sequence stops at the first *stop token*: the tokenizer's eos, the model's configured eos ids, and the
 special token(s) the chat template writes right after an assistant turn (`<|im_end|>` for SmolLM2 and Qwen,
@@ -19,7 +19,8 @@ caller's RNG state is left untouched). The same model, prompts, seed and `batch_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,20 @@ def _cut_at_stop(row: Sequence[int], stops: set[int]) -> tuple[list[int], bool]:
     return list(row), False
 
 
+@contextlib.contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block (unchanged when None), restored after."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _check_args(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -180,6 +195,7 @@ def generate(
     system_prompt: str | None = None,
     spec: DeviceSpec | None = None,
     max_prompt_length: int | None = None,
+    num_threads: int | None = None,
 ) -> list[Generation]:
     """Generate one answer per chat prompt, in the prompts' order: `encode_prompts`, then `generate_from_ids`.
 
@@ -195,6 +211,9 @@ def generate(
         spec: device and autocast; defaults to the model's own device without autocast.
         max_prompt_length: when set, a longer rendered prompt is cut from the LEFT to this many tokens, like the
             training data (the generation header at the end is kept).
+        num_threads: torch threads while decoding on CPU (the process's setting is restored after); None keeps the
+            process's setting. Decoding a small batch token by token gains little from more threads and, on a machine
+            whose cores are busy (another stage beside it), loses several times over to them waiting on each other.
 
     Returns:
         One `Generation` per prompt, holding the prompt ids it was generated from.
@@ -204,7 +223,8 @@ def generate(
     """
     prompt_ids = encode_prompts(tokenizer, prompts, system_prompt=system_prompt, max_prompt_length=max_prompt_length)
     return generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, spec=spec)
+                             temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, spec=spec,
+                             num_threads=num_threads)
 
 
 def generate_from_ids(
@@ -219,9 +239,13 @@ def generate_from_ids(
     seed: int = 0,
     batch_size: int = 4,
     spec: DeviceSpec | None = None,
+    num_threads: int | None = None,
 ) -> list[Generation]:
     """`generate` from prompts already rendered by `encode_prompts` (the same arguments, the same answers)."""
     _check_args(max_new_tokens, temperature, top_p, batch_size)
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise GenerationError(f"num_threads must be a positive int or None, got {num_threads!r}")
     if not prompt_ids:
         return []
     from transformers import GenerationConfig
@@ -245,7 +269,8 @@ def generate_from_ids(
     out: list[Generation] = []
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), spec.autocast():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), spec.autocast(), \
+                _cpu_threads(num_threads if device.type == "cpu" else None):
             torch.manual_seed(seed)
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = prompt_ids[start : start + batch_size]

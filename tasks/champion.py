@@ -114,7 +114,8 @@ def champion_scores_key(cfg: RunConfig, champion_model: dict[str, Any], base_mod
               "gate_split": pairs["gate_split"], "base_model": base_model["content_hash"],
               "template": cfg.template.model_dump(mode="json"), "system_prompt": cfg.model.system_prompt,
               "chat_template": cfg.model.chat_template, "beta": cfg.train.beta,
-              "eval": cfg.eval.model_dump(mode="json", exclude={"bootstrap_samples", "confidence"}),
+              "eval": cfg.eval.model_dump(mode="json",
+                                          exclude={"bootstrap_samples", "confidence", "generation_threads"}),
               "chunk": cfg.train.logprob_chunk_size, "layout": cfg.train.batch_layout, "device": spec.device.type}
     return stage_key("champion-scores", inputs, [judge] if judge is not None else [])
 

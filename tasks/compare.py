@@ -26,7 +26,7 @@ STAGE = "compare"
 
 def compare_key(cfg: RunConfig, model: dict[str, Any], pairs: dict[str, Any], trained: dict[str, Any],
                 judge: dict[str, Any]) -> str:
-    inputs = {"eval": cfg.eval.model_dump(mode="json"), "beta": cfg.train.beta,
+    inputs = {"eval": cfg.eval.model_dump(mode="json", exclude={"generation_threads"}), "beta": cfg.train.beta,
               "max_prompt_length": cfg.template.max_prompt_length,
               "system_prompt": cfg.model.system_prompt, "chat_template": cfg.model.chat_template}
     return stage_key(STAGE, inputs, [model, pairs, trained, judge])

@@ -22,8 +22,8 @@ from tasks.common import load_model_locked
 from tasks.train_output import policy_dir
 
 STAGE = "evaluate"
-_GENERATION_FIELDS = {"n_generations", "generation_batch_size", "max_new_tokens", "do_sample", "temperature", "top_p",
-                      "judge"}
+_GENERATION_FIELDS = {"n_generations", "generation_batch_size", "generation_threads", "max_new_tokens", "do_sample",
+                      "temperature", "top_p", "judge"}
 PAIR_SCORES_FILE = "pair_scores.parquet"
 
 

@@ -92,6 +92,25 @@ def test_peft_wrapped_model_generates_like_its_base(tokenizer):
     assert [g.token_ids for g in generate(wrapped, tokenizer, PROMPTS, max_new_tokens=4, batch_size=3)] == expected
 
 
+def test_num_threads_holds_only_while_decoding_and_changes_no_answer(tokenizer):
+    model = _untied_model(tokenizer)
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        default = generate(model, tokenizer, PROMPTS, max_new_tokens=4, batch_size=3)
+        assert set(seen) == {2}
+        seen.clear()
+        one = generate(model, tokenizer, PROMPTS, max_new_tokens=4, batch_size=3, num_threads=1)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert [g.token_ids for g in one] == [g.token_ids for g in default]
+    with pytest.raises(GenerationError, match="num_threads"):
+        generate(model, tokenizer, PROMPTS, max_new_tokens=4, num_threads=0)
+
+
 def test_model_left_in_its_training_mode(tokenizer, tiny_model):
     tiny_model.train()
     generate(tiny_model, tokenizer, PROMPTS[:1], max_new_tokens=1)
