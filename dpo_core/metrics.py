@@ -40,6 +40,19 @@ def _as_1d(name: str, values: Any) -> np.ndarray:
     return arr
 
 
+def _aligned(what: str, arrays: dict[str, Any], unit: str | None = None) -> list[np.ndarray]:
+    """Each of ``arrays`` (name -> values) as ``_as_1d``; EvaluationError unless they all hold as many values, and
+    (``unit`` given) at least one ``unit`` each. ``what`` names the computation in the messages."""
+    out = [_as_1d(name, values) for name, values in arrays.items()]
+    sizes = [a.size for a in out]
+    if len(set(sizes)) != 1:
+        listed = ", ".join(f"{name}={size}" for name, size in zip(arrays, sizes))
+        raise EvaluationError(f"{what}: the arrays differ in length: {listed}")
+    if unit is not None and sizes[0] == 0:
+        raise EvaluationError(f"{what} needs at least one {unit}")
+    return out
+
+
 def _check_bootstrap(n: int, n_samples: int, confidence: float) -> None:
     if n == 0:
         raise EvaluationError("a bootstrap needs at least one value")
@@ -116,12 +129,7 @@ def pairwise_accuracy(chosen_scores: Sequence[float] | np.ndarray, rejected_scor
     A pair counts as correct only when `chosen > rejected` strictly (TRL's `rewards/accuracies`): a scorer that
     cannot tell the two apart scores 0, not 0.5, and `tie_rate` says how many pairs tied. Returns `accuracy`,
     `ci_low`, `ci_high` (`mean_with_ci` over the 0/1 correctness), `tie_rate` and `n_pairs`."""
-    c = _as_1d("chosen scores", chosen_scores)
-    r = _as_1d("rejected scores", rejected_scores)
-    if c.size != r.size:
-        raise EvaluationError(f"chosen and rejected scores differ in length: {c.size} vs {r.size}")
-    if c.size == 0:
-        raise EvaluationError("pairwise accuracy needs at least one pair")
+    c, r = _aligned("pairwise accuracy", {"chosen scores": chosen_scores, "rejected scores": rejected_scores}, "pair")
     accuracy, low, high = mean_with_ci((c > r).astype(np.float64), n_samples, confidence, seed)
     return {"accuracy": accuracy, "ci_low": low, "ci_high": high, "tie_rate": float((c == r).mean()),
             "n_pairs": int(c.size)}
@@ -154,19 +162,9 @@ def preference_metrics(
     """
     if beta <= 0:
         raise EvaluationError(f"beta must be > 0, got {beta}")
-    pc = _as_1d("policy_chosen", policy_chosen)
-    pr = _as_1d("policy_rejected", policy_rejected)
-    rc = _as_1d("ref_chosen", ref_chosen)
-    rr = _as_1d("ref_rejected", ref_rejected)
-    sizes = {pc.size, pr.size, rc.size, rr.size}
-    if len(sizes) != 1:
-        raise EvaluationError(
-            f"log-prob arrays differ in length: policy_chosen={pc.size}, policy_rejected={pr.size}, "
-            f"ref_chosen={rc.size}, ref_rejected={rr.size}"
-        )
+    pc, pr, rc, rr = _aligned("preference metrics", {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected,
+                                                     "ref_chosen": ref_chosen, "ref_rejected": ref_rejected}, "pair")
     n = pc.size
-    if n == 0:
-        raise EvaluationError("preference metrics need at least one pair")
     chosen_rewards = beta * (pc - rc)
     rejected_rewards = beta * (pr - rr)
     margins = chosen_rewards - rejected_rewards
@@ -271,12 +269,8 @@ def win_rate(policy_scores: Sequence[float], reference_scores: Sequence[float], 
     Returns the rate and the per-prompt winners ("policy", "reference" or "tie"). The tolerance absorbs float noise
     between two identical answers scored in different batches.
     """
-    p = _as_1d("policy judge scores", policy_scores)
-    r = _as_1d("reference judge scores", reference_scores)
-    if p.size != r.size:
-        raise EvaluationError(f"judge scores differ in length: policy={p.size}, reference={r.size}")
-    if p.size == 0:
-        raise EvaluationError("win_rate needs at least one scored prompt")
+    p, r = _aligned("win_rate", {"policy judge scores": policy_scores, "reference judge scores": reference_scores},
+                    "scored prompt")
     winners = ["tie" if abs(a - b) <= tie_tolerance else ("policy" if a > b else "reference") for a, b in zip(p, r)]
     points = sum(1.0 if w == "policy" else 0.5 if w == "tie" else 0.0 for w in winners)
     return points / len(winners), winners
@@ -287,10 +281,8 @@ def preference_probability(policy_scores: Sequence[float] | np.ndarray,
     """`sigmoid(policy_score - reference_score)` per prompt: the judge's scores read as Bradley-Terry logits, i.e. the
     probability that the policy's answer is the better one (a tie is 0.5). Calibrated for judges trained with a
     Bradley-Terry loss (the trained judge, most reward models); for other scores it is only monotone in the gap."""
-    p = _as_1d("policy judge scores", policy_scores)
-    r = _as_1d("reference judge scores", reference_scores)
-    if p.size != r.size:
-        raise EvaluationError(f"judge scores differ in length: policy={p.size}, reference={r.size}")
+    p, r = _aligned("preference_probability",
+                    {"policy judge scores": policy_scores, "reference judge scores": reference_scores})
     return 1.0 / (1.0 + np.exp(-(p - r)))
 
 
@@ -306,12 +298,8 @@ def length_controlled_win_rate(preferences: Sequence[float] | np.ndarray, length
     tiny `l2` keeps the fit finite when the preferences are perfectly separated by length (the prompts nearest equal
     length then decide `b`; a bootstrap CI shows how loosely). With no spread in `d` it is the mean preference.
     """
-    y = _as_1d("preferences", preferences)
-    d = _as_1d("length differences", length_diffs)
-    if y.size != d.size:
-        raise EvaluationError(f"preferences and length differences differ in length: {y.size} vs {d.size}")
-    if y.size == 0:
-        raise EvaluationError("the length-controlled win rate needs at least one prompt")
+    y, d = _aligned("the length-controlled win rate", {"preferences": preferences, "length differences": length_diffs},
+                    "prompt")
     if np.any((y < 0) | (y > 1)):
         raise EvaluationError("preferences must lie in [0, 1]")
     spread = float(d.std())
