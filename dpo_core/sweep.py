@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dpo_core.config import VALIDATION_METRIC_MODE, RunConfig, UserError, ValidationMetric, load_config, parse_override
+from dpo_core.config import (VALIDATION_METRIC_MODE, RunConfig, UserError, ValidationMetric, load_config, parse_override,
+                             read_yaml_mapping)
 
 __all__ = ["Range", "SweepSettings", "SweepSpec", "Trial", "load_sweep", "plan_trials", "trial_config",
            "base_config", "pick_winner"]
@@ -95,12 +95,7 @@ class Trial(_Strict):
 def load_sweep(path: str | Path, sets: list[str] | None = None) -> SweepSpec:
     """Read a sweep file and apply ``--set`` items: ``sweep.<field>=...`` and ``config=...`` change the sweep itself
     (``sweep.params.<section.key>=[...]`` one swept key), anything else is a run-config override for every trial."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"sweep file not found: {p}")
-    tree = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ValueError(f"sweep file {p} must hold a mapping at the top level")
+    tree = read_yaml_mapping(path, "sweep file")
     tree.setdefault("overrides", [])
     tree.setdefault("sweep", {})
     for item in sets or []:
