@@ -186,16 +186,9 @@ def generate(
     tokenizer: Any,
     prompts: list[list[dict]],
     *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 4,
     system_prompt: str | None = None,
-    spec: DeviceSpec | None = None,
     max_prompt_length: int | None = None,
-    num_threads: int | None = None,
+    **decoding: Any,
 ) -> list[Generation]:
     """Generate one answer per chat prompt, in the prompts' order: `encode_prompts`, then `generate_from_ids`.
 
@@ -203,17 +196,10 @@ def generate(
         model: any Hugging Face causal LM (or a peft wrapper of one) with `.generate`.
         tokenizer: its tokenizer, with a chat template and a pad or eos token (`dpo_core.models.pad_id`).
         prompts: chat message lists `[{"role", "content"}, ...]` ending with a user turn.
-        max_new_tokens: the most tokens generated per answer (the stop token included).
-        do_sample: False = greedy; True = sample with `temperature` and nucleus `top_p` (no top-k).
-        seed: seeds the sampler (ignored by greedy decoding, which is deterministic anyway).
-        batch_size: prompts per `generate` call; each batch is left-padded to its longest prompt.
         system_prompt: the system-prompt policy of `dpo_core.templating` (None / "" / a text).
-        spec: device and autocast; defaults to the model's own device without autocast.
         max_prompt_length: when set, a longer rendered prompt is cut from the LEFT to this many tokens, like the
             training data (the generation header at the end is kept).
-        num_threads: torch threads while decoding on CPU (the process's setting is restored after); None keeps the
-            process's setting. Decoding a small batch token by token gains little from more threads and, on a machine
-            whose cores are busy (another stage beside it), loses several times over to them waiting on each other.
+        decoding: the decoding settings of `generate_from_ids` (`max_new_tokens` is required).
 
     Returns:
         One `Generation` per prompt, holding the prompt ids it was generated from.
@@ -222,9 +208,7 @@ def generate(
         PromptRenderError: a prompt the chat template cannot render (it names the prompt's position).
     """
     prompt_ids = encode_prompts(tokenizer, prompts, system_prompt=system_prompt, max_prompt_length=max_prompt_length)
-    return generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, spec=spec,
-                             num_threads=num_threads)
+    return generate_from_ids(model, tokenizer, prompt_ids, **decoding)
 
 
 def generate_from_ids(
@@ -241,7 +225,18 @@ def generate_from_ids(
     spec: DeviceSpec | None = None,
     num_threads: int | None = None,
 ) -> list[Generation]:
-    """`generate` from prompts already rendered by `encode_prompts` (the same arguments, the same answers)."""
+    """One answer per prompt of `prompt_ids` (`encode_prompts` output), in their order.
+
+    Args:
+        max_new_tokens: the most tokens generated per answer (the stop token included).
+        do_sample: False = greedy; True = sample with `temperature` and nucleus `top_p` (no top-k).
+        seed: seeds the sampler (ignored by greedy decoding, which is deterministic anyway).
+        batch_size: prompts per `generate` call; each batch is left-padded to its longest prompt.
+        spec: device and autocast; defaults to the model's own device without autocast.
+        num_threads: torch threads while decoding on CPU (the process's setting is restored after); None keeps the
+            process's setting. Decoding a small batch token by token gains little from more threads and, on a machine
+            whose cores are busy (another stage beside it), loses several times over to them waiting on each other.
+    """
     _check_args(max_new_tokens, temperature, top_p, batch_size)
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                     or num_threads < 1):
