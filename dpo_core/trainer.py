@@ -202,7 +202,8 @@ def train(
             state = {"history": history, "tokens": tokens, "fingerprint": fingerprint, "total_steps": n_steps,
                      "bco_rewards": vars(bco)}
             tensors, optimizer_state = _consolidated(model, optimizer, strategy)  # FSDP: a collective on all ranks
-            best = best_validation_step(history, cfg.select_metric) if cfg.select == "best_val" else None
+            scored = cfg.select == "best_val" and any(cfg.select_metric in r for r in history)
+            best = best_validation_step(history, cfg.select_metric) if scored else None  # the best so far, kept
             if ctx.is_main:  # DDP: weights and AdamW state are identical on every rank
                 save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
                                 keep=cfg.keep_checkpoints, protect=best, tensors=tensors,

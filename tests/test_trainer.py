@@ -422,6 +422,22 @@ def test_best_val_outputs_the_best_scored_checkpoint_and_resumes_exactly(tmp_pat
     assert all(torch.equal(final[name], resumed_weights[name]) for name in final)
 
 
+def test_best_val_with_checkpoints_before_the_first_validation_scoring(tmp_path, tokenizer):
+    """Checkpoints more often than validation (the shipped default: checkpoint_every 8, eval_every 32): a checkpoint
+    written before anything was scored keeps no best step, and the run still outputs its best scored checkpoint."""
+    df, val = _with_validation()
+    ref = compute_reference_logps(_model(tokenizer), pd.concat([df, val]), batch_size=4, spec=CPU)
+    cfg = _cfg(eval_every=3, select="best_val", select_metric="val/loss", learning_rate=5e-2, checkpoint_every=1,
+               keep_checkpoints=1)
+    result = train(_model(tokenizer), tokenizer, df, cfg, out_dir=tmp_path / "a", spec=CPU, reference=ref,
+                   validation=val, progress_bar=False)
+    scored = {r["step"]: r["val/loss"] for r in result.history if "val/loss" in r}
+    assert sorted(scored) == [3, 6] and result.steps == 6
+    assert result.selected_step == min(scored, key=lambda s: (scored[s], s))
+    kept = [s for s, _ in list_checkpoints(tmp_path / "a" / "checkpoints")]
+    assert kept == sorted({result.selected_step, 6})
+
+
 def test_validation_errors_are_clear(tmp_path, tokenizer):
     df, val = _with_validation(4, 2)
     with pytest.raises(TrainError, match="need validation pairs"):
