@@ -71,7 +71,7 @@ def test_load_sweep_routes_set_items_and_builds_trial_configs(tmp_path):
     assert cfg.data.validation_fraction == 0.1
     # the shipped sweep file loads and plans
     shipped = load_sweep(REPO / "configs/sweep.yaml")
-    assert base_config(shipped).train.select == "best_val" and len(plan_trials(shipped.sweep)) == 6
+    assert base_config(shipped).train.select == "best_val" and len(plan_trials(shipped.sweep)) == 3
     with pytest.raises(ValueError, match="picks its winner on the validation split"):
         base_config(spec.model_copy(update={"overrides": []}))
     with pytest.raises(FileNotFoundError, match="sweep file not found"):
