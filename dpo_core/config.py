@@ -21,8 +21,12 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 FORMAT_NAMES = ("trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt")
 FormatName = Literal["auto", *FORMAT_NAMES]
 # The preference objectives of dpo_core.losses (one function each); TrainConfig.loss is one of these names.
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "orpo", "cpo")
+# Pairwise objectives read (prompt, chosen, rejected) pairs; the unpaired ones read (prompt, completion, label) rows
+# (paired data is split into two rows for them: dpo_data.unpaired).
+PAIRWISE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "simpo", "exo_pair", "nca_pair", "bco_pair",
+                   "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "orpo", "cpo")
+UNPAIRED_LOSSES = ("kto",)
+LOSS_TYPES = PAIRWISE_LOSSES + UNPAIRED_LOSSES
 LossType = Literal[LOSS_TYPES]
 # losses that read no reference log-probs
 REFERENCE_FREE_LOSSES = ("simpo", "sft", "orpo", "cpo")
@@ -36,6 +40,8 @@ LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
     "f_alpha": F_DIVERGENCE_LOSSES,
     "discopop_tau": ("discopop",),
     "cpo_alpha": ("cpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
 }
 VALIDATION_SPLIT = "validation"  # the split data.validation_fraction carves from train (model selection only)
 # validation metrics a checkpoint or a sweep trial can be chosen by, and whether higher or lower is better
@@ -168,6 +174,10 @@ class TrainConfig(_Section):
     f_alpha: float = 0.5
     discopop_tau: float = Field(0.05, gt=0.0)  # DiscoPOP's temperature of the logistic/exponential mix
     cpo_alpha: float = Field(1.0, ge=0.0)  # CPO: weight of its NLL term on chosen (TRL's cpo_alpha)
+    # KTO: the weights of the desirable and undesirable rows' losses (TRL's desirable_weight / undesirable_weight;
+    # the paper's lambda_D, lambda_U: keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the labels are unbalanced)
+    desirable_weight: float = Field(1.0, gt=0.0)
+    undesirable_weight: float = Field(1.0, gt=0.0)
     # BCO: shift rewards by the running mean of all rewards seen so far (the paper's delta; kept in checkpoints)
     bco_running_delta: bool = False
     # WPO: weight each pair's loss by how likely the policy itself is to produce both answers (detached)
@@ -227,6 +237,13 @@ class TrainConfig(_Section):
                              f"{names}; give one weight per loss")
         if self.loss_weights is not None and not all(w > 0 for w in self.loss_weights):
             raise ValueError(f"train.loss_weights={self.loss_weights} must all be > 0")
+        unpaired = set(names) & set(UNPAIRED_LOSSES)
+        if unpaired and len(self.objective()) > 1:
+            raise ValueError(f"train.loss={sorted(unpaired)[0]} trains on unpaired rows (prompt, completion, label) and "
+                             "cannot be mixed with other objectives or train.sft_weight; use it alone")
+        if unpaired and (self.use_weighting or self.ld_alpha is not None):
+            raise ValueError(f"train.use_weighting / train.ld_alpha weigh a pair's two answers; loss "
+                             f"{sorted(unpaired)[0]!r} has unpaired rows: leave them unset")
         if self.sft_weight and "sft" in names:
             raise ValueError("train.sft_weight and the `sft` loss are the same term; use one of them")
         if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
@@ -254,6 +271,10 @@ class TrainConfig(_Section):
     def loss_settings(self) -> dict[str, Any]:
         """The loss-specific settings by name (the keyword arguments of dpo_core.losses.preference_loss)."""
         return {name: getattr(self, name) for name in LOSS_SETTINGS}
+
+    def is_unpaired(self) -> bool:
+        """Whether the objective trains on unpaired rows (``UNPAIRED_LOSSES``: KTO) rather than on pairs."""
+        return any(name in UNPAIRED_LOSSES for name, _ in self.objective())
 
     def needs_reference(self) -> bool:
         """Whether any component of the objective reads reference log-probs."""

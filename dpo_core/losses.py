@@ -10,7 +10,10 @@ Reference log-probs are detached too: gradients flow only through the policy. Th
 and r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)), r_l likewise (the implicit rewards). Unless a docstring says
 otherwise, rewards are r_w and r_l, as TRL reports them.
 
-``preference_loss(loss_type, ...)`` dispatches on one name of ``TrainConfig.loss``. The losses that see the pair only
+The unpaired objective KTO (``kto_loss``) sees rows (prompt, completion, label) instead of pairs, with a KL
+reference point estimated from mismatched rows (``kto_kl``); it returns an ``UnpairedLossOutput``.
+
+``preference_loss(loss_type, ...)`` dispatches on one name of ``TrainConfig.loss`` (the pairwise ones). The losses that see the pair only
 through z also take an ``FDivergence`` (f-DPO), which replaces each log-ratio log(pi / pi_ref) by the derivative
 f'(pi / pi_ref) of the divergence's generator.
 """
@@ -24,7 +27,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dpo_core.config import LOSS_SETTINGS, LOSS_TYPES, loss_settings_error
+from collections.abc import Callable
+
+from dpo_core.config import LOSS_SETTINGS, LOSS_TYPES, UNPAIRED_LOSSES, loss_settings_error
 
 __all__ = [
     "LossError",
@@ -48,6 +53,9 @@ __all__ = [
     "sft_loss",
     "orpo_loss",
     "cpo_loss",
+    "UnpairedLossOutput",
+    "kto_kl",
+    "kto_loss",
     "FDivergence",
     "REVERSE_KL",
     "preference_loss",
@@ -561,6 +569,66 @@ def cpo_loss(
     return LossOutput(losses, (beta * policy_chosen_logps).detach(), (beta * policy_rejected_logps).detach())
 
 
+class UnpairedLossOutput(NamedTuple):
+    """losses Float[B] (per row, weighted, not reduced), rewards Float[B] (beta times each row's log-ratio,
+    detached) and kl Float[] (the reference point z_0 the losses used, detached)."""
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+
+
+# (sum, count) of this process -> (sum, count) over every process (an all-reduce); see kto_kl
+Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, *, gather: Gather | None = None) -> torch.Tensor:
+    """KTO's reference point (Ethayarajh et al. 2024, arXiv 2402.01306, section 4.1): z_0 = KL(pi || pi_ref),
+    estimated as TRL's ``KTOTrainer`` does from mismatched rows, row i's prompt x_i with another row's completion y'_i:
+
+        z_0 = max(0, mean_i [log pi(y'_i|x_i) - log pi_ref(y'_i|x_i)])
+
+    Inputs Float[B] (sequence log-probs of the mismatched completions); returns Float[], detached: no gradient flows
+    through the reference point. ``gather`` turns this process's (sum, count) into those of every process (the
+    trainer passes an all-reduce under DDP/FSDP), so that z_0 is the mean over the whole micro-batch.
+    """
+    ratios = (policy_kl_logps - ref_kl_logps.detach()).detach().float()
+    total, count = ratios.sum(), torch.tensor(float(ratios.numel()), device=ratios.device)
+    if gather is not None:
+        total, count = gather(total, count)
+    return (total / count.clamp(min=1.0)).clamp(min=0.0)
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> UnpairedLossOutput:
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306, the KTO loss of section 4.1; TRL's ``KTOTrainer``,
+    ``loss_type="kto"``): a prospect-theoretic value of each completion on its own, relative to the reference point
+    z_0 (``kto_kl``), with r = log pi(y|x) - log pi_ref(y|x):
+
+        desirable (label True):     loss = lambda_D (1 - sigma(beta (r - z_0)))
+        undesirable (label False):  loss = lambda_U (1 - sigma(beta (z_0 - r)))
+        rewards = beta r
+
+    ``policy_logps``, ``ref_logps`` Float[B] (sequence log-probs of each row's completion), ``labels`` Bool[B],
+    ``kl`` Float[] (detached). lambda_D, lambda_U are ``desirable_weight``, ``undesirable_weight``. The batch loss is
+    the mean of ``losses`` over the rows, as TRL's.
+    """
+    ratio = policy_logps - ref_logps.detach()
+    kl = kl.detach().to(ratio.dtype)
+    desirable = labels.to(torch.bool)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return UnpairedLossOutput(losses, (beta * ratio).detach(), kl)
+
+
 def preference_loss(
     loss_type: str,
     policy_chosen_logps: torch.Tensor,
@@ -587,6 +655,8 @@ def preference_loss(
     """
     if loss_type not in LOSS_TYPES:
         raise LossError(f"unknown loss type {loss_type!r}; expected one of {list(LOSS_TYPES)}")
+    if loss_type in UNPAIRED_LOSSES:
+        raise LossError(f"loss {loss_type!r} scores unpaired rows, not pairs: call kto_loss with labels and kto_kl")
     if beta <= 0:
         raise LossError(f"beta must be > 0, got {beta}")
     settings = {"label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma, "f_divergence": f_divergence,

@@ -24,6 +24,13 @@ from dpo_core.config import LOSS_SETTINGS, LOSS_TYPES, TrainConfig, load_config
     (["train.loss=[]"], "empty list"),
     (["train.loss=aot", "train.use_weighting=true"], "use_weighting has no meaning for aot"),
     (["train.ld_alpha=1.5"], "less than or equal to 1"),
+    (["train.desirable_weight=1.33"], "desirable_weight=1.33 has no meaning for loss 'sigmoid'"),
+    (["train.loss=ipo", "train.undesirable_weight=0.8"], "undesirable_weight=0.8 has no meaning for loss 'ipo'"),
+    (["train.loss=kto", "train.label_smoothing=0.1"], "label_smoothing=0.1 has no meaning for loss 'kto'"),
+    (["train.loss=[kto, sft]"], "cannot be mixed with other objectives"),
+    (["train.loss=kto", "train.sft_weight=0.5"], "cannot be mixed with other objectives"),
+    (["train.loss=kto", "train.use_weighting=true"], "loss 'kto' has unpaired rows"),
+    (["train.loss=kto", "train.desirable_weight=0"], "greater than 0"),
     (["train.loss=[ipo, hinge]", "train.label_smoothing=0.1"],
      "label_smoothing=0.1 has no meaning for loss \\['ipo', 'hinge'\\]"),
 ])
@@ -41,6 +48,7 @@ def test_a_setting_the_loss_does_not_read_fails_at_load(overrides, message):
     ["train.loss=discopop", "train.discopop_tau=0.1"],
     ["train.loss=bco_pair", "train.bco_running_delta=true"],
     ["train.loss=ipo", "train.use_weighting=true", "train.ld_alpha=0.5"],
+    ["train.loss=kto", "train.desirable_weight=1.33", "train.undesirable_weight=0.9"],
 ])
 def test_settings_the_loss_reads_load(overrides):
     cfg = load_config("configs/default.yaml", overrides)

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from dpo_core.losses import LOSS_TYPES, FDivergence, LossError, ld_logps, mixture_loss, preference_loss, wpo_weights
+from dpo_core.config import PAIRWISE_LOSSES
+from dpo_core.losses import (FDivergence, LossError, kto_kl, kto_loss, ld_logps, mixture_loss, preference_loss,
+                             wpo_weights)
 
 # two pairs: policy / reference sequence log-probs and response lengths
 PC, PR = [-10.0, -20.0], [-12.0, -15.0]
@@ -273,7 +275,7 @@ def test_wpo_weights_are_the_policys_own_mean_token_probabilities():
 NEEDS = {"exo_pair": {"label_smoothing": 1e-3}}
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", PAIRWISE_LOSSES)
 def test_gradients_flow_only_through_the_policy(loss_type):
     pc, pr = torch.tensor(PC, requires_grad=True), torch.tensor(PR, requires_grad=True)
     rc, rr = torch.tensor(RC, requires_grad=True), torch.tensor(RR, requires_grad=True)
@@ -285,6 +287,53 @@ def test_gradients_flow_only_through_the_policy(loss_type):
     if loss_type != "sft":  # the NLL of the chosen response only
         assert pr.grad is not None and pr.grad.abs().sum() > 0
     assert rc.grad is None and rr.grad is None
+
+
+# four unpaired rows (two desirable, two undesirable): completion log-probs under the policy and the reference, and
+# the mismatched (KL) completions' log-probs; log-ratios r = [1, -1, -0.5, 1], KL log-ratios [0.5, 0.3, -0.2, 0.2]
+KP, KR, KLABELS = [-10.0, -20.0, -12.0, -15.0], [-11.0, -19.0, -11.5, -16.0], [True, True, False, False]
+KL_P, KL_R = [-30.0, -25.0, -40.0, -22.0], [-30.5, -25.3, -39.8, -22.2]
+
+
+def _kto(kl, **kw):
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return kto_loss(t(KP), t(KR), torch.tensor(KLABELS), kl, beta=BETA, **kw)
+
+
+def test_kto_kl_is_the_clamped_mean_log_ratio_of_the_mismatched_completions():
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert float(kto_kl(t(KL_P), t(KL_R))) == pytest.approx(0.2, abs=1e-6)  # (0.5 + 0.3 - 0.2 + 0.2) / 4
+    assert float(kto_kl(t(KL_R), t(KL_P))) == 0.0  # a negative estimate (-0.2) is clamped at 0
+    # gathered over processes: this process's (sum 0.8, count 4) plus another's (sum -0.2, count 2): 0.6 / 6
+    other = lambda total, count: (total - 0.2, count + 2)  # noqa: E731
+    assert float(kto_kl(t(KL_P), t(KL_R), gather=other)) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_kto_values_desirable_above_and_undesirable_below_the_reference_point():
+    # z_0 = 0.2: desirable 1 - sigma(0.1 (r - 0.2)), undesirable 1 - sigma(0.1 (0.2 - r)); row 2 has r < z_0 < 0
+    out = _kto(torch.tensor(0.2, dtype=torch.float64))
+    assert out.losses.tolist() == pytest.approx([0.48001065984441815,  # 1 - sigma(0.08)
+                                                 0.5299640517645718,  # 1 - sigma(-0.12)
+                                                 0.48250714233361025,  # 1 - sigma(0.07)
+                                                 0.5199893401555817], abs=1e-12)  # 1 - sigma(-0.08)
+    assert out.rewards.tolist() == pytest.approx([0.1, -0.1, -0.05, 0.1], abs=1e-12)
+    assert float(out.kl) == pytest.approx(0.2)
+    # z_0 = 0 and the weights lambda_D = 2, lambda_U = 0.5
+    out = _kto(torch.tensor(0.0), desirable_weight=2.0, undesirable_weight=0.5)
+    assert out.losses.tolist() == pytest.approx([2 * 0.47502081252106, 2 * 0.52497918747894,  # 1 - sigma(+-0.1)
+                                                 0.5 * 0.48750260351578967, 0.5 * 0.52497918747894], abs=1e-12)
+
+
+def test_kto_gradients_flow_only_through_the_policy_completions():
+    p = torch.tensor(KP, requires_grad=True)
+    r = torch.tensor(KR, requires_grad=True)
+    kl_p, kl_r = torch.tensor(KL_P, requires_grad=True), torch.tensor(KL_R, requires_grad=True)
+    out = kto_loss(p, r, torch.tensor(KLABELS), kto_kl(kl_p, kl_r), beta=BETA)
+    assert not out.rewards.requires_grad and not out.kl.requires_grad
+    out.losses.sum().backward()
+    # d/dr of 1 - sigma(beta (r - z)) is -beta sigma' < 0 for desirable rows: raising their likelihood lowers the loss
+    assert (p.grad[:2] < 0).all() and (p.grad[2:] > 0).all()
+    assert r.grad is None and kl_p.grad is None and kl_r.grad is None
 
 
 def test_bad_arguments_are_clear_errors():
@@ -307,5 +356,7 @@ def test_bad_arguments_are_clear_errors():
         preference_loss("bco_pair", t, t, t, t, beta=0.1, f_divergence="js")
     with pytest.raises(LossError, match="f_alpha=0.3 is read only with f_divergence=alpha"):
         preference_loss("sigmoid", t, t, t, t, beta=0.1, f_alpha=0.3)
+    with pytest.raises(LossError, match="'kto' scores unpaired rows"):
+        preference_loss("kto", t, t, t, t, beta=0.1)
     with pytest.raises(LossError, match="unknown f-divergence 'kl'"):
         preference_loss("sigmoid", t, t, t, t, beta=0.1, f_divergence="kl")
