@@ -19,7 +19,8 @@ What is compared, per pair of the batch (4 UltraFeedback pairs, the benchmark's 
 * with `--objectives`, every objective TRL's `DPOTrainer` has (`OBJECTIVE_CASES`: each `loss_type`, the
   f-divergences, a weighted mixture, WPO and LD-DPO): loss, mean rewards and the gradient with respect to each
   log-prob sum (`objective_parity`, which says why that and the parameter gradients above cover every parameter);
-  and ORPO and CPO against TRL's experimental trainers' loss functions (`reference_free_parity`).
+  ORPO and CPO against TRL's experimental trainers' loss functions (`reference_free_parity`); and KTO against
+  TRL's `KTOTrainer` on the pairs split into unpaired rows (`kto_parity`: loss, rewards, KL, gradients).
 
 Tolerance: |ours - TRL| <= ATOL + RTOL * |TRL| with ATOL = RTOL = 1e-4 (log-prob sums over ~100 tokens are in the
 hundreds; float32 summation order alone moves them by ~1e-5 relative).
@@ -428,6 +429,100 @@ def reference_free_parity(setup: Setup, loss: str, **settings) -> ParityReport:
     return report
 
 
+# KTO against TRL's KTOTrainer, as (label, settings)
+KTO_CASES: list[tuple[str, dict]] = [
+    ("kto", {}),
+    ("kto, desirable_weight=1.33, undesirable_weight=0.8", {"desirable_weight": 1.33, "undesirable_weight": 0.8}),
+    ("kto, KL reference point clamped at 0", {"kl_shift": -1e3}),
+]
+
+
+def kto_rows(rows: list[dict]) -> tuple[list[dict], torch.Tensor]:
+    """The setup's pairs as 2B unpaired KTO rows, laid out as pair rows (``dpo_data.unpaired``): every chosen
+    answer (label True) then every rejected one (label False), each with the completion of the row before it as its
+    mismatched KL completion (TRL's rotation by one within the batch); and the labels, Bool[2B]."""
+    completions = [(r["prompt_ids"], r["chosen_ids"], True) for r in rows]
+    completions += [(r["prompt_ids"], r["rejected_ids"], False) for r in rows]
+    out = [{"pair_id": str(i), "prompt_ids": prompt, "chosen_ids": answer,
+            "rejected_ids": completions[i - 1][1]} for i, (prompt, answer, _) in enumerate(completions)]
+    return out, torch.tensor([label for *_, label in completions])
+
+
+def kto_parity(setup: Setup, **settings) -> ParityReport:
+    """KTO on the setup's pairs split into 2B unpaired rows (``kto_rows``): TRL ``KTOTrainer._compute_loss`` against
+    our ``kto_kl`` + ``kto_loss``: the loss, the mean rewards of the desirable and undesirable rows, the KL reference
+    point and the gradient of the loss with respect to every completion's log-prob sum.
+
+    Both get the same log-prob sums: ours, of the tiny policy and reference on the (prompt, completion) and the
+    mismatched (prompt, KL completion) sequences (``run`` checks that our scorer equals TRL's on any such sequence).
+    TRL's ``_compute_loss`` runs as a plain function on a stand-in trainer (its attributes from the ``KTOConfig``
+    fields of the same names) whose model returns those sums as one-token sequences, with the reference log-probs
+    given as precomputed; the gradient on the completion sums then carries to the parameters as in
+    ``objective_parity``. ``kl_shift`` (ours, for the test only) lowers the reference's KL log-probs by that much,
+    so that the KL estimate is negative and clamped at 0.
+    """
+    import types
+    from collections import defaultdict
+
+    from trl import KTOTrainer
+
+    from dpo_core.batching import collate_pairs
+    from dpo_core.logprobs import sequence_logps, split_pair_logps
+    from dpo_core.losses import kto_kl, kto_loss
+    from dpo_core.models import pad_id
+
+    beta, trainer = setup.beta, setup.trainer
+    shift = settings.pop("kl_shift", 0.0)
+    weights = {"desirable_weight": settings.pop("desirable_weight", 1.0),
+               "undesirable_weight": settings.pop("undesirable_weight", 1.0)}
+    rows, labels = kto_rows(setup.rows)
+    batch = collate_pairs(rows, pad_id(trainer.processing_class))
+    with torch.no_grad():
+        policy, policy_kl = split_pair_logps(sequence_logps(setup.policy, batch)[0])
+        ref, ref_kl = split_pair_logps(sequence_logps(trainer.ref_model, batch)[0])
+    ref_kl = ref_kl - shift
+
+    n = len(rows)
+    token_logps = {"": policy.clone().unsqueeze(1).requires_grad_(True),
+                   "KL_": policy_kl.clone().unsqueeze(1).requires_grad_(True)}
+    ones = torch.ones(n, 2, dtype=torch.long)
+    inputs = {"input_ids": torch.zeros(n, 2, dtype=torch.long), "attention_mask": ones,
+              "completion_mask": torch.tensor([[0, 1]] * n), "KL_input_ids": torch.zeros(n, 2, dtype=torch.long),
+              "KL_attention_mask": ones, "KL_completion_mask": torch.tensor([[0, 1]] * n), "label": labels,
+              "ref_logps": ref, "ref_KL_logps": ref_kl}
+
+    def model(**kwargs):  # one-token sequences whose log-prob is the sum of the whole completion's
+        kind = "KL_" if kwargs["input_ids"] is inputs["KL_input_ids"] else ""
+        zeros = torch.zeros(n, 1)
+        return types.SimpleNamespace(log_probs=token_logps[kind], entropy=zeros, mean_logits=zeros)
+
+    accelerator = types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x)
+    trl_self = types.SimpleNamespace(model=types.SimpleNamespace(training=False), accelerator=accelerator,
+                                     calculate_KL=True, aux_loss_enabled=False, precompute_ref_logps=True,
+                                     loss_type="kto", beta=beta, _metrics=defaultdict(lambda: defaultdict(list)),
+                                     _total_train_tokens=0,
+                                     **weights)
+    trl_self._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, trl_self)
+    trl_loss = KTOTrainer._compute_loss(trl_self, model, inputs, return_outputs=False)
+    trl_loss.backward()
+    metrics = {k: v[-1] for k, v in trl_self._metrics["eval"].items()}
+
+    ours_logps = policy.clone().requires_grad_(True)
+    ours_kl_logps = policy_kl.clone().requires_grad_(True)
+    out = kto_loss(ours_logps, ref, labels, kto_kl(ours_kl_logps, ref_kl), beta=beta, **weights)
+    out.losses.mean().backward()
+
+    report = ParityReport()
+    report.check("loss", out.losses.mean(), trl_loss.detach())
+    report.check("rewards/chosen (mean)", out.rewards[labels].mean(), metrics["rewards/chosen"])
+    report.check("rewards/rejected (mean)", out.rewards[~labels].mean(), metrics["rewards/rejected"])
+    report.check("kl", out.kl, metrics["kl"])
+    report.check("d loss / d logps", ours_logps.grad, token_logps[""].grad.squeeze(1))
+    if ours_kl_logps.grad is not None or token_logps["KL_"].grad is not None:
+        report.failures.append("a gradient reached the KL completions' log-probs (the reference point is detached)")
+    return report
+
+
 @contextmanager
 def _replayed_forward(model: torch.nn.Module, output) -> Iterator[None]:
     """Calls of ``model`` return ``output`` instead of running the network (the instance's ``forward`` is swapped)."""
@@ -467,6 +562,12 @@ def main(argv: list[str] | None = None) -> int:
                 _, ours, trl, diff = one.rows[0]
                 grad = max(r[3] for r in one.rows if r[0].startswith("d term"))
                 print(f"{label + ' (term)':<44}{ours:>12.6f}{trl:>12.6f}{diff:>10.2e}{grad:>22.2e}  {one.ok}")
+                ok = ok and one.ok
+            for label, settings in KTO_CASES:
+                one = kto_parity(setup, **settings)
+                _, ours, trl, diff = one.rows[0]
+                grad = max(r[3] for r in one.rows if r[0].startswith("d loss"))
+                print(f"{label:<44}{ours:>12.6f}{trl:>12.6f}{diff:>10.2e}{grad:>22.2e}  {one.ok}")
                 ok = ok and one.ok
             print("OBJECTIVES OK" if ok else "OBJECTIVES FAILED")
     return 0 if ok else 1

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.parity import (ATOL, OBJECTIVE_CASES, REFERENCE_FREE_CASES, objective_parity, reference_free_parity, run,
-                          trl_setup)
+from bench.parity import (ATOL, KTO_CASES, OBJECTIVE_CASES, REFERENCE_FREE_CASES, kto_parity, objective_parity,
+                          reference_free_parity, run, trl_setup)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,18 @@ def test_every_trl_objective_matches_loss_rewards_and_gradients(setup, label, ob
 def test_orpo_and_cpo_match_trls_experimental_trainers(setup, label, loss, settings):
     report = reference_free_parity(setup, loss, **settings)
     assert next(r for r in report.rows if r[0].startswith("d term"))[2] != 0.0
+    assert report.ok, report.render()
+
+
+@pytest.mark.parametrize("label, settings", KTO_CASES, ids=[c[0] for c in KTO_CASES])
+def test_kto_matches_trls_kto_trainer(setup, label, settings):
+    report = kto_parity(setup, **settings)
+    rows = {r[0]: r for r in report.rows}
+    assert rows["d loss / d logps[0]"][2] != 0.0, "TRL's gradient is zero: nothing was compared"
+    if "kl_shift" in settings:
+        assert rows["kl"][2] == 0.0  # TRL's estimate was clamped too
+    else:
+        assert rows["kl"][2] > 0.0, "the KL reference point is 0: its estimate was not compared"
     assert report.ok, report.render()
 
 
