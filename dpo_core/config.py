@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validato
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
-# the preference-data formats dpo_data.formats reads (its FORMAT_FIELDS has one entry per name)
-FORMAT_NAMES = ("trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt")
+# the preference-data formats dpo_data.formats reads (its FORMAT_FIELDS has one entry per name); trl_unpaired holds
+# unpaired rows (prompt, completion, label), which only the unpaired objectives (UNPAIRED_LOSSES) train on
+FORMAT_NAMES = ("trl", "align_anything", "pku_saferlhf", "hh_rlhf", "sharegpt", "trl_unpaired")
+UNPAIRED_FORMATS = ("trl_unpaired",)
 FormatName = Literal["auto", *FORMAT_NAMES]
 # The preference objectives of dpo_core.losses (one function each); TrainConfig.loss is one of these names.
 # Pairwise objectives read (prompt, chosen, rejected) pairs; the unpaired ones read (prompt, completion, label) rows

@@ -9,10 +9,12 @@ Two jobs, kept apart:
   file does not exist, an unknown extension, a JSON array that does not parse) raise :class:`FormatError` with a
   one-line message. Blank lines of line-oriented files are not records and are skipped.
 * **Adapters** turn one record of a known format into a :class:`CanonicalRecord` (prompt messages, chosen text,
-  rejected text, the remaining fields as ``meta``) or raise :class:`RecordError` with a short reason code
+  rejected text, the remaining fields as ``meta``), or for the unpaired format an :class:`UnpairedRecord` (prompt
+  messages, completion text, label, ``meta``), or raise :class:`RecordError` with a short reason code
   (``missing_field``, ``wrong_type``, ``bad_label``, ``hh_prompt_mismatch``, ...). Content checks (blank text,
-  chosen == rejected, role order, lengths) are *not* done here: they belong to the pandera contract
-  ``data_contracts.pairs.CanonicalPairs``, so there is one place that defines a valid pair.
+  chosen == rejected, role order, lengths) are *not* done here: they belong to the pandera contracts
+  ``data_contracts.pairs.CanonicalPairs`` and ``data_contracts.unpaired.CanonicalUnpaired``, so there is one place
+  that defines a valid pair and one that defines a valid unpaired row.
 
 Formats (``SourceConfig.format``; ``auto`` detects per file from the first records' keys):
 
@@ -26,6 +28,10 @@ Formats (``SourceConfig.format``; ``auto`` detects per file from the first recor
                    is everything before the last assistant turn and must be the same on both sides.
 ``sharegpt``       ``conversations`` [{from: human|gpt|system, value}] (or {role, content}), ``chosen`` and
                    ``rejected`` {from, value} (or plain strings), optional ``system`` string (LLaMA-Factory).
+``trl_unpaired``   TRL's unpaired preference (KTO): ``prompt``, ``completion`` strings and a boolean ``label``
+                   (True: desirable); or conversational: ``prompt`` a list of messages, ``completion`` a list
+                   with one assistant message; or implicit prompt: no ``prompt``, ``completion`` a whole
+                   conversation. A label that is not a JSON/Parquet boolean is ``bad_label``.
 =================  =========================================================================================
 
 ``fields`` (``SourceConfig.fields``) maps a format's canonical field names to the file's own names, e.g.
@@ -57,6 +63,7 @@ __all__ = [
     "RecordError",
     "RawRecord",
     "CanonicalRecord",
+    "UnpairedRecord",
     "file_kind",
     "list_data_files",
     "locate_source",
@@ -68,6 +75,7 @@ __all__ = [
     "to_canonical",
     "parse_hh_transcript",
     "make_pair_id",
+    "make_row_id",
     "json_safe",
 ]
 
@@ -78,6 +86,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "pku_saferlhf": ("prompt", "response_0", "response_1", "better_response_id"),
     "hh_rlhf": ("chosen", "rejected"),
     "sharegpt": ("conversations", "chosen", "rejected", "system"),
+    "trl_unpaired": ("prompt", "completion", "label"),
 }
 FORMATS = FORMAT_NAMES
 # file kind by (compound) suffix; checked longest first
@@ -133,6 +142,17 @@ class CanonicalRecord:
     prompt: list[dict[str, str]]
     chosen: str
     rejected: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnpairedRecord:
+    """An unpaired record in canonical form: ``prompt`` chat messages (ends with a user turn), one assistant
+    ``completion`` and its ``label`` (True: desirable, False: undesirable), every other field in ``meta``."""
+
+    prompt: list[dict[str, str]]
+    completion: str
+    label: bool
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -446,6 +466,8 @@ def detect_format(record: Mapping[str, Any], fields: Mapping[str, str] | None = 
     has = lambda name: _key(name, f) in record  # noqa: E731
     if has("conversations"):
         return "sharegpt"
+    if has("completion") and has("label") and not has("chosen"):
+        return "trl_unpaired"
     if has("question") and has("response_1") and has("response_2"):
         return "align_anything"
     if has("response_0") and has("response_1"):
@@ -551,14 +573,7 @@ def _trl(record: Mapping[str, Any], f: Mapping[str, str]) -> CanonicalRecord:
             raise RecordError("prompt_mismatch", "chosen and rejected conversations differ before the last turn")
         return CanonicalRecord(c[:-1], _assistant_text(c[-1], "chosen[-1]"), _assistant_text(r[-1], "rejected[-1]"),
                                _meta(record, consumed))
-    prompt_raw = _get(record, "prompt", f)
-    if isinstance(prompt_raw, str):
-        prompt = [{"role": "user", "content": prompt_raw}]
-    elif isinstance(prompt_raw, list):
-        prompt = _messages(prompt_raw, "prompt")
-    else:
-        raise RecordError("wrong_type", f"field '{_key('prompt', f)}' is {type(prompt_raw).__name__}, "
-                                        "expected text or a list of messages")
+    prompt = _prompt_messages(_get(record, "prompt", f), _key("prompt", f))
     return CanonicalRecord(prompt, _assistant_text(chosen_raw, "chosen"), _assistant_text(rejected_raw, "rejected"),
                            _meta(record, consumed))
 
@@ -631,12 +646,43 @@ def _sharegpt(record: Mapping[str, Any], f: Mapping[str, str]) -> CanonicalRecor
     return CanonicalRecord(prompt, chosen, rejected, _meta(record, consumed))
 
 
+def _prompt_messages(prompt_raw: Any, key: str) -> list[dict[str, str]]:
+    """A prompt given as text (one user message) or as a list of messages."""
+    if isinstance(prompt_raw, str):
+        return [{"role": "user", "content": prompt_raw}]
+    if isinstance(prompt_raw, list):
+        return _messages(prompt_raw, "prompt")
+    raise RecordError("wrong_type", f"field '{key}' is {type(prompt_raw).__name__}, expected text or a list of messages")
+
+
+def _trl_unpaired(record: Mapping[str, Any], f: Mapping[str, str]) -> UnpairedRecord:
+    consumed = {_key(n, f) for n in FORMAT_FIELDS["trl_unpaired"]}
+    label_key = _key("label", f)
+    label = _get(record, "label", f)
+    if hasattr(label, "item") and not isinstance(label, (list, dict)):  # a numpy bool from Parquet
+        label = label.item()
+    if not isinstance(label, bool):
+        raise RecordError("bad_label", f"field '{label_key}' is {label!r}; expected a boolean (true: desirable)")
+    completion_raw = _get(record, "completion", f)
+    if _key("prompt", f) not in record and isinstance(completion_raw, list):
+        # implicit prompt: the whole conversation, its last turn the completion
+        turns = _messages(completion_raw, "completion")
+        if len(turns) < 2:
+            raise RecordError("missing_field", "completion conversation has no prompt before its last turn")
+        return UnpairedRecord(turns[:-1], _assistant_text(turns[-1], "completion[-1]"), label,
+                              _meta(record, consumed))
+    prompt = _prompt_messages(_get(record, "prompt", f), _key("prompt", f))
+    return UnpairedRecord(prompt, _assistant_text(completion_raw, "completion"), label, _meta(record, consumed))
+
+
 _ADAPTERS = {"trl": _trl, "align_anything": _align_anything, "pku_saferlhf": _pku, "hh_rlhf": _hh,
-             "sharegpt": _sharegpt}
+             "sharegpt": _sharegpt, "trl_unpaired": _trl_unpaired}
 
 
-def to_canonical(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str] | None = None) -> CanonicalRecord:
-    """Convert one record of format ``fmt`` (not ``auto``) to a CanonicalRecord; RecordError with a reason code."""
+def to_canonical(record: Mapping[str, Any], fmt: str,
+                 fields: Mapping[str, str] | None = None) -> CanonicalRecord | UnpairedRecord:
+    """Convert one record of format ``fmt`` (not ``auto``) to a CanonicalRecord (an UnpairedRecord for
+    ``trl_unpaired``); RecordError with a reason code."""
     if fmt not in _ADAPTERS:
         raise FormatError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)}")
     return _ADAPTERS[fmt](record, fields or {})
@@ -686,5 +732,17 @@ def make_pair_id(prompt: list[dict[str, str]], chosen: str, rejected: str) -> st
     """Stable content hash of a pair: sha256 of the canonical JSON of (prompt messages, chosen, rejected), 16 hex."""
     payload = {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
                "chosen": chosen, "rejected": rejected}
+    return _content_hash(payload)
+
+
+def make_row_id(prompt: list[dict[str, str]], completion: str, label: bool) -> str:
+    """Stable content hash of an unpaired row: sha256 of the canonical JSON of (prompt messages, completion,
+    label), 16 hex (the same completion with the other label is another row)."""
+    payload = {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+               "completion": completion, "label": bool(label)}
+    return _content_hash(payload)
+
+
+def _content_hash(payload: dict[str, Any]) -> str:
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -42,7 +42,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,25 +53,30 @@ import pyarrow.parquet as pq
 
 from data_contracts.errors import ContractError, DataError
 from data_contracts.pairs import PAIR_COLUMNS, pair_failures, validate_pairs
+from data_contracts.unpaired import UNPAIRED_COLUMNS, unpaired_failures, validate_unpaired
 from dpo_data.quarantine import QuarantineEntry, count_checks, write_quarantine
-from dpo_core.config import VALIDATION_SPLIT, DataConfig, SourceConfig
+from dpo_core.config import UNPAIRED_FORMATS, VALIDATION_SPLIT, DataConfig, SourceConfig
 from dpo_core.fileio import atomic_file, sha256_file
 from dpo_data.formats import (
     FormatError,
     RawRecord,
     RecordError,
+    UnpairedRecord,
     check_fields,
     detect_file_format,
     json_safe,
     make_pair_id,
+    make_row_id,
     read_records,
     to_canonical,
 )
+from dpo_data.unpaired import unpair
 
-__all__ = ["IngestResult", "ingest", "write_pairs", "read_pairs", "in_hashed_split", "pairs_fingerprint",
+__all__ = ["IngestResult", "ingest", "write_pairs", "read_pairs", "write_unpaired", "read_unpaired", "TRAINING_SPLITS", "in_hashed_split", "pairs_fingerprint",
            "pair_set_id", "arrival_time", "report_rows", "CHECK_DESCRIPTIONS", "GATE_SPLIT"]
 
 GATE_SPLIT = "gate"  # the promotion gate's own pairs (README "Scheduled retraining")
+TRAINING_SPLITS = ("train", VALIDATION_SPLIT)  # the splits an unpaired objective reads as unpaired rows
 
 # what each quarantine check means (reader, adapter and contract checks)
 CHECK_DESCRIPTIONS: dict[str, str] = {
@@ -81,7 +86,10 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "malformed_csv": "the CSV row has more cells than the header",
     "missing_field": "a required field is missing or null",
     "wrong_type": "a field has the wrong type (e.g. a number where text is expected)",
-    "bad_label": "the preference label is outside its allowed values (ties cannot be a pair)",
+    "bad_label": "the preference label is outside its allowed values (ties cannot be a pair; unpaired: a boolean)",
+    "blank_completion": "completion is empty or whitespace-only",
+    "completion_too_long": "completion is longer than data.max_response_chars",
+    "completion_too_short": "completion is shorter than data.min_chars",
     "hh_prompt_mismatch": "the two HH transcripts differ before the last assistant turn",
     "hh_malformed_transcript": "the HH transcript has no Human/Assistant turn structure",
     "prompt_mismatch": "the two conversations differ before the last turn",
@@ -102,11 +110,23 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "rejected_too_short": "rejected is shorter than data.min_chars",
     "bad_added_at": "added_at is neither epoch seconds nor an ISO 8601 date/time",
 }
+# ingest's working columns: a pair's, an unpaired row's completion and label (its id in pair_id), which kind it is
+_ROW_COLUMNS = [*PAIR_COLUMNS, "completion", "label", "_kind"]
 _PRIVATE = ["_source", "_record", "_arrival", "_file"]
 _ARRIVAL_ORDER = ["_arrival", "_file", "_row"]
+_PROMPT_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+_UNPAIRED_ARROW_SCHEMA = pa.schema([
+    ("row_id", pa.string()),
+    ("prompt", _PROMPT_TYPE),
+    ("completion", pa.string()),
+    ("label", pa.bool_()),
+    ("source", pa.string()),
+    ("meta", pa.string()),
+    ("split", pa.string()),
+])
 _ARROW_SCHEMA = pa.schema([
     ("pair_id", pa.string()),
-    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("prompt", _PROMPT_TYPE),
     ("chosen", pa.string()),
     ("rejected", pa.string()),
     ("source", pa.string()),
@@ -118,14 +138,17 @@ _ARROW_SCHEMA = pa.schema([
 @dataclass
 class IngestResult:
     """``pairs``: the canonical table (PAIR_COLUMNS, every split); ``report``: counts (see ingest); ``fingerprint``:
-    16-hex content hash of the pairs used (split + pair_id, in order); ``train_fingerprint``: `pair_set_id` of the
-    train pairs (what "nothing new" compares)."""
+    16-hex content hash of the pairs (then unpaired rows) used (split + id, in order); ``train_fingerprint``:
+    `pair_set_id` of the train pairs, or of the train unpaired rows for an unpaired objective (what "nothing new"
+    compares); ``unpaired``: the canonical unpaired rows (UNPAIRED_COLUMNS; empty unless ingested with
+    ``unpaired=True``)."""
 
     pairs: pd.DataFrame
     report: dict[str, Any]
     fingerprint: str
     quarantine_path: Path
     train_fingerprint: str
+    unpaired: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=UNPAIRED_COLUMNS))
 
 
 def in_hashed_split(pair_id: str, fraction: float, split: str = "eval") -> bool:
@@ -197,9 +220,10 @@ def _entry(split: str, label: str, rec: RawRecord, checks: list[str], details: l
                            raw=rec.raw)
 
 
-def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
+def _read_source(split: str, idx: int, src: SourceConfig, root: Path, unpaired: bool = False,
                  ) -> tuple[list[dict[str, Any]], list[QuarantineEntry], dict[str, Any]]:
-    """Rows that converted, entries for records that did not, and the source's report stub."""
+    """Rows that converted, entries for records that did not, and the source's report stub. Unpaired records are
+    a DataError unless ``unpaired`` (the objective reads them)."""
     label = _label(src)
     where = f"data.{split} source '{label}'"
     try:
@@ -225,6 +249,9 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
             else:
                 fmt = "unreadable"  # nothing readable: every record is quarantined with its read error below
         rel = _rel(file, root)
+        if fmt in UNPAIRED_FORMATS and not unpaired:
+            raise DataError(f"{where}: {rel} holds unpaired rows (format {fmt}: prompt, completion, label); only an "
+                            "unpaired objective trains on them (train.loss=kto), and the promotion gate needs pairs")
         formats[rel] = fmt
         modified, digest = _file_facts(file)
         files[rel] = {"format": fmt, "records": len(recs), "sha256": digest, "modified": _iso(modified)}
@@ -244,11 +271,17 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
                 except ValueError as exc:
                     entries.append(_entry(split, label, rec, ["bad_added_at"], [str(exc)], root))
                     continue
+            if isinstance(canon, UnpairedRecord):
+                content = {"pair_id": make_row_id(canon.prompt, canon.completion, canon.label), "chosen": None,
+                           "rejected": None, "completion": canon.completion, "label": canon.label,
+                           "_kind": "unpaired"}
+            else:
+                content = {"pair_id": make_pair_id(canon.prompt, canon.chosen, canon.rejected),
+                           "chosen": canon.chosen, "rejected": canon.rejected, "completion": None, "label": None,
+                           "_kind": "pair"}
             rows.append({
-                "pair_id": make_pair_id(canon.prompt, canon.chosen, canon.rejected),
+                **content,
                 "prompt": canon.prompt,
-                "chosen": canon.chosen,
-                "rejected": canon.rejected,
                 "source": label,
                 "meta": json.dumps(json_safe(canon.meta), sort_keys=True, ensure_ascii=False),
                 "split": split,
@@ -264,16 +297,16 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path,
 
 
 def _ingest_split(split: str, sources: list[SourceConfig], root: Path, bounds: dict[str, int],
-                  taken: set[str]) -> tuple[pd.DataFrame, list[QuarantineEntry], dict[str, Any]]:
+                  taken: set[str], unpaired: bool = False) -> tuple[pd.DataFrame, list[QuarantineEntry], dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     entries: list[QuarantineEntry] = []
     src_reports: list[dict[str, Any]] = []
     for idx, src in enumerate(sources):
-        r, e, rep = _read_source(split, idx, src, root)
+        r, e, rep = _read_source(split, idx, src, root, unpaired)
         rows += r
         entries += e
         src_reports.append(rep)
-    df = pd.DataFrame(rows, columns=PAIR_COLUMNS + _PRIVATE + ["_row"])
+    df = pd.DataFrame(rows, columns=_ROW_COLUMNS + _PRIVATE + ["_row"])
     if df.empty:  # no row converted: give the text columns their dtype so the contract sees a typed empty table
         df = df.astype({c: "str" for c in PAIR_COLUMNS if c != "prompt"})
     else:  # a pair read more than once arrives when it was first seen
@@ -284,9 +317,9 @@ def _ingest_split(split: str, sources: list[SourceConfig], root: Path, bounds: d
     dup = within | across
     dup_per_source = Counter(df.loc[dup, "_source"])
     df = df.loc[~dup]
-    failures = pair_failures(df[PAIR_COLUMNS], **bounds)
+    failures = _failures(df, bounds)
     if failures.table:  # adapters always produce the right columns and types: this is a bug, not bad data
-        raise ContractError("canonical pairs", failures.counts())
+        raise ContractError("canonical pairs / unpaired rows", failures.counts())
     bad_per_source: Counter[int] = Counter()
     for index, checks in failures.rows.items():
         row = df.loc[index]
@@ -314,6 +347,29 @@ def _ingest_split(split: str, sources: list[SourceConfig], root: Path, bounds: d
     return accepted, entries, report
 
 
+def _failures(df: pd.DataFrame, bounds: dict[str, int]):
+    """Contract failures of a split's working rows, by row: pairs against CanonicalPairs, unpaired rows against
+    CanonicalUnpaired (an empty split is checked as pairs, so that its column types are too)."""
+    is_pair = df["_kind"] != "unpaired"
+    failures = pair_failures(df.loc[is_pair, PAIR_COLUMNS], **bounds) if is_pair.any() or df.empty else None
+    if (~is_pair).any():
+        extra = unpaired_failures(_as_unpaired(df.loc[~is_pair]), **bounds)
+        failures = extra if failures is None else failures.merge(extra)
+    return failures
+
+
+def _as_unpaired(df: pd.DataFrame) -> pd.DataFrame:
+    """Working rows of kind unpaired as canonical unpaired rows (UNPAIRED_COLUMNS), index kept."""
+    return _typed(df.rename(columns={"pair_id": "row_id"})[UNPAIRED_COLUMNS].astype({"label": bool}))
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame``, its text columns typed as text when it is empty (a contract checks an empty table's types)."""
+    if not frame.empty:
+        return frame
+    return frame.astype({c: "str" for c in frame.columns if c not in ("prompt", "label")})
+
+
 def _gate(split: str, rep: dict[str, Any], cfg: DataConfig, quarantine_path: Path) -> None:
     """DataError when a split's invalid rows exceed what the config tolerates."""
     n, read = rep["quarantined"], rep["read"]
@@ -330,7 +386,8 @@ def _gate(split: str, rep: dict[str, Any], cfg: DataConfig, quarantine_path: Pat
 
 
 def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path, gate_source: SourceConfig | None = None,
-           pinned_eval: pd.DataFrame | None = None, pinned_origin: str = "pinned") -> IngestResult:
+           pinned_eval: pd.DataFrame | None = None, pinned_origin: str = "pinned",
+           unpaired: bool = False) -> IngestResult:
     """Read, convert, validate and split every configured source (see the module docstring).
 
     ``gate_source``: the promotion gate's own pairs, read first as split ``gate``. ``pinned_eval``: canonical pairs
@@ -338,14 +395,24 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path, gate_sour
     names it in the report): they are taken first, never train, and ``data.eval`` sources are not read; held-out
     pairs of a hash split that are not among them are counted in ``left_out_by_max_pairs['eval']``.
 
+    ``unpaired``: the objective trains on unpaired rows (``TrainConfig.is_unpaired``: KTO). Sources may then hold
+    unpaired records (``trl_unpaired``; without it they are a DataError), which are validated against
+    ``data_contracts.unpaired.CanonicalUnpaired`` and go through de-duplication, splits and caps like pairs (a row
+    counts as one record); at the end the pairs of the training splits (``TRAINING_SPLITS``) are also split into two
+    unpaired rows each (``dpo_data.unpaired.unpair``). ``IngestResult.pairs`` keeps every pair (the judge and the
+    generation comparison read them), ``IngestResult.unpaired`` holds every unpaired row, and the pairs of the
+    training splits are trained on only as unpaired rows. The gate set is always pairs.
+
     ``report``: ``splits`` (per configured split: ``read``, ``accepted``, ``quarantined``, ``duplicates_removed``,
     ``duplicates_across_splits``, ``quarantined_by_check``, ``invalid_fraction``, ``sources`` with per-source counts,
     detected formats and per-file ``files`` (format, records, sha256, modified)), ``pairs`` (pairs per split in the
     result), ``left_out_by_max_pairs`` (per split), ``eval_split`` (``sources``, ``hash`` or ``pinned``),
     ``validation_fraction``, ``select`` (the train selection rule and the arrival times of the oldest and newest train
     pair), totals ``read``/``accepted``/``quarantined``/``duplicates_removed``, ``quarantine_file``, ``fingerprint``,
-    ``train_fingerprint`` and ``gate_set_id`` (`pair_set_id` of split ``gate``, None without one). Hashed eval and
-    validation pairs are counted in ``splits.train``.
+    ``train_fingerprint`` and ``gate_set_id`` (`pair_set_id` of split ``gate``, None without one); with
+    ``unpaired``, ``unpaired`` (unpaired records per split in the result, like ``pairs``) and
+    ``unpaired_from_pairs`` (rows made from the training splits' pairs). Hashed eval and validation pairs are counted in
+    ``splits.train``.
     """
     root = Path(root)
     quarantine_path = Path(quarantine_path)
@@ -374,11 +441,12 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path, gate_sour
     if pinned is not None:
         taken.update(pinned["pair_id"])
     for split, sources, _ in groups:
-        accepted, split_entries, rep = _ingest_split(split, sources, root, bounds, taken)
+        accepted, split_entries, rep = _ingest_split(split, sources, root, bounds, taken,
+                                                     unpaired and split != GATE_SPLIT)
         taken.update(accepted["pair_id"])
         entries += split_entries
         split_reports[split] = rep
-        frames[split] = accepted[PAIR_COLUMNS + _ARRIVAL_ORDER]
+        frames[split] = accepted[_ROW_COLUMNS + _ARRIVAL_ORDER]
     write_quarantine(entries, quarantine_path)
     for split, rep in split_reports.items():
         _gate(split, rep, data_cfg, quarantine_path)
@@ -416,13 +484,27 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path, gate_sour
     select = {"rule": data_cfg.select,
               "oldest_arrival": _iso(train["_arrival"].min()) if len(train) else None,
               "newest_arrival": _iso(train["_arrival"].max()) if len(train) else None}
-    pairs = pd.concat(list(frames.values()), ignore_index=True)[PAIR_COLUMNS]
+    rows = pd.concat(list(frames.values()), ignore_index=True)
+    is_pair = rows["_kind"] != "unpaired"
+    pairs = _typed(rows.loc[is_pair, PAIR_COLUMNS].reset_index(drop=True))
     validate_pairs(pairs, **bounds)
-    fingerprint = pairs_fingerprint(pairs)
-    train_fingerprint = pair_set_id(train["pair_id"])
+    unpaired_rows = _as_unpaired(rows.loc[~is_pair]).reset_index(drop=True)
+    converted = unpair(pairs[pairs["split"].isin(TRAINING_SPLITS)] if unpaired else pairs.head(0))
+    if unpaired:  # the training splits' pairs as two unpaired rows each, after the split's own unpaired rows
+        unpaired_rows = pd.concat([unpaired_rows, converted], ignore_index=True).drop_duplicates("row_id")
+    validate_unpaired(unpaired_rows, **bounds)
+    both = pd.concat([pairs[["split", "pair_id"]],
+                      unpaired_rows[["split", "row_id"]].rename(columns={"row_id": "pair_id"})], ignore_index=True)
+    fingerprint = pairs_fingerprint(both)
+    train_ids = (unpaired_rows.loc[unpaired_rows["split"] == "train", "row_id"] if unpaired
+                 else train.loc[train["_kind"] != "unpaired", "pair_id"])
+    train_fingerprint = pair_set_id(train_ids)
     report = {
         "splits": split_reports,
-        "pairs": {split: int(len(frame)) for split, frame in frames.items()},
+        "pairs": {split: int((frame["_kind"] != "unpaired").sum()) for split, frame in frames.items()},
+        **({"unpaired": {split: int((frame["_kind"] == "unpaired").sum()) for split, frame in frames.items()},
+            "unpaired_from_pairs": {split: int((converted["split"] == split).sum()) for split in TRAINING_SPLITS
+                                    if split in frames}} if unpaired else {}),
         "left_out_by_max_pairs": left_out,
         "eval_split": "pinned" if pinned is not None else "sources" if data_cfg.eval is not None else "hash",
         "validation_fraction": data_cfg.validation_fraction,
@@ -437,7 +519,7 @@ def ingest(data_cfg: DataConfig, *, root: Path, quarantine_path: Path, gate_sour
         "gate_set_id": pair_set_id(frames[GATE_SPLIT]["pair_id"]) if GATE_SPLIT in frames else None,
     }
     return IngestResult(pairs=pairs, report=report, fingerprint=fingerprint, quarantine_path=quarantine_path,
-                        train_fingerprint=train_fingerprint)
+                        train_fingerprint=train_fingerprint, unpaired=unpaired_rows)
 
 
 def _pinned(pairs: pd.DataFrame, bounds: dict[str, int]) -> pd.DataFrame:
@@ -447,7 +529,7 @@ def _pinned(pairs: pd.DataFrame, bounds: dict[str, int]) -> pd.DataFrame:
         raise ContractError("pinned eval pairs", {f"missing_column_{c}": 1 for c in missing})
     frame = pairs[PAIR_COLUMNS].assign(split="eval").reset_index(drop=True)
     validate_pairs(frame, **bounds)
-    return frame.assign(_arrival=0.0, _file="", _row=range(len(frame)))
+    return frame.assign(completion=None, label=None, _kind="pair", _arrival=0.0, _file="", _row=range(len(frame)))
 
 
 def _carve(frames: dict[str, pd.DataFrame], split: str, fraction: float) -> dict[str, pd.DataFrame]:
@@ -503,6 +585,27 @@ def write_pairs(df: pd.DataFrame, path: Path) -> Path:
     with atomic_file(path, "wb") as handle:
         pq.write_table(table, handle)
     return path
+
+
+def write_unpaired(df: pd.DataFrame, path: Path) -> Path:
+    """Write a canonical unpaired table to Parquet atomically (prompt as list<struct<role, content>>)."""
+    missing = [c for c in UNPAIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ContractError("canonical unpaired rows", {f"missing_column_{c}": 1 for c in missing})
+    records = {c: (list(df[c]) if c != "prompt" else [[{"role": m["role"], "content": m["content"]} for m in p]
+                                                     for p in df[c]]) for c in UNPAIRED_COLUMNS}
+    records["label"] = [bool(v) for v in records["label"]]
+    table = pa.Table.from_pydict(records, schema=_UNPAIRED_ARROW_SCHEMA)
+    with atomic_file(Path(path), "wb") as handle:
+        pq.write_table(table, handle)
+    return Path(path)
+
+
+def read_unpaired(path: Path) -> pd.DataFrame:
+    """Read a table written by write_unpaired; ``prompt`` comes back as python lists of {role, content} dicts."""
+    table = pq.read_table(path)
+    data = {c: table.column(c).to_pylist() for c in UNPAIRED_COLUMNS}
+    return pd.DataFrame(data, columns=UNPAIRED_COLUMNS).astype({"label": bool})
 
 
 def read_pairs(path: Path) -> pd.DataFrame:

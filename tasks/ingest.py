@@ -1,4 +1,5 @@
-"""Stage 2: read every configured source, convert to canonical pairs, validate, quarantine, split, select, fingerprint.
+"""Stage 2: read every configured source, convert to canonical pairs (and unpaired rows for an unpaired objective:
+KTO), validate, quarantine, split, select, fingerprint.
 
 The promotion gate's pairs are taken first: `registry.gate_set` when configured (split `gate`), else the eval split
 stored with the champion when one is given (`gate`, the manifest of tasks.champion.pinned_gate_stage; it becomes the
@@ -18,7 +19,7 @@ from prefect.tasks import exponential_backoff
 import pandas as pd
 
 from dpo_data.formats import list_data_files
-from dpo_data.ingest import GATE_SPLIT, ingest, pair_set_id, read_pairs, write_pairs
+from dpo_data.ingest import GATE_SPLIT, ingest, pair_set_id, read_pairs, read_unpaired, write_pairs, write_unpaired
 from dpo_core.config import RunConfig
 from tasks.artifacts import PROJECT_ROOT, build_artifact, prefect_cache_key, stage_key, tree_hash
 from tasks.common import retry_transient_only
@@ -56,7 +57,7 @@ def _arrival_stamps(cfg: RunConfig) -> dict[str, int]:
 
 def ingest_key(cfg: RunConfig, gate: dict[str, Any] | None = None) -> str:
     inputs = {"data": cfg.data.model_dump(mode="json"), "sources": _source_hashes(cfg),
-              "arrival": _arrival_stamps(cfg),
+              "arrival": _arrival_stamps(cfg), "unpaired": cfg.train.is_unpaired(),
               "gate_set": cfg.registry.gate_set.model_dump(mode="json") if cfg.registry.gate_set else None}
     return stage_key(STAGE, inputs, [gate] if gate is not None else [])
 
@@ -76,8 +77,10 @@ def ingest_stage(cfg: RunConfig, gate: dict[str, Any] | None = None) -> dict[str
         pinned = read_pairs(Path(gate["path"]) / gate["pairs_file"]) if gate is not None else None
         result = ingest(cfg.data, root=data_root(), quarantine_path=folder / "quarantine.jsonl",
                         gate_source=cfg.registry.gate_set, pinned_eval=pinned,
-                        pinned_origin=gate["origin"] if gate is not None else "pinned")
+                        pinned_origin=gate["origin"] if gate is not None else "pinned",
+                        unpaired=cfg.train.is_unpaired())
         write_pairs(result.pairs, folder / "pairs.parquet")
+        write_unpaired(result.unpaired, folder / "unpaired.parquet")
         (folder / "report.json").write_text(json.dumps(result.report, indent=1, default=str))
         splits = result.pairs["split"].value_counts().to_dict()
         # the promotion gate scores on split `gate` when there is one, else on `eval` (pinned when registered)
@@ -89,6 +92,9 @@ def ingest_stage(cfg: RunConfig, gate: dict[str, Any] | None = None) -> dict[str
             "gate_split": gate_split,
             "gate_set_id": pair_set_id(result.pairs.loc[result.pairs["split"] == gate_split, "pair_id"]),
             "pairs_file": "pairs.parquet",
+            # unpaired rows (an unpaired objective's training rows, and unpaired held-out rows); empty otherwise
+            "unpaired_file": "unpaired.parquet",
+            "unpaired_splits": {str(k): int(v) for k, v in result.unpaired["split"].value_counts().items()},
             "quarantine_file": "quarantine.jsonl",
             "report": result.report,
             "splits": {str(k): int(v) for k, v in splits.items()},
@@ -96,6 +102,11 @@ def ingest_stage(cfg: RunConfig, gate: dict[str, Any] | None = None) -> dict[str
         }
 
     return build_artifact(cfg, STAGE, ingest_key(cfg, gate), fill)
+
+
+def unpaired_rows(pairs: dict[str, Any]) -> pd.DataFrame:
+    """The canonical unpaired rows of an ingest manifest (every split)."""
+    return read_unpaired(Path(pairs["path"]) / pairs["unpaired_file"])
 
 
 def split_pairs(pairs: dict[str, Any], split: str) -> pd.DataFrame:

@@ -346,3 +346,36 @@ def test_every_config_format_name_has_an_adapter():
     from dpo_data.formats import FORMAT_FIELDS
 
     assert sorted(FORMAT_FIELDS) == sorted(FORMAT_NAMES)
+
+
+# ----------------------------------------------------------------------------------------- unpaired (KTO)
+
+
+def test_trl_unpaired_standard_conversational_and_implicit_prompt():
+    from dpo_data.formats import UnpairedRecord
+
+    standard = to_canonical({"prompt": "Sky?", "completion": "Blue.", "label": True, "id": 7}, "trl_unpaired")
+    assert standard == UnpairedRecord([{"role": "user", "content": "Sky?"}], "Blue.", True, {"id": 7})
+    chat = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky?"}],
+            "completion": [{"role": "assistant", "content": "Green."}], "label": False}
+    conversational = to_canonical(chat, "trl_unpaired")
+    assert (conversational.prompt[0]["role"], conversational.completion, conversational.label) == ("system", "Green.",
+                                                                                                   False)
+    implicit = to_canonical({"completion": [{"role": "user", "content": "Sky?"},
+                                            {"role": "assistant", "content": "Blue."}], "label": True}, "trl_unpaired")
+    assert (implicit.prompt, implicit.completion) == ([{"role": "user", "content": "Sky?"}], "Blue.")
+    for record in ({"prompt": "a", "completion": "b", "label": True}, chat):
+        assert detect_format(record) == "trl_unpaired"
+
+
+@pytest.mark.parametrize("label", [1, 0, "true", None, [True]])
+def test_an_unpaired_label_that_is_not_a_boolean_is_a_bad_label(label):
+    with pytest.raises(RecordError) as err:
+        to_canonical({"prompt": "Sky?", "completion": "Blue.", "label": label}, "trl_unpaired")
+    assert err.value.reason == ("missing_field" if label is None else "bad_label")
+
+
+def test_an_unpaired_completion_with_a_user_turn_is_refused():
+    with pytest.raises(RecordError, match="expected assistant"):
+        to_canonical({"prompt": "Sky?", "completion": [{"role": "user", "content": "x"}], "label": True},
+                      "trl_unpaired")

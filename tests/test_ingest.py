@@ -33,7 +33,8 @@ def _assert_accounted(report: dict) -> None:
         for src in rep["sources"]:
             assert src["read"] == src["accepted"] + src["quarantined"] + src["duplicates_removed"], src
     assert report["read"] == report["accepted"] + report["quarantined"] + report["duplicates_removed"]
-    assert report["accepted"] == sum(report["pairs"].values()) + sum(report["left_out_by_max_pairs"].values())
+    kept = sum(report["pairs"].values()) + sum(report.get("unpaired", {}).values())  # unpaired records too
+    assert report["accepted"] == kept + sum(report["left_out_by_max_pairs"].values())
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -420,3 +421,85 @@ def test_quarantine_to_a_device_is_written_through_not_replaced(tmp_path):
     with pytest.raises(DataError, match="not a regular file"):
         write_pairs(result.pairs, Path(os.devnull))
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+# ----------------------------------------------------------------------------------------- unpaired (KTO)
+
+
+def _unpaired(n: int) -> list[dict]:
+    return [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": i % 2 == 0} for i in range(n)]
+
+
+def test_trl_unpaired_files_in_both_forms_with_bad_rows_quarantined(tmp_path):
+    from data_contracts.unpaired import UNPAIRED_COLUMNS
+
+    standard = _unpaired(4) + [{"prompt": "Q?", "completion": "A.", "label": "yes"},  # not a boolean
+                               {"prompt": "Q?", "completion": "   ", "label": True}]  # blank completion
+    conversational = [{"prompt": [{"role": "user", "content": f"Chat {i}?"}],
+                       "completion": [{"role": "assistant", "content": f"Reply {i}."}], "label": i == 0}
+                      for i in range(3)]
+    _write_jsonl(tmp_path / "standard.jsonl", standard)
+    _write_jsonl(tmp_path / "chat.jsonl", conversational)
+    result = ingest(_cfg("standard.jsonl", "chat.jsonl"), root=tmp_path, quarantine_path=tmp_path / "q.jsonl",
+                    unpaired=True)
+    _assert_accounted(result.report)
+    rows = result.unpaired  # the hashed eval split may hold some of them
+    assert list(rows.columns) == UNPAIRED_COLUMNS and len(rows) == 7 and result.pairs.empty
+    assert set(zip(rows["completion"], rows["label"])) == {
+        ("Answer 0.", True), ("Answer 1.", False), ("Answer 2.", True), ("Answer 3.", False),
+        ("Reply 0.", True), ("Reply 1.", False), ("Reply 2.", False)}
+    assert {e["checks"][0] for e in read_quarantine(tmp_path / "q.jsonl")} == {"bad_label", "blank_completion"}
+    counts = result.report["unpaired"]
+    assert counts["train"] + counts.get("eval", 0) == 7 and not any(result.report["pairs"].values())
+    assert result.train_fingerprint == pair_set_id(rows.loc[rows["split"] == "train", "row_id"])
+
+
+def test_paired_data_trains_an_unpaired_objective_as_two_rows_per_pair(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", _pairs(6))
+    result = ingest(_cfg("train.jsonl", validation_fraction=0.3), root=tmp_path,
+                    quarantine_path=tmp_path / "q.jsonl", unpaired=True)
+    pairs, rows = result.pairs, result.unpaired
+    # every pair of the training splits (train and validation) split in two; the hashed eval split stays pairs
+    assert len(rows) == 2 * pairs["split"].isin(["train", "validation"]).sum() and "eval" in set(pairs["split"])
+    for split in ("train", "validation"):
+        held = pairs[pairs["split"] == split]
+        mine = rows[rows["split"] == split]
+        assert mine["completion"].tolist() == [t for p in held.itertuples() for t in (p.chosen, p.rejected)]
+        assert mine["label"].tolist() == [True, False] * len(held)
+    assert result.train_fingerprint == pair_set_id(rows.loc[rows["split"] == "train", "row_id"])
+    # the same data for a pairwise objective: no unpaired rows, the fingerprint of the pairs alone
+    plain = ingest(_cfg("train.jsonl", validation_fraction=0.3), root=tmp_path, quarantine_path=tmp_path / "p.jsonl")
+    assert plain.unpaired.empty and plain.pairs.equals(pairs) and plain.fingerprint != result.fingerprint
+
+
+def test_unpaired_data_for_a_pairwise_objective_is_a_one_line_error(tmp_path):
+    _write_jsonl(tmp_path / "thumbs.jsonl", _unpaired(3))
+    with pytest.raises(DataError, match="holds unpaired rows .* only an unpaired objective trains on them"):
+        ingest(_cfg("thumbs.jsonl"), root=tmp_path, quarantine_path=tmp_path / "q.jsonl")
+
+
+def test_unpaired_rows_round_trip_through_parquet(tmp_path):
+    from dpo_data.ingest import read_unpaired, write_unpaired
+
+    _write_jsonl(tmp_path / "thumbs.jsonl", _unpaired(3))
+    rows = ingest(_cfg("thumbs.jsonl"), root=tmp_path, quarantine_path=tmp_path / "q.jsonl", unpaired=True).unpaired
+    back = read_unpaired(write_unpaired(rows, tmp_path / "u.parquet"))
+    assert back.to_dict("records") == rows.to_dict("records") and back["label"].dtype == bool
+
+
+def test_kto_rows_mismatch_each_completion_with_another_prompts_seeded():
+    from dpo_data.unpaired import kto_rows, unpair
+
+    pairs = pd.DataFrame([{"pair_id": f"{i:016x}", "prompt": [{"role": "user", "content": f"Q{i}?"}],
+                           "chosen": f"good {i}", "rejected": f"bad {i}", "source": "s", "meta": "{}",
+                           "split": "train"} for i in range(5)])
+    rows = unpair(pairs)
+    kto = kto_rows(rows, seed=3)
+    assert kto["pair_id"].tolist() == rows["row_id"].tolist() and kto["chosen"].tolist() == rows["completion"].tolist()
+    by_id = rows.set_index("row_id")
+    for row in kto.itertuples():
+        other = by_id.loc[row.kl_row_id]
+        assert row.rejected == other["completion"] and other["prompt"] != row.prompt  # another prompt's completion
+    assert kto.equals(kto_rows(rows, seed=3)) and not kto.equals(kto_rows(rows, seed=4))
+    with pytest.raises(DataError, match="all share one prompt"):
+        kto_rows(unpair(pairs.assign(prompt=[[{"role": "user", "content": "same"}]] * 5)), seed=0)
