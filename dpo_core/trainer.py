@@ -8,6 +8,12 @@ optimizer step ``s`` always consumes the same micro-batches, so the data positio
 checkpoint stores weights, optimizer, scheduler and RNG states; resuming from it on CPU reproduces the
 uninterrupted run's final weights bit for bit.
 
+KTO (``train.loss: kto``, an unpaired objective) trains on KTO rows laid out as pairs (``dpo_data.unpaired``: the
+completion in the chosen slot, a mismatched KL completion in the rejected slot) with a ``label`` column; everything
+above applies to them unchanged, and the loss reads the labels and the KL reference point of each micro-batch
+(``dpo_core.losses.kto_kl``, summed over the ranks when distributed, so it is the whole micro-batch's on any world
+size; TRL averages the ranks' means, which is the same when the ranks hold equally many rows).
+
 Reference log-probs come from, in this order: the precomputed ``reference`` table; a live frozen ``ref_model``;
 the policy itself with its LoRA adapters disabled (peft; no second copy); nothing when every loss of the objective
 is reference-free (``TrainConfig.needs_reference``). Otherwise the initial policy's table is computed once before
@@ -53,7 +59,8 @@ from dpo_core.distributed import Dist, DistributedError, all_reduce_sums, distri
 from dpo_core.distributed import broadcast_object, current, shard
 from dpo_core.fileio import remove_stale_temps
 from dpo_core.logprobs import SequenceScores, layout_for, sequence_scores, split_pair_logps
-from dpo_core.losses import MixtureOutput, ld_logps, mixture_loss, wpo_weights
+from dpo_core.losses import Gather, MixtureOutput, UnpairedLossOutput, kto_kl, kto_loss, ld_logps, mixture_loss
+from dpo_core.losses import wpo_weights
 from dpo_core.models import DeviceSpec, pad_id
 from dpo_core.reference import read_reference_table, write_reference_table
 from dpo_core.scoring import score_pairs
@@ -171,9 +178,12 @@ def train(
             mine = shard(indices, ctx)  # all of `indices` in a single process
             # a rank left without a pair (uneven last batch) joins the gradient all-reduce with a zero-weight pass
             weight = ctx.world / pairs_in_step if mine else 0.0  # DDP averages over ranks: scale back to a sum
-            batch = _collate([rows[j] for j in (mine or indices[:1])], layout, tokenizer).to(spec.device)
+            batch_rows = [rows[j] for j in (mine or indices[:1])]
+            batch = _collate(batch_rows, layout, tokenizer).to(spec.device)
+            labels = _labels(batch_rows, spec.device)
             with score.sync(last=i == len(micro_batches) - 1):
-                _forward_backward(score, batch, reference_fn(batch), cfg, stats, weight, step, last_ckpt, bco.value)
+                _forward_backward(score, batch, reference_fn(batch), cfg, stats, weight, step, last_ckpt, bco.value,
+                                  labels, _kl_gather(ctx, spec.device, counted=bool(mine)))
         stats.reduce(ctx, spec.device)
         if cfg.bco_running_delta:  # BCO's delta for the next step: the mean reward of all steps so far
             bco.add(stats.sums["bco_rewards"], 2 * stats.pairs)
@@ -255,13 +265,19 @@ def best_validation_step(history: list[dict[str, Any]], metric: str) -> int:
 
 
 class _Stats:
-    """Sums over the pairs of one optimizer step, turned into TRL-named metrics plus ``loss/<name>`` per objective."""
+    """Sums over the pairs of one optimizer step, turned into TRL-named metrics plus ``loss/<name>`` per objective.
+
+    KTO rows (``UnpairedLossOutput``): ``rewards/chosen`` and ``logps/chosen`` are the means over the desirable rows,
+    ``rewards/rejected`` and ``logps/rejected`` over the undesirable ones (NaN for a step without any), as TRL's
+    ``KTOTrainer`` logs them; ``rewards/accuracies`` is the fraction of rows whose reward has the sign of their
+    label (desirable > 0, undesirable < 0); ``kl`` is the KL reference point (its mean over the step's rows)."""
 
     def __init__(self, cfg: TrainConfig, bco_delta: float) -> None:
         self.pairs, self.tokens = 0, 0
         self.bco_delta = bco_delta if cfg.bco_running_delta else None
         self.components = [name for name, _ in cfg.objective()]
-        keys = ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r", "bco_rewards")
+        self.unpaired = cfg.is_unpaired()
+        keys = ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r", "bco_rewards", "desirable", "kl")
         self.sums = dict.fromkeys((*keys, *(f"loss/{name}" for name in self.components)), 0.0)
 
     def reduce(self, ctx: Dist, device: torch.device) -> None:
@@ -273,9 +289,13 @@ class _Stats:
         self.pairs, self.tokens = int(round(totals[0])), int(round(totals[1]))
         self.sums = dict(zip(keys, totals[2:]))
 
-    def add(self, batch: PairBatch, out: MixtureOutput, chosen_logps, rejected_logps) -> None:
+    def add(self, batch: PairBatch, out: MixtureOutput | UnpairedLossOutput, chosen_logps, rejected_logps,
+            labels: torch.Tensor | None = None) -> None:
         self.pairs += batch.n_pairs
         self.tokens += batch.n_sequence_tokens  # the same count in every layout
+        if isinstance(out, UnpairedLossOutput):
+            self._add_unpaired(out, chosen_logps, labels)
+            return
         bco = out.components.get("bco_pair")
         values = [("loss", out.losses), ("chosen", out.chosen_rewards), ("rejected", out.rejected_rewards),
                   ("correct", (out.chosen_rewards > out.rejected_rewards).float()),
@@ -286,9 +306,30 @@ class _Stats:
         for key, value in values:
             self.sums[key] += float(value.detach().float().sum())
 
-    def metrics(self, *, step: int, n_steps: int, per_epoch: int, grad_norm: float, lr: float, seconds: float):
+    def _add_unpaired(self, out: UnpairedLossOutput, logps: torch.Tensor, labels: torch.Tensor) -> None:
+        desirable, zero = labels.to(torch.bool), torch.zeros_like(out.rewards)
+        values = [("loss", out.losses), ("loss/kto", out.losses), ("desirable", desirable.float()),
+                  ("chosen", torch.where(desirable, out.rewards, zero)),
+                  ("rejected", torch.where(desirable, zero, out.rewards)),
+                  ("correct", torch.where(desirable, out.rewards > 0, out.rewards < 0).float()),
+                  ("logps_c", torch.where(desirable, logps.to(zero.dtype), zero)),
+                  ("logps_r", torch.where(desirable, zero, logps.to(zero.dtype))),
+                  ("kl", out.kl.expand_as(zero))]
+        for key, value in values:
+            self.sums[key] += float(value.detach().float().sum())
+
+    def preference_metrics(self) -> dict[str, float]:
+        """The loss (and each component's), rewards, accuracy and log-prob means under TRL's names (and ``kl`` for
+        KTO rows)."""
         mean = {k: v / max(self.pairs, 1) for k, v in self.sums.items()}
-        bco = {} if self.bco_delta is None else {"bco/delta": self.bco_delta}
+        by_label = {}
+        if self.unpaired:  # means over the desirable and the undesirable rows
+            n_desirable = self.sums["desirable"]
+            n_undesirable = self.pairs - n_desirable
+            for key, n in (("chosen", n_desirable), ("logps_c", n_desirable), ("rejected", n_undesirable),
+                           ("logps_r", n_undesirable)):
+                by_label[key] = self.sums[key] / n if n else float("nan")
+            mean.update(by_label)
         return {
             "loss": mean["loss"],
             **{f"loss/{name}": mean[f"loss/{name}"] for name in self.components},
@@ -298,6 +339,13 @@ class _Stats:
             "rewards/margins": mean["chosen"] - mean["rejected"],
             "logps/chosen": mean["logps_c"],
             "logps/rejected": mean["logps_r"],
+            **({"kl": mean["kl"]} if self.unpaired else {}),
+        }
+
+    def metrics(self, *, step: int, n_steps: int, per_epoch: int, grad_norm: float, lr: float, seconds: float):
+        bco = {} if self.bco_delta is None else {"bco/delta": self.bco_delta}
+        return {
+            **self.preference_metrics(),
             "grad_norm": grad_norm,
             "learning_rate": lr,
             "tokens_per_second": self.tokens / max(seconds, 1e-9),
@@ -375,28 +423,58 @@ def _scorer(model: torch.nn.Module, cfg: TrainConfig, spec: DeviceSpec, ctx: Dis
 
 
 def _forward_backward(score: _Scorer, batch: PairBatch, ref, cfg: TrainConfig, stats: _Stats, weight: float,
-                      step: int, last_ckpt: Path | None, bco_delta: float) -> None:
+                      step: int, last_ckpt: Path | None, bco_delta: float, labels: torch.Tensor | None = None,
+                      gather: Gather | None = None) -> None:
     """Policy forward on the concatenated batch, loss, backward of ``weight * sum of losses``.
 
     ``weight`` is ``world / pairs in the step`` (DDP and FSDP average gradients over ranks, so the result is the
     step's mean), or 0 for a padding pass that only keeps a rank in the collectives (then nothing is counted in
-    ``stats``).
+    ``stats``). KTO rows: ``labels`` Bool[B], ``gather`` sums the KL estimate over the ranks (``_kl_gather``).
     """
     scores = score.logps(batch)
-    out = _objective(cfg, scores, ref, bco_delta)
+    out = _objective(cfg, scores, ref, bco_delta, labels, gather)
     if not bool(torch.isfinite(out.losses).all()):
         raise NonFiniteError(step, "loss", last_ckpt)
     (out.losses.sum() * weight).backward()
     if weight:
-        stats.add(batch, out, *split_pair_logps(scores.logps))
+        stats.add(batch, out, *split_pair_logps(scores.logps), labels=labels)
 
 
-def _objective(cfg: TrainConfig, scores: SequenceScores, ref, bco_delta: float) -> MixtureOutput:
+def _labels(rows: list[dict], device: torch.device) -> torch.Tensor | None:
+    """The KTO rows' labels, Bool[B]; None for pairs."""
+    if "label" not in rows[0]:
+        return None
+    return torch.tensor([r["label"] for r in rows], dtype=torch.bool, device=device)
+
+
+def _kl_gather(ctx: Dist, device: torch.device, counted: bool) -> Gather | None:
+    """Under DDP/FSDP: KTO's KL (sum, count) summed over the ranks, so every rank uses the whole micro-batch's
+    estimate (a rank's zero-weight padding pass, ``counted=False``, adds nothing). None for a single process."""
+    if not ctx.enabled:
+        return None
+
+    def gather(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = [float(total), float(count)] if counted else [0.0, 0.0]
+        summed = all_reduce_sums(mine, ctx, device)
+        return torch.tensor(summed[0], device=total.device), torch.tensor(summed[1], device=total.device)
+
+    return gather
+
+
+def _objective(cfg: TrainConfig, scores: SequenceScores, ref, bco_delta: float, labels: torch.Tensor | None = None,
+               gather: Gather | None = None) -> MixtureOutput | UnpairedLossOutput:
     """The configured objective (``TrainConfig.objective``: one loss, a mixture, RPO's SFT term) per pair, on the
     policy's ``scores`` (LD-DPO's log-probs with ``ld_alpha``, WPO's weights with ``use_weighting``); ``ref`` is the
-    (chosen, rejected) reference log-probs [B] (LD-DPO's already), ``bco_delta`` BCO's current reward shift."""
+    (chosen, rejected) reference log-probs [B] (LD-DPO's already), ``bco_delta`` BCO's current reward shift.
+
+    KTO rows: the chosen slot is the row's completion, the rejected slot its mismatched KL completion; ``labels``
+    Bool[B] and ``gather`` (``kto_kl``'s) are read."""
     logps = scores.logps if cfg.ld_alpha is None else ld_logps(scores.logps, scores.shared_logps, cfg.ld_alpha)
     (chosen, rejected), tokens = split_pair_logps(logps), split_pair_logps(scores.counts)
+    if cfg.is_unpaired():
+        kl = kto_kl(rejected, ref[1], gather=gather)
+        return kto_loss(chosen, ref[0], labels, kl, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                        undesirable_weight=cfg.undesirable_weight)
     weights = wpo_weights(*split_pair_logps(scores.wpo_logps), *tokens) if cfg.use_weighting else None
     return mixture_loss(cfg.objective(), chosen, rejected, ref[0], ref[1], beta=cfg.beta, chosen_tokens=tokens[0],
                         rejected_tokens=tokens[1], pair_weights=weights, bco_delta=bco_delta, **cfg.loss_settings())
@@ -411,6 +489,7 @@ class _Validator:
     def __init__(self, rows: list[dict], reference_fn: RefFn, cfg: TrainConfig, layout: str, tokenizer: Any,
                  spec: DeviceSpec) -> None:
         self.rows, self.cfg, self.spec = rows, cfg, spec
+        self.labels = _labels(rows, torch.device("cpu"))
         ref_c, ref_r = [], []
         for start in range(0, len(rows), cfg.reference_batch_size):
             batch = _collate(rows[start : start + cfg.reference_batch_size], layout, tokenizer).to(spec.device)
@@ -433,7 +512,12 @@ class _Validator:
                                 None if not cfg.use_weighting else both("wpo_logps").float())
         chosen, rejected = split_pair_logps(scores.logps)
         with torch.no_grad():
-            out = _objective(cfg, scores, self.ref, bco_delta)
+            out = _objective(cfg, scores, self.ref, bco_delta, self.labels)
+        if isinstance(out, UnpairedLossOutput):  # the training metrics' definitions, over the whole validation set
+            stats = _Stats(cfg, bco_delta)
+            stats.pairs = len(self.rows)
+            stats._add_unpaired(out, chosen, self.labels)
+            return {f"val/{k}": v for k, v in stats.preference_metrics().items() if not k.startswith("loss/")}
         return {
             "val/loss": float(out.losses.mean()),
             "val/rewards/chosen": float(out.chosen_rewards.mean()),
@@ -505,10 +589,18 @@ def _check_inputs(tokenized_df: pd.DataFrame, cfg: TrainConfig, tokenizer: Any) 
         raise TrainError(f"{len(duplicated)} duplicated pair_id(s) in the training set, e.g. {duplicated[:3]}")
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise TrainError("the tokenizer has no pad token id; load it with dpo_core.models.load_tokenizer")
+    labelled = "label" in tokenized_df.columns and bool(tokenized_df["label"].notna().any())
+    if cfg.is_unpaired() and not (labelled and bool(tokenized_df["label"].notna().all())):
+        raise TrainError(f"train.loss={cfg.objective_name()} trains on unpaired KTO rows with a `label` each "
+                         "(dpo_data.unpaired.kto_rows); these rows are pairs")
+    if labelled and not cfg.is_unpaired():
+        raise TrainError(f"the training rows are unpaired KTO rows (they have labels); loss "
+                         f"{cfg.objective_name()!r} needs pairs: use train.loss=kto")
     rows = []
-    for row in tokenized_df[list(_NEEDED)].to_dict("records"):
+    for row in tokenized_df[list(_NEEDED) + (["label"] if labelled else [])].to_dict("records"):
         rows.append({"pair_id": str(row["pair_id"]),
-                     **{k: [int(x) for x in row[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}})
+                     **{k: [int(x) for x in row[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+                     **({"label": bool(row["label"])} if labelled else {})})
     return rows
 
 

@@ -244,7 +244,8 @@ AT_START = {"sigmoid": LN2, "robust": LN2, "sigmoid_norm": LN2, "aot": LN2, "aot
             "nca_pair": 2 * LN2, "bco_pair": 2 * LN2, "sppo_hard": 2.0,
             "discopop": (LN2 + 1) / 2,  # m = sigma(0) = 1/2: (L(0) + e^0) / 2
             "exo_pair": 1.6144630803608508,  # eps = 0.01: (log 1/2 - log 0.99) / 2 + (log 1/2 - log 0.01) / 2
-            "simpo": None, "sft": None, "orpo": None, "cpo": None}
+            "simpo": None, "sft": None, "orpo": None, "cpo": None,
+            "kto": 0.5}  # every row 1 - sigma(beta (0 - z_0)), z_0 = max(0, 0)
 SETTINGS = {"robust": {"label_smoothing": 0.1}, "sigmoid_norm": {"label_smoothing": 0.1},
             "exo_pair": {"label_smoothing": 0.01},
             # DiscoPOP's loss is lowest at a small negative margin (its slope at z = 0 is positive): a smaller step
@@ -258,7 +259,9 @@ def test_every_loss_trains(tmp_path, tokenizer, loss):
     three steps on the same four pairs lower it."""
     cfg = _cfg(**{"loss": loss, "epochs": 1, "max_steps": 3, "checkpoint_every": 100, "warmup_ratio": 0.0,
                   "learning_rate": 1e-3, **SETTINGS.get(loss, {})})
-    result = train(_model(tokenizer), tokenizer, _pairs(4), cfg, out_dir=tmp_path, spec=CPU, progress_bar=False)
+    # KTO trains on unpaired rows: the pairs' rows as (prompt, completion, KL completion) with a label each
+    data = _pairs(4).assign(label=[True, False, True, False]) if loss == "kto" else _pairs(4)
+    result = train(_model(tokenizer), tokenizer, data, cfg, out_dir=tmp_path, spec=CPU, progress_bar=False)
     own = [row[f"loss/{loss}"] for row in result.history]
     assert result.steps == 3 and all(np.isfinite(own))
     assert (tmp_path / "reference.parquet").is_file() == cfg.needs_reference()  # none scored for a reference-free one
@@ -477,3 +480,31 @@ def test_patience_stops_early_on_validation_and_a_resumed_run_stays_stopped(tmp_
     again = train(_model(tokenizer), tokenizer, df, cfg.model_copy(update={"patience": 1}), out_dir=tmp_path / "e",
                   spec=CPU, reference=ref, validation=val, progress_bar=False)
     assert again.resumed_from_step == stop and again.steps == stop and again.selected_step == best_at_stop
+
+
+def test_kto_raises_desirable_rewards_lowers_undesirable_ones_and_logs_the_kl(tmp_path, tokenizer):
+    """A few KTO steps on labelled rows: the desirable rows' mean reward goes up, the undesirable rows' down, the
+    accuracy (reward sign = label) up; ``kl`` is logged (0 at the first step: policy == reference); the validation
+    rows are scored with the same definitions."""
+    rows = _pairs(8, seed=1).assign(label=[True, False] * 4)
+    val = _pairs(4, seed=2).assign(pair_id=lambda d: "v" + d["pair_id"], label=[True, False] * 2)
+    cfg = _cfg(loss="kto", epochs=1, max_steps=4, batch_size=8, grad_accum=1, checkpoint_every=100,
+               warmup_ratio=0.0, learning_rate=1e-3, desirable_weight=1.2)
+    result = train(_model(tokenizer), tokenizer, rows, cfg, out_dir=tmp_path, spec=CPU, validation=val,
+                   progress_bar=False)
+    first, last = result.history[0], result.history[-1]
+    assert first["kl"] == 0.0 and first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx((1.2 * 0.5 + 0.5) / 2, abs=1e-6)  # lambda_D = 1.2 on half the rows
+    assert last["rewards/chosen"] > 0 > last["rewards/rejected"]
+    assert last["rewards/accuracies"] > first["rewards/accuracies"] and last["loss"] < first["loss"]
+    assert {"val/loss", "val/rewards/chosen", "val/rewards/accuracies", "val/kl"} <= set(last)
+    assert "kl" in last and np.isfinite(last["kl"]) and last["kl"] >= 0.0
+
+
+def test_kto_needs_labelled_rows_and_labelled_rows_need_kto(tmp_path, tokenizer):
+    with pytest.raises(TrainError, match="train.loss=kto trains on unpaired KTO rows"):
+        train(_model(tokenizer), tokenizer, _pairs(4), _cfg(loss="kto"), out_dir=tmp_path, spec=CPU,
+              progress_bar=False)
+    with pytest.raises(TrainError, match="needs pairs: use train.loss=kto"):
+        train(_model(tokenizer), tokenizer, _pairs(4).assign(label=True), _cfg(), out_dir=tmp_path, spec=CPU,
+              progress_bar=False)
