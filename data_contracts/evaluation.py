@@ -3,11 +3,13 @@
 * `EvalMetrics`: one row per eval set (`eval` and any extra eval set), as returned by
   `dpo_core.evaluation.evaluate_preferences`. Rewards follow DPO (arXiv 2305.18290): `reward = beta * (log
   pi_policy(y|x) - log pi_ref(y|x))`, log-probs summed over the response tokens. Accuracies count strict wins.
+* `UnpairedEvalMetrics`: one row per unpaired eval set (labelled completions; `dpo_core.evaluation.unpaired_record`):
+  the same reward's sign agreement with the label and its mean per label.
 * `Generations`: one row per held-out prompt, as returned by `dpo_core.evaluation.compare_generations`: the
   reference's and the policy's answers side by side with the dataset's chosen / rejected answers and per-answer
   scores. Token counts of answers exclude the end-of-turn token; `judge` names what produced the judge scores.
 
-`validate_metrics(df)` / `validate_generations(df)` return the validated frame or raise
+`validate_metrics(df)` / `validate_unpaired_metrics(df)` / `validate_generations(df)` return the validated frame or raise
 `data_contracts.errors.ContractError` with a one-line message naming every failed check.
 """
 
@@ -20,7 +22,8 @@ from pandera.typing.pandas import Series
 
 from data_contracts.errors import ContractError
 
-__all__ = ["EvalMetrics", "Generations", "validate_metrics", "validate_generations", "METRIC_COLUMNS",
+__all__ = ["EvalMetrics", "UnpairedEvalMetrics", "Generations", "validate_metrics", "validate_unpaired_metrics",
+           "validate_generations", "METRIC_COLUMNS",
            "GENERATION_COLUMNS"]
 
 _UNIT = {"ge": 0.0, "le": 1.0}
@@ -69,6 +72,46 @@ class EvalMetrics(pa.DataFrameModel):
     def _margin_is_difference(cls, df: pd.DataFrame) -> pd.Series:
         diff = df["chosen_reward_mean"] - df["rejected_reward_mean"]
         return (df["margin_mean"] - diff).abs() <= 1e-6 * (1.0 + diff.abs())
+
+
+class UnpairedEvalMetrics(pa.DataFrameModel):
+    """One record per unpaired eval set (labelled completions, KTO's data; `dpo_core.metrics.unpaired_metrics`):
+    how often the implicit reward's sign agrees with the label, and the mean reward per label. A label with no rows
+    has NaN rates and means."""
+
+    eval_set: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    n_rows: Series[int] = pa.Field(ge=1)
+    n_desirable: Series[int] = pa.Field(ge=0)
+    beta: Series[float] = pa.Field(gt=0.0)
+    sign_accuracy: Series[float] = pa.Field(**_UNIT)
+    sign_accuracy_ci_low: Series[float] = pa.Field(**_UNIT)
+    sign_accuracy_ci_high: Series[float] = pa.Field(**_UNIT)
+    confidence: Series[float] = pa.Field(gt=0.0, lt=1.0)
+    desirable_positive_rate: Series[float] = pa.Field(nullable=True, **_UNIT)
+    undesirable_negative_rate: Series[float] = pa.Field(nullable=True, **_UNIT)
+    desirable_reward_mean: Series[float] = pa.Field(nullable=True)
+    undesirable_reward_mean: Series[float] = pa.Field(nullable=True)
+    reward_gap: Series[float] = pa.Field(nullable=True)
+    policy_logps_mean: Series[float] = pa.Field(le=0.0)
+    reference_logps_mean: Series[float] = pa.Field(le=0.0)
+    completion_tokens_mean: Series[float] = pa.Field(gt=0.0)
+
+    class Config:
+        strict = True
+        coerce = True
+
+    @pa.dataframe_check(error="n_desirable must be at most n_rows")
+    @classmethod
+    def _desirable_fit(cls, df: pd.DataFrame) -> pd.Series:
+        return df["n_desirable"] <= df["n_rows"]
+
+    @pa.dataframe_check(error="sign_accuracy must lie inside [sign_accuracy_ci_low, sign_accuracy_ci_high]")
+    @classmethod
+    def _ci_contains_accuracy(cls, df: pd.DataFrame) -> pd.Series:
+        eps = 1e-12
+        return (df["sign_accuracy_ci_low"] <= df["sign_accuracy"] + eps) & (
+            df["sign_accuracy"] <= df["sign_accuracy_ci_high"] + eps
+        )
 
 
 class Generations(pa.DataFrameModel):
@@ -166,6 +209,11 @@ def _validate(model: type[pa.DataFrameModel], table: str, df: pd.DataFrame, key:
 def validate_metrics(df: pd.DataFrame) -> pd.DataFrame:
     """Validate eval metrics records (`pd.DataFrame([record, ...])`) against `EvalMetrics`."""
     return _validate(EvalMetrics, "eval metrics", df, key="eval_set")
+
+
+def validate_unpaired_metrics(df: pd.DataFrame) -> pd.DataFrame:
+    """Validate unpaired eval metrics records against `UnpairedEvalMetrics`."""
+    return _validate(UnpairedEvalMetrics, "unpaired eval metrics", df, key="eval_set")
 
 
 def validate_generations(df: pd.DataFrame) -> pd.DataFrame:

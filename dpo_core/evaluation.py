@@ -2,7 +2,9 @@
 
 - `preference_scores`: held-out pairs -> the policy's log-probs (`dpo_core.scoring.score_pairs`) joined with the
   precomputed reference table, one row per pair; `preference_record` -> one metrics record per eval set
-  (`data_contracts.evaluation.EvalMetrics`); `evaluate_preferences` does both.
+  (`data_contracts.evaluation.EvalMetrics`); `evaluate_preferences` does both. Unpaired held-out rows (KTO rows,
+  laid out as pairs with the completion in the chosen slot) are scored the same way; `unpaired_record` -> one
+  `data_contracts.evaluation.UnpairedEvalMetrics` record (`dpo_core.metrics.unpaired_metrics`).
 - `compare_generations`: generate with the reference and the policy on the first N held-out prompts, score each
   answer (implicit reward, repetition, length, end-of-turn, a judge) -> a side-by-side table
   (`data_contracts.evaluation.Generations`) and a summary: the judge's validity beside its win rates (raw and
@@ -29,11 +31,12 @@ from dpo_core.metrics import (
     generation_metrics,
     longest_repeated_ngram,
     preference_metrics,
+    unpaired_metrics,
     win_rate,
 )
 from dpo_core.scoring import score_pairs
 
-__all__ = ["EvaluationError", "preference_scores", "preference_record", "evaluate_preferences", "compare_generations",
+__all__ = ["EvaluationError", "preference_scores", "preference_record", "unpaired_record", "evaluate_preferences", "compare_generations",
            "judged_answers"]
 
 _TOKENIZED_NEEDED = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")
@@ -140,6 +143,25 @@ def preference_record(
         "chosen_tokens_mean": float(scores["chosen_tokens"].mean()),
         "rejected_tokens_mean": float(scores["rejected_tokens"].mean()),
     }
+
+
+def unpaired_record(
+    scores: pd.DataFrame,
+    labels: Sequence[bool],
+    beta: float,
+    *,
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    eval_set: str = "eval",
+) -> dict[str, Any]:
+    """One unpaired metrics record (`data_contracts.evaluation.UnpairedEvalMetrics` row) from a `preference_scores`
+    table of KTO rows (the completion in the chosen columns; the mismatched KL completion is not read) and their
+    `labels`, in the same order."""
+    metrics = unpaired_metrics(scores["policy_chosen_logps"].to_numpy(), scores["reference_chosen_logps"].to_numpy(),
+                               np.asarray(labels, dtype=bool), beta, bootstrap_samples=bootstrap_samples,
+                               confidence=confidence, seed=seed)
+    return {"eval_set": eval_set, **metrics, "completion_tokens_mean": float(scores["chosen_tokens"].mean())}
 
 
 def evaluate_preferences(

@@ -2,6 +2,8 @@
 
 - `preference_metrics`: DPO reward accuracy with a bootstrap CI, margins, rewards, log-probs and the reference's own
   accuracy, from per-pair summed log-probs; `trl_metric_names` gives the record TRL's metric names.
+- `unpaired_metrics`: the same implicit reward on unpaired labelled rows (KTO's data): its mean per label and how
+  often its sign agrees with the label, with a bootstrap CI.
 - `bootstrap_ci`: percentile bootstrap interval of a mean (seeded, reproducible); `bootstrap_ci_of` the same for any
   statistic of paired rows; `mean_with_ci`; `pairwise_accuracy` (how often a scorer ranks chosen above rejected: the
   reward accuracy and a judge's validity).
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["EvaluationError", "bootstrap_ci", "bootstrap_ci_of", "mean_with_ci", "pairwise_accuracy",
-           "preference_metrics", "trl_metric_names", "distinct_n", "longest_repeated_ngram", "length_ratio", "win_rate",
+           "preference_metrics", "unpaired_metrics", "trl_metric_names", "distinct_n", "longest_repeated_ngram", "length_ratio", "win_rate",
            "preference_probability", "length_controlled_win_rate", "generation_metrics"]
 
 
@@ -187,6 +189,58 @@ def preference_metrics(
         "reference_chosen_logps_mean": float(rc.mean()),
         "reference_rejected_logps_mean": float(rr.mean()),
         "reference_accuracy": float((rc > rr).mean()),
+    }
+
+
+def unpaired_metrics(
+    policy_logps: Sequence[float] | np.ndarray,
+    ref_logps: Sequence[float] | np.ndarray,
+    labels: Sequence[bool] | np.ndarray,
+    beta: float,
+    *,
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """Metrics of unpaired labelled rows (thumbs up / down on one completion each; arrays shaped [N], same order).
+
+    reward = `beta * (policy - ref)` of each row's completion. A pair's accuracy has no counterpart here, so the
+    record says how well the reward's sign agrees with the label: `desirable_positive_rate` (desirable rows with
+    reward > 0), `undesirable_negative_rate` (undesirable rows with reward < 0) and `sign_accuracy` over all rows
+    (with a bootstrap CI, widened to include it; ties at 0 count as wrong, as in `preference_metrics`), beside the
+    mean reward of each label and their gap. A rate or mean of a label with no rows is NaN.
+    """
+    if beta <= 0:
+        raise EvaluationError(f"beta must be > 0, got {beta}")
+    policy, ref = _as_1d("policy_logps", policy_logps), _as_1d("ref_logps", ref_logps)
+    desirable = np.asarray(labels, dtype=bool).reshape(-1)
+    if not policy.size == ref.size == desirable.size:
+        raise EvaluationError(f"unpaired arrays differ in length: policy={policy.size}, ref={ref.size}, "
+                              f"labels={desirable.size}")
+    if policy.size == 0:
+        raise EvaluationError("unpaired metrics need at least one row")
+    rewards = beta * (policy - ref)
+    correct = np.where(desirable, rewards > 0, rewards < 0).astype(np.float64)
+    accuracy, low, high = mean_with_ci(correct, bootstrap_samples, confidence, seed)
+
+    def mean(values: np.ndarray) -> float:
+        return float(values.mean()) if values.size else math.nan
+
+    return {
+        "n_rows": int(policy.size),
+        "n_desirable": int(desirable.sum()),
+        "beta": float(beta),
+        "sign_accuracy": accuracy,
+        "sign_accuracy_ci_low": low,
+        "sign_accuracy_ci_high": high,
+        "confidence": float(confidence),
+        "desirable_positive_rate": mean(correct[desirable]),
+        "undesirable_negative_rate": mean(correct[~desirable]),
+        "desirable_reward_mean": mean(rewards[desirable]),
+        "undesirable_reward_mean": mean(rewards[~desirable]),
+        "reward_gap": mean(rewards[desirable]) - mean(rewards[~desirable]),
+        "policy_logps_mean": float(policy.mean()),
+        "reference_logps_mean": float(ref.mean()),
     }
 
 

@@ -349,6 +349,7 @@ def _stages(cfg: RunConfig) -> dict[str, Any]:
         "train": {k: trained.get(k) for k in ("steps", "resumed_from_step", "tokens", "train_seconds", "path",
                                               "selected_step", "validation")},
         "metrics": metrics["metrics"],
+        "unpaired_metrics": metrics.get("unpaired_metrics", []),
         "judge": {"name": judge["name"], **judge["validity"]} if judge else None,
         "comparison": comparison["summary"] if comparison else None,
         "registration": registration,
@@ -391,6 +392,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"margin {row.get('margin_mean', float('nan')):.4f}, "
             f"reference's own accuracy {row.get('reference_accuracy', float('nan')):.3f}"
         )
+    for row in summary.get("unpaired_metrics", []):
+        print(f"  eval[{row['eval_set']}] (unpaired): reward sign agrees with the label on "
+              f"{row['sign_accuracy']:.3f} of {row['n_rows']} rows (CI {row['sign_accuracy_ci_low']:.2f}-"
+              f"{row['sign_accuracy_ci_high']:.2f}); mean reward desirable {row['desirable_reward_mean']}, "
+              f"undesirable {row['undesirable_reward_mean']}")
     if summary.get("comparison"):
         for line in comparison_lines(summary["comparison"]):
             print(f"  {line}")

@@ -10,10 +10,10 @@ from typing import Any
 import pandas as pd
 from prefect import task
 
-from data_contracts.evaluation import validate_metrics
+from data_contracts.evaluation import METRIC_COLUMNS, validate_metrics, validate_unpaired_metrics
 from dpo_data.ingest import GATE_SPLIT
-from dpo_core.config import RunConfig
-from dpo_core.evaluation import EvaluationError, preference_record, preference_scores
+from dpo_core.config import RunConfig, stable_hash
+from dpo_core.evaluation import EvaluationError, preference_record, preference_scores, unpaired_record
 from dpo_core.fileio import sha256_file
 from dpo_core.models import pick_device
 from dpo_core.reference import read_reference_table
@@ -25,6 +25,7 @@ STAGE = "evaluate"
 _GENERATION_FIELDS = {"n_generations", "generation_batch_size", "generation_threads", "max_new_tokens", "do_sample",
                       "temperature", "top_p", "judge"}
 PAIR_SCORES_FILE = "pair_scores.parquet"
+UNPAIRED_SCORES_FILE = "unpaired_scores.parquet"
 
 
 def eval_sets(cfg: RunConfig, splits: Iterable[str] = ()) -> list[str]:
@@ -50,8 +51,10 @@ def evaluate_key(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str, A
 def evaluate_stage(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str, Any], reference: dict[str, Any],
                    gate_reference: dict[str, Any] | None = None, gate_split: str = GATE_SPLIT) -> dict[str, Any]:
     """Metrics per held-out set and every pair's scores (`pair_scores.parquet`: eval_set + dpo_core.evaluation
-    preference_scores columns). The set the promotion gate scores on (`gate_split`: `gate`, or `eval` when that is the
-    gate) is scored against `gate_reference` when given (the base model's log-probs when the policy started from
+    preference_scores columns). A set of unpaired rows (KTO's data, rows with a `label` in the tokenized table) gets
+    an unpaired record instead (`unpaired_metrics` in the manifest, `unpaired_metrics.parquet`; its rows' scores
+    with their labels in `unpaired_scores.parquet`). The set the promotion gate scores on (`gate_split`: `gate`, or
+    `eval` when that is the gate) is scored against `gate_reference` when given (the base model's log-probs when the policy started from
     the champion), every other set against `reference`."""
     def fill(folder: Path) -> dict[str, Any]:
         spec = pick_device(cfg.model)
@@ -60,7 +63,7 @@ def evaluate_stage(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str,
         gate_table = (read_reference_table(Path(gate_reference["path"]) / gate_reference["reference_file"])
                       if gate_reference is not None else ref_table)
         policy = load_model_locked(policy_dir(trained), cfg.model.without_lora(), spec)
-        rows, scored = [], []
+        rows, scored, unpaired_rows, unpaired_scored = [], [], [], []
         for name in eval_sets(cfg, table["split"].unique()):
             subset = table[table["split"] == name].reset_index(drop=True)
             if subset.empty:
@@ -70,17 +73,32 @@ def evaluate_stage(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str,
                 batch_size=cfg.eval.batch_size, spec=spec, chunk_size=cfg.train.logprob_chunk_size,
                 layout=cfg.train.batch_layout, eval_set=name,
             )
-            rows.append(preference_record(scores, cfg.train.beta, bootstrap_samples=cfg.eval.bootstrap_samples,
-                                          confidence=cfg.eval.confidence, seed=cfg.eval.seed, eval_set=name))
+            settings = {"bootstrap_samples": cfg.eval.bootstrap_samples, "confidence": cfg.eval.confidence,
+                        "seed": cfg.eval.seed, "eval_set": name}
+            if "label" in subset.columns and subset["label"].notna().all():  # unpaired (KTO) rows
+                labels = subset["label"].astype(bool).to_numpy()
+                unpaired_rows.append(unpaired_record(scores, labels, cfg.train.beta, **settings))
+                unpaired_scored.append(scores.assign(eval_set=name, label=labels))
+                continue
+            rows.append(preference_record(scores, cfg.train.beta, **settings))
             scored.append(scores.assign(eval_set=name))
-        metrics = validate_metrics(pd.DataFrame(rows))
+        metrics = validate_metrics(pd.DataFrame(rows)) if rows else pd.DataFrame(columns=METRIC_COLUMNS)
         out = folder / "metrics.parquet"
         metrics.to_parquet(out, index=False)
-        pd.concat(scored, ignore_index=True).to_parquet(folder / PAIR_SCORES_FILE, index=False)
+        if scored:
+            pd.concat(scored, ignore_index=True).to_parquet(folder / PAIR_SCORES_FILE, index=False)
         records = json.loads(metrics.to_json(orient="records"))
         (folder / "metrics.json").write_text(json.dumps(records, indent=1))
-        return {"content_hash": sha256_file(out)[:16], "metrics_file": "metrics.parquet",
-                "pair_scores_file": PAIR_SCORES_FILE, "metrics": records}
+        manifest = {"content_hash": sha256_file(out)[:16], "metrics_file": "metrics.parquet",
+                    "pair_scores_file": PAIR_SCORES_FILE, "metrics": records}
+        if unpaired_rows:
+            unpaired = validate_unpaired_metrics(pd.DataFrame(unpaired_rows))
+            unpaired.to_parquet(folder / "unpaired_metrics.parquet", index=False)
+            pd.concat(unpaired_scored, ignore_index=True).to_parquet(folder / UNPAIRED_SCORES_FILE, index=False)
+            manifest["unpaired_metrics"] = json.loads(unpaired.to_json(orient="records"))
+            unpaired_hash = sha256_file(folder / "unpaired_metrics.parquet")
+            manifest["content_hash"] = stable_hash([manifest["content_hash"], unpaired_hash])
+        return manifest
 
     return build_artifact(cfg, STAGE, evaluate_key(cfg, trained, tokenized, reference, gate_reference, gate_split),
                           fill)

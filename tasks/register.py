@@ -144,7 +144,8 @@ def register_stage(
         tracker.log_dataset(run_id, pairs["fingerprint"], ", ".join(pairs.get("sources", [])), canonical)
         tracker.log_data_report(run_id, pairs.get("report", {}), Path(pairs["path"]) / pairs["quarantine_file"])
         tracker.log_training(run_id, read_history(trained))
-        per_set = {row["eval_set"]: row for row in metrics["metrics"]}
+        # unpaired eval sets (KTO's data) are logged beside the pairs' sets; the gate reads the pairs' alone
+        per_set = {row["eval_set"]: row for row in (*metrics["metrics"], *metrics.get("unpaired_metrics", []))}
         generations = None
         if comparison is not None:
             generations = pd.read_parquet(Path(comparison["path"]) / comparison["generations_file"])

@@ -36,8 +36,9 @@ def data_report_markdown(pairs: dict[str, Any]) -> str:
 
 
 def metrics_rows(evaluate: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per eval set, numbers rounded for display."""
-    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in evaluate["metrics"]]
+    """One row per eval set (pairs' sets, then unpaired ones), numbers rounded for display."""
+    rows = [*evaluate["metrics"], *evaluate.get("unpaired_metrics", [])]
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
 
 
 def generations_rows(compare: dict[str, Any], max_chars: int = 400) -> list[dict[str, Any]]:

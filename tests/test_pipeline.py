@@ -167,3 +167,50 @@ def test_a_reference_free_objective_scores_the_reference_for_evaluation_only(har
     assert set(scored) == set(splits[splits == "eval"].index) and len(scored) > 0
     (row,) = out["metrics"]
     assert row["eval_set"] == "eval" and math.isfinite(row["reference_accuracy"])
+
+
+def _thumbs(path: Path) -> Path:
+    """TRL unpaired rows in both forms: standard strings and conversational messages."""
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": i % 2 == 0} for i in range(4)]
+    rows += [{"prompt": [{"role": "user", "content": f"Chat {i}?"}],
+              "completion": [{"role": "assistant", "content": f"Reply {i}."}], "label": i == 0} for i in range(2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.timeout(900)
+def test_kto_flow_trains_on_pairs_split_in_two_and_evaluates_pairs_and_unpaired_rows(harness, tiny_model_dir,
+                                                                                    tmp_path, data_file):
+    """`train.loss=kto` end to end: the paired train data trains as two unpaired rows per pair, the eval split stays
+    pairs (reward accuracy, the generation comparison and registration as for any objective), and an unpaired extra
+    eval set gets the unpaired record."""
+    cfg = tiny_config(tiny_model_dir, tmp_path / "state", data_file, loss="kto", desirable_weight=1.1)
+    cfg["data"]["extra_eval"] = {"thumbs": {"path": str(_thumbs(tmp_path / "thumbs.jsonl"))}}
+    summary = run_flow(cfg)
+    assert all(summary["stages"][s] == "Completed" for s in (*UPSTREAM, *DOWNSTREAM, "register")), summary["stages"]
+    assert summary["train"]["steps"] == 3
+    history = [json.loads(line) for line in (Path(summary["train"]["path"]) / "history.jsonl").read_text().splitlines()]
+    assert all("kl" in row and "loss/kto" in row for row in history) and history[0]["kl"] == 0.0
+    (paired,) = summary["metrics"]
+    assert paired["eval_set"] == "eval" and 0.0 <= paired["reward_accuracy"] <= 1.0
+    (thumbs,) = summary["unpaired_metrics"]
+    assert (thumbs["eval_set"], thumbs["n_rows"], thumbs["n_desirable"]) == ("thumbs", 6, 3)
+    assert thumbs["sign_accuracy_ci_low"] <= thumbs["sign_accuracy"] <= thumbs["sign_accuracy_ci_high"]
+    assert summary["comparison"]["win_rate_ci_low"] <= summary["comparison"]["win_rate"]
+    assert summary["registration"]["version"] is not None
+
+
+def test_unpaired_data_for_a_pairwise_objective_is_a_preflight_error(tiny_model_dir, tmp_path):
+    from dpo_core.config import UserError, load_config
+    from flows.preflight import preflight
+
+    thumbs = str(_thumbs(tmp_path / "thumbs.jsonl"))
+    tree = tiny_config(tiny_model_dir, tmp_path / "state", Path(thumbs))
+    with pytest.raises(UserError, match=r"data.train\[0\]: .*thumbs.jsonl holds unpaired rows .* train.loss=sigmoid "
+                                        "needs pairs: use train.loss=kto"):
+        preflight(load_config(None, _flatten(tree)))
+    kto = load_config(None, {**_flatten(tree), "train.loss": "kto", "data.eval": [{"path": thumbs}]})
+    with pytest.raises(UserError, match="promotion gate scores pairs .*; the generation comparison .*; the "
+                                        "bradley_terry judge trains on the train pairs"):
+        preflight(kto)
+    preflight(load_config(None, {**_flatten(tree), "train.loss": "kto", "eval.n_generations": 0}))  # fine
