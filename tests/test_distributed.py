@@ -491,3 +491,19 @@ def test_validation_scoring_and_best_val_on_two_processes_match_one_process(data
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-5)
+
+
+def test_kto_on_two_gloo_processes_uses_the_whole_micro_batchs_kl_and_matches_one_process(data, tmp_path):
+    """KTO's KL reference point is summed over the ranks (dpo_core.losses.kto_kl's gather): two processes train
+    exactly as one, the rank without a row in each epoch's last 1-row batch included."""
+    rows = pd.read_parquet(data / "tokenized.parquet").assign(label=[i % 3 != 0 for i in range(N_PAIRS + 1)])
+    kto = data / "kto"
+    kto.mkdir(exist_ok=True)
+    shutil.copytree(data / "model", kto / "model", dirs_exist_ok=True)
+    rows.to_parquet(kto / "tokenized.parquet")
+    run_train_job(_job(kto, tmp_path / "one", 1, train_kw={"loss": "kto"}))
+    launch_training(_job(kto, tmp_path / "two", 2, train_kw={"loss": "kto"}), 2)
+    _assert_same_curve(tmp_path / "one", tmp_path / "two")
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    np.testing.assert_allclose([r["kl"] for r in two], [r["kl"] for r in one], rtol=1e-5, atol=1e-6)
+    assert any(r["kl"] > 0 for r in one), "the KL estimate stayed 0: the gather was not exercised"
