@@ -455,9 +455,11 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
               "the same check on the embedded model. The log-probs, rewards, sigmoid loss and every policy "
               "parameter's gradient first; then every objective TRL has (`bench.parity.OBJECTIVE_CASES`: each "
               "`DPOTrainer` `loss_type`, the f-divergences, a mixture, WPO, LD-DPO; and ORPO and CPO against TRL's "
-              "experimental trainers' loss functions, their NLL term aside): loss and d loss / d log-prob sums, on "
-              "TRL's own log-prob values (`bench.parity.objective_parity` says why that covers the parameters' "
-              "gradients). The same checks run in `make test` (`tests/test_bench_parity.py`).",
+              "experimental trainers' loss functions, their NLL term aside; and KTO against `KTOTrainer` on the pairs "
+              "split into unpaired rows, `bench.parity.KTO_CASES`, its KL reference point too): loss and d loss / d "
+              "log-prob sums, on the same log-prob values on both sides (`bench.parity.objective_parity` says why "
+              "that covers the parameters' gradients). The same checks run in `make test` "
+              "(`tests/test_bench_parity.py`).",
               "", "```", *run.parity["table"], "```"]  # fmt: skip
     L += ["", "## Method", "",
           "- **Trained tokens** are the non-padding tokens of the chosen and the rejected sequence of every pair "
