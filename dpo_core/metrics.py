@@ -212,13 +212,9 @@ def unpaired_metrics(
     """
     if beta <= 0:
         raise EvaluationError(f"beta must be > 0, got {beta}")
-    policy, ref = _as_1d("policy_logps", policy_logps), _as_1d("ref_logps", ref_logps)
-    desirable = np.asarray(labels, dtype=bool).reshape(-1)
-    if not policy.size == ref.size == desirable.size:
-        raise EvaluationError(f"unpaired arrays differ in length: policy={policy.size}, ref={ref.size}, "
-                              f"labels={desirable.size}")
-    if policy.size == 0:
-        raise EvaluationError("unpaired metrics need at least one row")
+    policy, ref, desirable = _aligned("unpaired metrics", {"policy_logps": policy_logps, "ref_logps": ref_logps,
+                                                           "labels": np.asarray(labels, dtype=bool)}, unit="row")
+    desirable = desirable.astype(bool)
     rewards = beta * (policy - ref)
     correct = np.where(desirable, rewards > 0, rewards < 0).astype(np.float64)
     accuracy, low, high = mean_with_ci(correct, bootstrap_samples, confidence, seed)

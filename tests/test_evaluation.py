@@ -482,3 +482,19 @@ def test_generations_contract_rejects_bad_rows(tokenizer, tiny_model):
     with pytest.raises(ContractError, match="one judge"):
         validate_generations(table.assign(judge=["a", "b"]))
 
+
+
+def test_unpaired_metrics_count_how_often_the_reward_sign_agrees_with_the_label():
+    from dpo_core.metrics import unpaired_metrics
+
+    # rewards 0.1 * (policy - ref) = [0.2, -0.1, -0.3, 0.0, 0.1]; labels desirable, desirable, undesirable x 3
+    m = unpaired_metrics([-8.0, -11.0, -13.0, -5.0, -9.0], [-10.0, -10.0, -10.0, -5.0, -10.0],
+                         [True, True, False, False, False], 0.1, bootstrap_samples=200, seed=0)
+    assert (m["n_rows"], m["n_desirable"]) == (5, 2)
+    assert m["desirable_positive_rate"] == 0.5 and m["undesirable_negative_rate"] == pytest.approx(1 / 3)
+    assert m["sign_accuracy"] == pytest.approx(2 / 5)  # a reward of exactly 0 agrees with neither label
+    assert m["sign_accuracy_ci_low"] <= m["sign_accuracy"] <= m["sign_accuracy_ci_high"]
+    assert m["desirable_reward_mean"] == pytest.approx(0.05) and m["undesirable_reward_mean"] == pytest.approx(-0.2 / 3)
+    assert m["reward_gap"] == pytest.approx(0.05 + 0.2 / 3)
+    only_desirable = unpaired_metrics([-1.0], [-2.0], [True], 0.1, bootstrap_samples=10)
+    assert math.isnan(only_desirable["undesirable_negative_rate"]) and only_desirable["sign_accuracy"] == 1.0
