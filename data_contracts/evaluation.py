@@ -9,8 +9,8 @@
   reference's and the policy's answers side by side with the dataset's chosen / rejected answers and per-answer
   scores. Token counts of answers exclude the end-of-turn token; `judge` names what produced the judge scores.
 
-`validate_metrics(df)` / `validate_unpaired_metrics(df)` / `validate_generations(df)` return the validated frame or raise
-`data_contracts.errors.ContractError` with a one-line message naming every failed check.
+`validate_metrics(df)` / `validate_unpaired_metrics(df)` / `validate_generations(df)` return the validated frame or
+raise `data_contracts.errors.ContractError` with a one-line message naming every failed check.
 """
 
 from __future__ import annotations

@@ -87,9 +87,11 @@ def unpaired_schema(*, min_chars: int = 1, max_prompt_chars: int = 100_000,
     pairs: a completion of ``min_chars``..``max_response_chars`` characters, a prompt of at most
     ``max_prompt_chars`` characters summed over messages."""
     schema = CanonicalUnpaired.to_schema()
+    def long_enough(x: object) -> bool:  # a blank completion is blank_completion's to report
+        return len(x.strip()) >= min_chars or not x.strip() if isinstance(x, str) else True
+
     completion = [
-        pa.Check(lambda s: s.map(lambda x: len(x.strip()) >= min_chars or not x.strip() if isinstance(x, str) else True),
-                 name="completion_too_short"),
+        pa.Check(lambda s: s.map(long_enough), name="completion_too_short"),
         pa.Check(lambda s: s.map(lambda x: len(x) <= max_response_chars if isinstance(x, str) else True),
                  name="completion_too_long"),
     ]

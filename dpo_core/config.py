@@ -241,8 +241,8 @@ class TrainConfig(_Section):
             raise ValueError(f"train.loss_weights={self.loss_weights} must all be > 0")
         unpaired = set(names) & set(UNPAIRED_LOSSES)
         if unpaired and len(self.objective()) > 1:
-            raise ValueError(f"train.loss={sorted(unpaired)[0]} trains on unpaired rows (prompt, completion, label) and "
-                             "cannot be mixed with other objectives or train.sft_weight; use it alone")
+            raise ValueError(f"train.loss={sorted(unpaired)[0]} trains on unpaired rows (prompt, completion, label) "
+                             "and cannot be mixed with other objectives or train.sft_weight; use it alone")
         if unpaired and (self.use_weighting or self.ld_alpha is not None):
             raise ValueError(f"train.use_weighting / train.ld_alpha weigh a pair's two answers; loss "
                              f"{sorted(unpaired)[0]!r} has unpaired rows: leave them unset")

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["EvaluationError", "bootstrap_ci", "bootstrap_ci_of", "mean_with_ci", "pairwise_accuracy",
-           "preference_metrics", "unpaired_metrics", "trl_metric_names", "distinct_n", "longest_repeated_ngram", "length_ratio", "win_rate",
-           "preference_probability", "length_controlled_win_rate", "generation_metrics"]
+           "preference_metrics", "unpaired_metrics", "trl_metric_names", "distinct_n", "longest_repeated_ngram",
+           "length_ratio", "win_rate", "preference_probability", "length_controlled_win_rate", "generation_metrics"]
 
 
 class EvaluationError(ValueError):

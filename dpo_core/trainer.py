@@ -294,7 +294,7 @@ class _Stats:
         self.pairs += batch.n_pairs
         self.tokens += batch.n_sequence_tokens  # the same count in every layout
         if isinstance(out, UnpairedLossOutput):
-            self._add_unpaired(out, chosen_logps, labels)
+            self.add_unpaired(out, chosen_logps, labels)
             return
         bco = out.components.get("bco_pair")
         values = [("loss", out.losses), ("chosen", out.chosen_rewards), ("rejected", out.rejected_rewards),
@@ -306,7 +306,8 @@ class _Stats:
         for key, value in values:
             self.sums[key] += float(value.detach().float().sum())
 
-    def _add_unpaired(self, out: UnpairedLossOutput, logps: torch.Tensor, labels: torch.Tensor) -> None:
+    def add_unpaired(self, out: UnpairedLossOutput, logps: torch.Tensor, labels: torch.Tensor) -> None:
+        """The sums of KTO rows: ``logps`` Float[B] of their completions, ``labels`` Bool[B]."""
         desirable, zero = labels.to(torch.bool), torch.zeros_like(out.rewards)
         values = [("loss", out.losses), ("loss/kto", out.losses), ("desirable", desirable.float()),
                   ("chosen", torch.where(desirable, out.rewards, zero)),
@@ -516,7 +517,7 @@ class _Validator:
         if isinstance(out, UnpairedLossOutput):  # the training metrics' definitions, over the whole validation set
             stats = _Stats(cfg, bco_delta)
             stats.pairs = len(self.rows)
-            stats._add_unpaired(out, chosen, self.labels)
+            stats.add_unpaired(out, chosen, self.labels)
             return {f"val/{k}": v for k, v in stats.preference_metrics().items() if not k.startswith("loss/")}
         return {
             "val/loss": float(out.losses.mean()),

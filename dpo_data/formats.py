@@ -652,7 +652,8 @@ def _prompt_messages(prompt_raw: Any, key: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": prompt_raw}]
     if isinstance(prompt_raw, list):
         return _messages(prompt_raw, "prompt")
-    raise RecordError("wrong_type", f"field '{key}' is {type(prompt_raw).__name__}, expected text or a list of messages")
+    raise RecordError("wrong_type",
+                      f"field '{key}' is {type(prompt_raw).__name__}, expected text or a list of messages")
 
 
 def _trl_unpaired(record: Mapping[str, Any], f: Mapping[str, str]) -> UnpairedRecord:

@@ -296,8 +296,8 @@ def _read_source(split: str, idx: int, src: SourceConfig, root: Path, unpaired: 
     return rows, entries, report
 
 
-def _ingest_split(split: str, sources: list[SourceConfig], root: Path, bounds: dict[str, int],
-                  taken: set[str], unpaired: bool = False) -> tuple[pd.DataFrame, list[QuarantineEntry], dict[str, Any]]:
+def _ingest_split(split: str, sources: list[SourceConfig], root: Path, bounds: dict[str, int], taken: set[str],
+                  unpaired: bool = False) -> tuple[pd.DataFrame, list[QuarantineEntry], dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     entries: list[QuarantineEntry] = []
     src_reports: list[dict[str, Any]] = []
@@ -542,8 +542,16 @@ def _carve(frames: dict[str, pd.DataFrame], split: str, fraction: float) -> dict
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The ingest report flattened to one row per configured split (for a Prefect table artifact / MLflow table):
-    split, read, accepted, quarantined, duplicates_removed, pairs used, left out by max_*_pairs, checks failed."""
+    split, read, accepted, quarantined, duplicates_removed, pairs used, left out by max_*_pairs, checks failed; and
+    with an unpaired objective the unpaired rows used (its own unpaired records plus two per pair of a training
+    split)."""
     rows = []
+
+    def unpaired(split: str) -> dict[str, int]:
+        if "unpaired" not in report:
+            return {}
+        return {"unpaired_rows": report["unpaired"].get(split, 0) + report["unpaired_from_pairs"].get(split, 0)}
+
     for split, rep in report["splits"].items():
         rows.append({
             "split": split,
@@ -552,6 +560,7 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "quarantined": rep["quarantined"],
             "duplicates_removed": rep["duplicates_removed"],
             "pairs": report["pairs"].get(split, 0),
+            **unpaired(split),
             "left_out_by_max_pairs": report["left_out_by_max_pairs"].get(split, 0),
             "quarantined_by_check": ", ".join(f"{c} {n}" for c, n in rep["quarantined_by_check"].items()) or "-",
         })
@@ -559,7 +568,7 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
               if split in report["pairs"] and split not in report["splits"]]
     for split in hashed:  # the hashed splits have no sources of their own
         rows.append({"split": split, "read": 0, "accepted": 0, "quarantined": 0, "duplicates_removed": 0,
-                     "pairs": report["pairs"].get(split, 0),
+                     "pairs": report["pairs"].get(split, 0), **unpaired(split),
                      "left_out_by_max_pairs": report["left_out_by_max_pairs"].get(split, 0),
                      "quarantined_by_check": "(hashed from train)"})
     return rows

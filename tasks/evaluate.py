@@ -54,8 +54,8 @@ def evaluate_stage(cfg: RunConfig, trained: dict[str, Any], tokenized: dict[str,
     preference_scores columns). A set of unpaired rows (KTO's data, rows with a `label` in the tokenized table) gets
     an unpaired record instead (`unpaired_metrics` in the manifest, `unpaired_metrics.parquet`; its rows' scores
     with their labels in `unpaired_scores.parquet`). The set the promotion gate scores on (`gate_split`: `gate`, or
-    `eval` when that is the gate) is scored against `gate_reference` when given (the base model's log-probs when the policy started from
-    the champion), every other set against `reference`."""
+    `eval` when that is the gate) is scored against `gate_reference` when given (the base model's log-probs when the
+    policy started from the champion), every other set against `reference`."""
     def fill(folder: Path) -> dict[str, Any]:
         spec = pick_device(cfg.model)
         table = pd.read_parquet(Path(tokenized["path"]) / tokenized["tokenized_file"])

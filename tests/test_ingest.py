@@ -467,6 +467,8 @@ def test_paired_data_trains_an_unpaired_objective_as_two_rows_per_pair(tmp_path)
         assert mine["completion"].tolist() == [t for p in held.itertuples() for t in (p.chosen, p.rejected)]
         assert mine["label"].tolist() == [True, False] * len(held)
     assert result.train_fingerprint == pair_set_id(rows.loc[rows["split"] == "train", "row_id"])
+    used = {r["split"]: r["unpaired_rows"] for r in report_rows(result.report)}
+    assert used == {split: (rows["split"] == split).sum() for split in used}  # eval (pairs) 0
     # the same data for a pairwise objective: no unpaired rows, the fingerprint of the pairs alone
     plain = ingest(_cfg("train.jsonl", validation_fraction=0.3), root=tmp_path, quarantine_path=tmp_path / "p.jsonl")
     assert plain.unpaired.empty and plain.pairs.equals(pairs) and plain.fingerprint != result.fingerprint
