@@ -84,10 +84,11 @@ def test_loss_settings_name_train_fields_and_known_losses():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.eval_every=4"], "train.eval_every=4 scores the validation split: set data.validation_fraction"),
-    (["data.validation_fraction=0.1", "train.select=best_val"], "train.select=best_val needs train.eval_every"),
-    (["data.validation_fraction=0.1", "train.eval_every=4", "train.select_metric=loss"], "'val/rewards/accuracies'"),
-    (["data.validation_fraction=0.1", "train.patience=2"], "train.patience=2 counts validation scorings"),
+    (["data.validation_fraction=0", "train.eval_every=4", "train.select=last"],
+     "train.eval_every=4 scores the validation split: set data.validation_fraction"),
+    (["train.eval_every=null"], "train.select=best_val needs train.eval_every"),
+    (["train.select_metric=loss"], "'val/rewards/accuracies'"),
+    (["train.eval_every=null", "train.select=last", "train.patience=2"], "train.patience=2 counts validation scorings"),
 ])
 def test_validation_settings_are_checked_at_load(overrides, message):
     with pytest.raises(ValidationError, match=message):

@@ -73,7 +73,8 @@ def test_load_sweep_routes_set_items_and_builds_trial_configs(tmp_path):
     shipped = load_sweep(REPO / "configs/sweep.yaml")
     assert base_config(shipped).train.select == "best_val" and len(plan_trials(shipped.sweep)) == 3
     with pytest.raises(ValueError, match="picks its winner on the validation split"):
-        base_config(spec.model_copy(update={"overrides": []}))
+        base_config(spec.model_copy(update={"overrides": ["data.validation_fraction=0", "train.eval_every=null",
+                                                          "train.select=last"]}))
     with pytest.raises(FileNotFoundError, match="sweep file not found"):
         load_sweep(tmp_path / "missing.yaml")
 
@@ -199,6 +200,8 @@ def test_sweep_cli_fails_fast_on_a_bad_sweep_file(tmp_path, capsys):
 
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"config": str(REPO / "configs/default.yaml"),
+                                    "overrides": ["data.validation_fraction=0", "train.eval_every=null",
+                                                  "train.select=last"],
                                     "sweep": {"params": {"train.beta": [0.1]}}}))
     assert main(["--config", str(path)]) == 2
     assert "picks its winner on the validation split" in capsys.readouterr().err
