@@ -8,10 +8,12 @@ For a row ``x_0 .. x_{n-1}`` whose response tokens are the positions ``t`` with 
 The base transformer runs once over the whole batch (chosen and rejected rows together); the LM head ``W`` is
 applied only to the hidden states ``h_{t-1}`` that predict a response token, in chunks of ``chunk_size`` positions,
 and each chunk uses a *selective* log-softmax (the gathered logit minus the logsumexp) instead of materialising a
-full ``[positions, vocab]`` log-softmax. With gradients on, the float32 logits of a batch's response positions are
-kept for the backward when they fit ``keep_logits_bytes`` (256 MiB by default: the batches of the CPU configs);
-above that each chunk is recomputed in the backward pass instead (activation checkpointing), so at most one chunk
-of logits is alive at a time. Logits for prompt tokens are never computed at all.
+full ``[positions, vocab]`` log-softmax. With gradients on, ``_ChunkedHeadLogps`` keeps only the hidden states, the
+targets and one logsumexp per position; its backward recomputes each chunk's logits and turns them into the gradient
+in place, ``d logp_t / d logits = onehot(x_t) - softmax(logits)``, so at most one chunk of ``[chunk_size, vocab]``
+float32 values is alive at a time, forward or backward (a 1,000-token batch of a 49k vocabulary would otherwise keep
+~200 MB of logits and build two more tensors of that size in the backward). The log-softmax is always float32; under
+autocast the head's matmuls run in the autocast dtype, as ``F.linear`` would. Logits for prompt tokens are never computed at all.
 
 A packed batch (``dpo_core.batching.pack_pairs``: all sequences in one row, position ids restarting per sequence)
 is scored the same way; sums then go to the sequence each token belongs to instead of to its row. A shared-prompt
@@ -29,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from dpo_core.batching import MASK_4D_ATTENTION, PairBatch, resolve_layout
 
 __all__ = ["LogprobError", "SequenceScores", "sequence_scores", "sequence_logps", "split_pair_logps",
-           "decoder_and_head", "attention_implementation", "layout_for"]
+           "decoder_and_head", "head_token_logps", "attention_implementation", "layout_for"]
 
 
 class LogprobError(ValueError):
@@ -57,10 +59,10 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 def _token_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, softcap: float | None,
                  with_sum_sq: bool = False):
-    """Selective log-softmax of one chunk: logit[target] - logsumexp(logits), in float32. Float[N].
+    """Selective log-softmax of one chunk through any head module: logit[target] - logsumexp(logits), in float32.
 
-    ``with_sum_sq``: also log sum_v p_v^2 = logsumexp(2 logits) - 2 logsumexp(logits) per position (detached), as a
-    second tensor Float[N].
+    Returns Float[N], or (Float[N], Float[N] detached log sum_v p_v^2) with ``with_sum_sq``. For heads that are not
+    a plain ``nn.Linear`` (e.g. a peft adapter on the LM head); ``_ChunkedHeadLogps`` is the path for the rest.
     """
     logits = head(states).float()
     if softcap:  # Gemma-2 style final logit soft-capping
@@ -70,6 +72,116 @@ def _token_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Ten
     if not with_sum_sq:
         return logps
     return logps, (torch.logsumexp(2 * logits, dim=-1) - 2 * lse).detach()
+
+
+def _chunk_logits(states, weight, bias, dtype, softcap):
+    """Logits of one chunk, matmul in ``dtype``, in float32 (float64 for a float64 model); with ``softcap`` also
+    ``tanh(z / softcap)`` (else None)."""
+    z = torch.nn.functional.linear(states.to(dtype), weight, bias)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    if not softcap:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, t
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """Per-token ``log softmax(W h + b)[target]`` in chunks of positions, recomputing the logits in the backward.
+
+    Forward (per chunk of ``chunk_size`` positions): logits in float32, ``lse = logsumexp(logits)``,
+    ``logp = logits[target] - lse``; saved for the backward: the states, the targets and ``lse`` (no logits).
+    Backward (per chunk): the logits again, then in place ``G = g * (onehot(target) - exp(logits - lse))`` (times
+    ``1 - tanh^2`` under soft-capping), ``dh = G W`` and ``dW += G^T h`` (``db += sum G``). With ``with_sum_sq``
+    a second, non-differentiable output: log sum_v p_v^2 = logsumexp(2 logits) - 2 lse (WPO).
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets, chunk_size, softcap, dtype, with_sum_sq):
+        n = states.shape[0]
+        logps = torch.empty(n, dtype=torch.promote_types(dtype, torch.float32), device=states.device)
+        lse = torch.empty_like(logps)
+        sum_sq = torch.empty_like(logps) if with_sum_sq else None
+        with torch.autocast(states.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                logits, _ = _chunk_logits(states[start:end], w, b, dtype, softcap)
+                torch.logsumexp(logits, dim=-1, out=lse[start:end])
+                logps[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - lse[start:end]
+                if with_sum_sq:
+                    sum_sq[start:end] = torch.logsumexp(logits.mul_(2), dim=-1) - 2 * lse[start:end]
+        ctx.save_for_backward(states, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.softcap, ctx.dtype = chunk_size, softcap, dtype
+        if not with_sum_sq:
+            return logps
+        ctx.mark_non_differentiable(sum_sq)
+        return logps, sum_sq
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_):
+        states, weight, bias, targets, lse = ctx.saved_tensors
+        need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dtype, softcap, n = ctx.dtype, ctx.softcap, states.shape[0]
+        grad_states = torch.empty_like(states) if need_states else None
+        acc = lse.dtype  # float32, or float64 for a float64 model
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
+        with torch.autocast(states.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for start in range(0, n, ctx.chunk_size):
+                end = min(start + ctx.chunk_size, n)
+                h, g = states[start:end], grad_logps[start:end, None].to(acc)
+                logits, t = _chunk_logits(h, w, b, dtype, softcap)
+                grad = logits.sub_(lse[start:end, None]).exp_().mul_(-g)  # -g * softmax
+                grad.scatter_add_(1, targets[start:end, None], g)
+                if softcap:
+                    grad.mul_(1 - t * t)
+                if need_bias:
+                    grad_bias += grad.sum(0)
+                grad = grad.to(dtype)
+                if need_states:
+                    grad_states[start:end] = grad @ w
+                if need_weight:
+                    if dtype == acc:
+                        grad_weight.addmm_(grad.T, h)
+                    else:
+                        grad_weight += (grad.T @ h.to(dtype)).to(acc)
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_states, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _is_plain_linear(head: torch.nn.Module) -> bool:
+    """A head whose forward is exactly ``nn.Linear``'s on a floating-point weight (not a peft or quantized layer)."""
+    return (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+            and head.weight.is_floating_point())
+
+
+def head_token_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, *, chunk_size: int,
+                     softcap: float | None = None, with_sum_sq: bool = False):
+    """Log-probs of ``targets`` Long[N] under the LM head applied to ``states`` [N, H], ``chunk_size`` positions at a
+    time: ``(Float32[N], Float32[N] log sum_v p_v^2 detached, or None)`` (float64 for a float64 model).
+
+    A plain linear head goes through ``_ChunkedHeadLogps`` (logits recomputed in the backward, never kept); any
+    other head module runs chunk by chunk under activation checkpointing (the same memory bound, by autograd).
+    """
+    if _is_plain_linear(head):
+        device = states.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+        out = _ChunkedHeadLogps.apply(states, head.weight, head.bias, targets, chunk_size, softcap, dtype,
+                                      with_sum_sq)
+        return out if with_sum_sq else (out, None)
+    recompute = torch.is_grad_enabled() and states.requires_grad
+    pieces = []
+    for start in range(0, states.shape[0], chunk_size):
+        args = (head, states[start : start + chunk_size], targets[start : start + chunk_size], softcap, with_sum_sq)
+        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if recompute else _token_logps(*args))
+    if not pieces:
+        empty = states.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_sum_sq else None)
+    if not with_sum_sq:
+        return torch.cat(pieces), None
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
 def attention_implementation(model: torch.nn.Module) -> str | None:
@@ -108,8 +220,6 @@ def _attention_inputs(model: torch.nn.Module, batch: PairBatch) -> dict[str, tor
     return {"attention_mask": mask, "position_ids": batch.position_ids}
 
 
-KEEP_LOGITS_BYTES = 256 * 2**20
-
 
 class SequenceScores(NamedTuple):
     """What ``sequence_scores`` returns for the 2B sequences of a batch (chosen then rejected).
@@ -130,11 +240,11 @@ class SequenceScores(NamedTuple):
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: PairBatch, *, chunk_size: int = 1024, keep_logits_bytes: int = KEEP_LOGITS_BYTES
+    model: torch.nn.Module, batch: PairBatch, *, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of response-token log-probs per row of ``batch``: ``(logps Float32[2B], token_counts Long[2B])``, the
     first two fields of ``sequence_scores`` (see there)."""
-    scores = sequence_scores(model, batch, chunk_size=chunk_size, keep_logits_bytes=keep_logits_bytes)
+    scores = sequence_scores(model, batch, chunk_size=chunk_size)
     return scores.logps, scores.counts
 
 
@@ -143,7 +253,6 @@ def sequence_scores(
     batch: PairBatch,
     *,
     chunk_size: int = 1024,
-    keep_logits_bytes: int = KEEP_LOGITS_BYTES,
     shared: bool = False,
     wpo: bool = False,
 ) -> SequenceScores:
@@ -152,10 +261,8 @@ def sequence_scores(
     Args:
         model: a causal LM (optionally peft-wrapped) on the batch's device.
         batch: a ``PairBatch`` (2B sequences: chosen then rejected), in any layout.
-        chunk_size: response positions per LM-head call (bounds the transient memory of the logits).
-        keep_logits_bytes: with gradients on, keep the float32 logits of all response positions for the backward
-            when they take at most this many bytes; recompute them chunk by chunk in the backward otherwise
-            (one more LM-head forward, at most one chunk of logits alive).
+        chunk_size: response positions per LM-head call (bounds the transient memory of the logits, forward and
+            backward: ``head_token_logps``).
         shared: also sum over the first min(|y_w|, |y_l|) response tokens of each sequence (``shared_logps``).
         wpo: also sum log p(y_t) - log sum_v p_v^2 (``wpo_logps``; one more logsumexp over the vocabulary per token).
 
@@ -179,25 +286,18 @@ def sequence_scores(
     owner = batch.sequence_ids[rows, positions] if batch.sequence_ids is not None else rows
     n_sequences = batch.n_sequences
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
-    recompute = torch.is_grad_enabled() and states.requires_grad and states.shape[0] * vocab * 4 > keep_logits_bytes
-    pieces = []
-    for start in range(0, states.shape[0], chunk_size):
-        args = (head, states[start : start + chunk_size], targets[start : start + chunk_size], softcap, wpo)
-        pieces.append(checkpoint(_token_logps, *args, use_reentrant=False) if recompute else _token_logps(*args))
-    if wpo:
-        pieces, sum_sq = [p[0] for p in pieces], [p[1] for p in pieces]
-    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    token_logps, sum_sq = head_token_logps(head, states, targets, chunk_size=chunk_size, softcap=softcap,
+                                           with_sum_sq=wpo)
     counts = torch.bincount(owner, minlength=n_sequences)
 
     def per_sequence(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n_sequences, dtype=torch.float32, device=mask.device).index_add(0, owner, values)
+        return torch.zeros(n_sequences, dtype=values.dtype, device=mask.device).index_add(0, owner, values)
 
     shared_logps = wpo_logps = None
     if shared:
         shared_logps = per_sequence(token_logps * _within_shared_length(owner, counts))
     if wpo:
-        wpo_logps = per_sequence(token_logps.detach() - torch.cat(sum_sq)) if sum_sq else per_sequence(token_logps)
+        wpo_logps = per_sequence(token_logps.detach() - sum_sq)
     return SequenceScores(per_sequence(token_logps), counts, shared_logps, wpo_logps)
 
 

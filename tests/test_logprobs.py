@@ -71,19 +71,95 @@ def test_padding_does_not_change_a_rows_score(tiny_model, tokenizer, tokenized):
     torch.testing.assert_close(rejected, torch.stack([a[1] for a in alone]), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("keep_logits_bytes", [0, 2**30], ids=["recomputed-head", "kept-logits"])
-def test_gradients_match_the_slow_computation(tokenizer, tokenized, keep_logits_bytes):
+@pytest.mark.parametrize("chunk_size", [5, 1024])
+def test_gradients_match_the_slow_computation(tokenizer, tokenized, chunk_size):
     from dpo_core.models import tiny_llama
 
     batch = collate_pairs(tokenized.to_dict("records"), tokenizer.pad_token_id)
     grads = []
-    fast = lambda m: sequence_logps(m, batch, chunk_size=5, keep_logits_bytes=keep_logits_bytes)[0]  # noqa: E731
-    for fn in (fast, lambda m: slow_reference_logps(m, batch)):
+    for fn in (lambda m: sequence_logps(m, batch, chunk_size=chunk_size)[0], lambda m: slow_reference_logps(m, batch)):
         model = tiny_llama(tokenizer, seed=3).train()
         (fn(model) * torch.linspace(-1, 1, 6)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
-        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(g, grads[1][name], atol=1e-6 * g.abs().max().item(), rtol=1e-5, msg=name)
+
+
+def test_chunked_head_equals_the_full_log_softmax_in_float64(tokenizer, tokenized):
+    """In float64 the chunked head (logits recomputed in the backward) and the full log-softmax through autograd
+    agree to rounding: per-token log-probs and every parameter's gradient, the tied embedding included."""
+    from dpo_core.models import tiny_llama
+
+    batch = collate_pairs(tokenized.to_dict("records"), tokenizer.pad_token_id)
+    weights = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    grads, logps = [], []
+
+    def full(model):  # the whole [rows, positions, vocab] log-softmax in the model's dtype (float64 here)
+        logprobs = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
+        token = logprobs[:, :-1].gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        return (token * batch.response_mask[:, 1:]).sum(-1)
+
+    for fn in (lambda m: sequence_logps(m, batch, chunk_size=7)[0], full):
+        model = tiny_llama(tokenizer, seed=3).double().train()
+        out = fn(model)
+        (out * weights).sum().backward()
+        logps.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert logps[0].dtype == torch.float64
+    torch.testing.assert_close(logps[0], logps[1], atol=1e-9, rtol=1e-12)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-12 * max(1.0, g.abs().max().item()), rtol=1e-9,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_head_gradcheck(softcap, with_bias):
+    """``torch.autograd.gradcheck`` of the chunked head (states, weight and bias; soft-capping), float64, chunks that
+    do not divide the positions; the WPO output equals log sum_v softmax_v^2 and carries no gradient."""
+    from dpo_core.logprobs import _ChunkedHeadLogps, head_token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=with_bias).double()
+    states = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+
+    def fn(h, w, *b):  # the autograd function itself, so that gradcheck can vary the weight and the bias
+        return _ChunkedHeadLogps.apply(h, w, b[0] if b else None, targets, 3, softcap, torch.float64, False)
+
+    inputs = (states, head.weight.detach().clone().requires_grad_(True))
+    if with_bias:
+        inputs += (head.bias.detach().clone().requires_grad_(True),)
+    assert torch.autograd.gradcheck(fn, inputs)
+    logits = torch.nn.functional.linear(states, *inputs[1:])
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logps, sum_sq = head_token_logps(head, states, targets, chunk_size=3, softcap=softcap, with_sum_sq=True)
+    full = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(logps, full.gather(-1, targets[:, None]).squeeze(-1))
+    torch.testing.assert_close(sum_sq, torch.logsumexp(2 * full, dim=-1))
+    assert logps.dtype == torch.float64 and not sum_sq.requires_grad
+
+
+def test_chunked_head_under_autocast_keeps_the_log_softmax_in_float32():
+    """Under bf16 autocast the head's matmuls run in bf16 (as ``F.linear`` would), the log-softmax in float32, and
+    the gradients come back in the inputs' dtypes, close to float32 ones (device-agnostic; here on CPU)."""
+    from dpo_core.logprobs import head_token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 50, bias=False)
+    states = torch.randn(9, 32, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    exact = head_token_logps(head, states, targets, chunk_size=4)[0]
+    (g_states,) = torch.autograd.grad(exact.sum(), states)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head_token_logps(head, states, targets, chunk_size=4)[0]
+    low.sum().backward()
+    assert low.dtype == torch.float32 and states.grad.dtype == torch.float32
+    assert head.weight.grad.dtype == torch.float32
+    bf16 = torch.log_softmax(torch.nn.functional.linear(states.bfloat16(), head.weight.bfloat16()).float(), -1)
+    torch.testing.assert_close(low, bf16.gather(-1, targets[:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states.grad, g_states, atol=0.05, rtol=0.05)
 
 
 def test_split_and_errors(tiny_model, tokenizer):
