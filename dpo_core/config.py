@@ -197,7 +197,9 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     seed: int = 42
-    gradient_checkpointing: bool = False
+    # activation checkpointing of the decoder layers: true recomputes each layer in the backward; selective keeps
+    # the outputs of its matmuls and attention and recomputes only the elementwise ops (norms, rotary, SiLU, ...)
+    gradient_checkpointing: bool | Literal["selective"] = False
     length_grouping: bool = True
     mega_batch_mult: int = Field(8, gt=0)
     # how a micro-batch is laid out (dpo_core.batching): auto = shared_prompt (one row prompt + chosen + rejected per

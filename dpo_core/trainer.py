@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -143,7 +144,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model.train()
     if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+        _enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
     score = _scorer(model, cfg, spec, ctx, strategy)  # DDP-wrapped or FSDP-sharded before AdamW sees the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(params, cfg)
@@ -690,15 +691,35 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, n_steps:
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=n_steps)
 
 
-def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def _saved_by_selective_checkpointing() -> list:
+    """The aten ops whose outputs selective activation checkpointing keeps: the matmuls and the fused attention
+    kernels (the arithmetic). Everything else in a decoder layer (RMSNorm, rotary embedding, SiLU, the gating
+    product, residual adds, copies) is recomputed from them in the backward."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    return [getattr(aten, n).default for n in names if hasattr(aten, n)]
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module, mode: bool | str) -> None:
+    """Activation checkpointing of every decoder layer: ``True`` keeps only each layer's input and recomputes the
+    whole layer in the backward; ``"selective"`` also keeps the outputs of its matmuls and attention kernel
+    (``torch.utils.checkpoint.create_selective_checkpoint_contexts``), so the backward recomputes only the cheap
+    elementwise ops and no matmul."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
     target = model.get_base_model() if is_peft_model(model) else model
     if not getattr(target, "supports_gradient_checkpointing", False):
         raise TrainError(f"{type(target).__name__} does not support gradient checkpointing; set "
                          "train.gradient_checkpointing=false")
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
+                                                 _saved_by_selective_checkpointing())
     if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5 name
-        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(target.config, "use_cache"):
         target.config.use_cache = False
 
