@@ -13,7 +13,8 @@ targets and one logsumexp per position; its backward recomputes each chunk's log
 in place, ``d logp_t / d logits = onehot(x_t) - softmax(logits)``, so at most one chunk of ``[chunk_size, vocab]``
 float32 values is alive at a time, forward or backward (a 1,000-token batch of a 49k vocabulary would otherwise keep
 ~200 MB of logits and build two more tensors of that size in the backward). The log-softmax is always float32; under
-autocast the head's matmuls run in the autocast dtype, as ``F.linear`` would. Logits for prompt tokens are never computed at all.
+autocast the head's matmuls run in the autocast dtype, as ``F.linear`` would. Logits for prompt tokens are never
+computed at all.
 
 A packed batch (``dpo_core.batching.pack_pairs``: all sequences in one row, position ids restarting per sequence)
 is scored the same way; sums then go to the sequence each token belongs to instead of to its row. A shared-prompt
