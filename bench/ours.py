@@ -43,15 +43,20 @@ from bench.common import (
 )
 
 
-def train_config(s: BenchSettings, *, gradient_checkpointing: bool = False, layout: str = "auto",
+CHECKPOINTING = {"off": False, "selective": "selective", "full": True}  # --gradient-checkpointing values
+
+
+def train_config(s: BenchSettings, *, gradient_checkpointing: bool | str | None = None, layout: str = "auto",
                  chunk: int | None = None, steps: int | None = None):
-    """The trainer's settings for a benchmark run of `steps` optimizer steps (default `s.run_steps`)."""
+    """The trainer's settings for a benchmark run of `steps` optimizer steps (default `s.run_steps`);
+    `gradient_checkpointing` and `chunk` None: `TrainConfig`'s defaults."""
     from dpo_core.config import TrainConfig
 
     extra = {} if chunk is None else {"logprob_chunk_size": chunk}
+    if gradient_checkpointing is not None:
+        extra["gradient_checkpointing"] = gradient_checkpointing
     return TrainConfig(
         **extra,
-        gradient_checkpointing=gradient_checkpointing,
         batch_layout=layout,
         loss="sigmoid",
         beta=s.beta,
@@ -106,7 +111,7 @@ def trainer_hooks(batches: list) -> Iterator[None]:
 
 
 def run(
-    s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool = False, layout: str = "auto",
+    s: BenchSettings, *, precompute: bool, gradient_checkpointing: bool | str | None = None, layout: str = "auto",
     chunk: int | None = None,
 ) -> VariantResult:
     import dpo_core.trainer as trainer_mod
@@ -166,8 +171,8 @@ def run(
                              layout=layout)  # fmt: skip
         eval_seconds = time.perf_counter() - t0
     return VariantResult(
-        variant=("ours_precompute" if precompute else "ours_live") + ("_gc" if gradient_checkpointing else "")
-        + ("" if layout == "auto" else f"_{layout}"),
+        variant=("ours_precompute" if precompute else "ours_live")
+        + {True: "_gc", False: "_no_ckpt"}.get(gradient_checkpointing, "") + ("" if layout == "auto" else f"_{layout}"),
         params=count_params(model),
         live_reference=not precompute,
         step_seconds=intervals,
@@ -197,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--precompute", action="store_true", help="precomputed reference table (the default path)")
     mode.add_argument("--live", action="store_true", help="a live frozen reference model")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="TrainConfig.gradient_checkpointing")
+    parser.add_argument("--gradient-checkpointing", nargs="?", const="full", default=None,
+                        choices=list(CHECKPOINTING), help="TrainConfig.gradient_checkpointing (default: the config's "
+                        "default; the bare flag: full)")
     parser.add_argument("--layout", default="auto", choices=["auto", "padded", "packed", "shared_prompt"],
                         help="TrainConfig.batch_layout (auto: one shared-prompt row per pair with SDPA)")
     parser.add_argument("--logprob-chunk-size", type=int, default=None,
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(settings_from_args(args), precompute=args.precompute,
-                 gradient_checkpointing=args.gradient_checkpointing, layout=args.layout,
+                 gradient_checkpointing=CHECKPOINTING.get(args.gradient_checkpointing), layout=args.layout,
                  chunk=args.logprob_chunk_size)  # fmt: skip
     write_result(result, args.json)
 

@@ -59,6 +59,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("seed_loop", "bench.seed_loop", (), "seed tutorial loop (align-anything method, batch 1)"),
         Variant("ours_precompute_gc", "bench.ours", ("--precompute", "--gradient-checkpointing"),
                 "this project, precomputed reference, gradient checkpointing (optional)"),
+        Variant("ours_precompute_no_ckpt", "bench.ours", ("--precompute", "--gradient-checkpointing", "off"),
+                "this project, precomputed reference, no activation checkpointing (optional)"),
         Variant("ours_precompute_packed", "bench.ours", ("--precompute", "--layout", "packed"),
                 "this project, precomputed reference, padding-free packing (optional)"),
     )
