@@ -487,9 +487,10 @@ def render(run: Run, command: str, old_notes: str | None) -> str:
           "- **Peak RSS** is `ru_maxrss` of the variant's own process: *training* = the high-water mark at the end "
           "of training (ours, before the evaluation; TRL and the seed loop: the process peak). Both include loading "
           "the model(s).",
-          "- **TRL** gets `bf16=False`, `gradient_checkpointing=False` (its defaults are True; neither is used by the "
-          "others on CPU), `precompute_ref_batch_size=8` (= ours), its default optimizer (`adamw_torch_fused`), a "
-          "live reference passed as a second loaded copy.",
+          "- **TRL** gets `bf16=False`, `gradient_checkpointing=False` (its defaults are True; TRL's checkpointing "
+          "recomputes whole layers, which no CPU variant uses: ours runs its default selective checkpointing, which "
+          "recomputes no matmul), `precompute_ref_batch_size=8` (= ours), its default optimizer "
+          "(`adamw_torch_fused`), a live reference passed as a second loaded copy.",
           "- **Seed loop** (`bench/seed_loop.py`): align-anything's DPO trainer re-implemented: batch size 1, live "
           "reference copy, full logits on every position, response counted from the end, full log-softmax, "
           "per-sample Python loop, `gc.collect()` per step. It times a subset of the pairs (the budget), so it is "

@@ -2,7 +2,8 @@
 
 `python -m bench.trl_dpo --precompute --json out.json` (or `--live`). Same model folder, pairs, beta, batch size,
 max length and learning rate as every other variant; float32 on CPU (TRL's defaults `bf16=True` and
-`gradient_checkpointing=True` are switched off, as our trainer runs neither on CPU); no reporting, no saving.
+`gradient_checkpointing=True` are switched off: our trainer runs neither bf16 nor whole-layer recomputation on CPU,
+only its default selective checkpointing that recomputes no matmul); no reporting, no saving.
 The dataset is a `datasets.Dataset` of the raw conversational rows (TRL tokenizes it itself); for the selected
 pairs its token ids must equal ours, which is checked before training.
 
