@@ -210,9 +210,12 @@ def test_metrics_schedule_and_gradient_checkpointing(tmp_path, tokenizer):
     lengths = df.apply(lambda r: 2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids), axis=1)
     assert plain.tokens == int(lengths.sum())
 
-    for mode in (True, "selective"):  # every layer recomputed / only its elementwise ops recomputed
-        checkpointed = train(_model(tokenizer), tokenizer, df, cfg.model_copy(update={"gradient_checkpointing": mode}),
-                             out_dir=tmp_path / f"b-{mode}", spec=CPU, progress_bar=False)
+    assert cfg.gradient_checkpointing == "selective" and cfg.trim_heap  # the defaults
+    variants = {"full checkpointing": {"gradient_checkpointing": True},
+                "no checkpointing, heap not trimmed": {"gradient_checkpointing": False, "trim_heap": False}}
+    for mode, update in variants.items():  # the default run above: selective checkpointing, heap trimmed
+        checkpointed = train(_model(tokenizer), tokenizer, df, cfg.model_copy(update=update),
+                             out_dir=tmp_path / f"b-{len(update)}", spec=CPU, progress_bar=False)
         for key in ("loss", "grad_norm"):
             np.testing.assert_allclose([r[key] for r in checkpointed.history], [r[key] for r in plain.history],
                                        rtol=1e-5, err_msg=f"{mode}: {key}")
