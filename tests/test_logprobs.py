@@ -81,8 +81,10 @@ def test_gradients_match_the_slow_computation(tokenizer, tokenized, chunk_size):
         model = tiny_llama(tokenizer, seed=3).train()
         (fn(model) * torch.linspace(-1, 1, 6)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    # float32 with the machine's thread count: summation order differs between the two paths (and with the number of
+    # threads), so this is 1e-5 of each gradient's scale; the float64 test below checks exactness
     for name, g in grads[0].items():
-        torch.testing.assert_close(g, grads[1][name], atol=1e-6 * g.abs().max().item(), rtol=1e-5, msg=name)
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5 * g.abs().max().item(), rtol=1e-4, msg=name)
 
 
 def test_chunked_head_equals_the_full_log_softmax_in_float64(tokenizer, tokenized):
