@@ -58,23 +58,17 @@ def _prompt_chars(p: Any) -> int:
     return sum(len(m["content"]) for m in p) if _is_messages(p) else 0
 
 
-class CanonicalPairs(pa.DataFrameModel):
-    """One row per preference pair (docs/architecture.md, "canonical pairs")."""
+class PromptedRecord(pa.DataFrameModel):
+    """The columns and checks every canonical record shares (pairs and unpaired rows): its prompt as messages, where
+    it came from, its split and its meta as a JSON object."""
 
-    pair_id: Series[str] = pa.Field(unique=True)
     prompt: Series[object]
-    chosen: Series[str]
-    rejected: Series[str]
     source: Series[str]
     meta: Series[str]
     split: Series[str]
 
     class Config:
         strict = True
-
-    @pa.check("pair_id", name="bad_pair_id")
-    def _pair_id_hex(cls, s: Series[str]) -> Series[bool]:
-        return s.str.fullmatch(r"[0-9a-f]{16}").fillna(False).astype(bool)
 
     @pa.check("prompt", name="prompt_malformed")
     def _prompt_malformed(cls, s: Series[object]) -> Series[bool]:
@@ -91,14 +85,6 @@ class CanonicalPairs(pa.DataFrameModel):
     @pa.check("prompt", name="blank_prompt")
     def _prompt_blank(cls, s: Series[object]) -> Series[bool]:
         return s.map(lambda p: not _is_messages(p) or all(m["content"].strip() for m in p))
-
-    @pa.check("chosen", name="blank_chosen")
-    def _chosen_blank(cls, s: Series[str]) -> Series[bool]:
-        return _non_blank(s)
-
-    @pa.check("rejected", name="blank_rejected")
-    def _rejected_blank(cls, s: Series[str]) -> Series[bool]:
-        return _non_blank(s)
 
     @pa.check("source", name="blank_source")
     def _source_blank(cls, s: Series[str]) -> Series[bool]:
@@ -117,6 +103,26 @@ class CanonicalPairs(pa.DataFrameModel):
                 return False
 
         return s.map(ok)
+
+
+class CanonicalPairs(PromptedRecord):
+    """One row per preference pair (docs/architecture.md, "canonical pairs")."""
+
+    pair_id: Series[str] = pa.Field(unique=True)
+    chosen: Series[str]
+    rejected: Series[str]
+
+    @pa.check("pair_id", name="bad_pair_id")
+    def _pair_id_hex(cls, s: Series[str]) -> Series[bool]:
+        return s.str.fullmatch(r"[0-9a-f]{16}").fillna(False).astype(bool)
+
+    @pa.check("chosen", name="blank_chosen")
+    def _chosen_blank(cls, s: Series[str]) -> Series[bool]:
+        return _non_blank(s)
+
+    @pa.check("rejected", name="blank_rejected")
+    def _rejected_blank(cls, s: Series[str]) -> Series[bool]:
+        return _non_blank(s)
 
     @pa.dataframe_check(name="chosen_equals_rejected")
     def _distinct(cls, df: pd.DataFrame) -> Series[bool]:

@@ -9,14 +9,11 @@ undesirable), ``source``, ``meta``, ``split``. `unpaired_schema(...)` adds the l
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from data_contracts.pairs import _is_messages, _non_blank, _prompt_chars, _prompt_check
+from data_contracts.pairs import PromptedRecord, _non_blank, _prompt_chars
 from data_contracts.validation import Failures, collect_failures
 
 __all__ = ["CanonicalUnpaired", "UNPAIRED_COLUMNS", "unpaired_schema", "unpaired_failures", "validate_unpaired"]
@@ -24,61 +21,20 @@ __all__ = ["CanonicalUnpaired", "UNPAIRED_COLUMNS", "unpaired_schema", "unpaired
 UNPAIRED_COLUMNS = ["row_id", "prompt", "completion", "label", "source", "meta", "split"]
 
 
-class CanonicalUnpaired(pa.DataFrameModel):
+class CanonicalUnpaired(PromptedRecord):
     """One row per unpaired completion with its label (docs/architecture.md, "canonical unpaired rows")."""
 
     row_id: Series[str] = pa.Field(unique=True)
-    prompt: Series[object]
     completion: Series[str]
     label: Series[bool]
-    source: Series[str]
-    meta: Series[str]
-    split: Series[str]
-
-    class Config:
-        strict = True
 
     @pa.check("row_id", name="bad_row_id")
     def _row_id_hex(cls, s: Series[str]) -> Series[bool]:
         return s.str.fullmatch(r"[0-9a-f]{16}").fillna(False).astype(bool)
 
-    @pa.check("prompt", name="prompt_malformed")
-    def _prompt_malformed(cls, s: Series[object]) -> Series[bool]:
-        return _prompt_check("prompt_malformed")(s)
-
-    @pa.check("prompt", name="prompt_bad_role")
-    def _prompt_bad_role(cls, s: Series[object]) -> Series[bool]:
-        return _prompt_check("prompt_bad_role")(s)
-
-    @pa.check("prompt", name="prompt_role_order")
-    def _prompt_role_order(cls, s: Series[object]) -> Series[bool]:
-        return _prompt_check("prompt_role_order")(s)
-
-    @pa.check("prompt", name="blank_prompt")
-    def _prompt_blank(cls, s: Series[object]) -> Series[bool]:
-        return s.map(lambda p: not _is_messages(p) or all(m["content"].strip() for m in p))
-
     @pa.check("completion", name="blank_completion")
     def _completion_blank(cls, s: Series[str]) -> Series[bool]:
         return _non_blank(s)
-
-    @pa.check("source", name="blank_source")
-    def _source_blank(cls, s: Series[str]) -> Series[bool]:
-        return _non_blank(s)
-
-    @pa.check("split", name="blank_split")
-    def _split_blank(cls, s: Series[str]) -> Series[bool]:
-        return _non_blank(s)
-
-    @pa.check("meta", name="meta_not_json")
-    def _meta_json(cls, s: Series[str]) -> Series[bool]:
-        def ok(x: Any) -> bool:
-            try:
-                return isinstance(json.loads(x), dict)
-            except (TypeError, ValueError):
-                return False
-
-        return s.map(ok)
 
 
 def unpaired_schema(*, min_chars: int = 1, max_prompt_chars: int = 100_000,
