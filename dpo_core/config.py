@@ -346,6 +346,9 @@ class JudgeConfig(_Section):
     l2_grid: list[PositiveFloat] = Field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], min_length=1)
     folds: int = Field(5, ge=2)
     max_train_pairs: int | None = Field(None, gt=0)  # bradley_terry: the first N train pairs (None: all of them)
+    # bradley_terry / similarity: each text is cut to this many word pieces before it is embedded (all-MiniLM-L6-v2
+    # was trained on 128; None: the encoder's own limit, 256 for it)
+    max_tokens: int | None = Field(128, gt=0)
 
     @model_validator(mode="after")
     def _reward_model_has_path(self) -> "JudgeConfig":

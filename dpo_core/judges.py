@@ -101,7 +101,7 @@ class SentenceEncoder:
     (a judge scores the same prompt for two answers, and a pair's answers for two judges' checks)."""
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str | torch.device | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, max_tokens: int | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
         folder = Path(model_dir).expanduser() if model_dir is not None else embedded_judge_model_dir()
@@ -113,6 +113,11 @@ class SentenceEncoder:
             self._model = SentenceTransformer(str(folder), device=self.device, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise JudgeError(f"could not load a sentence-transformers model from {folder}: {exc}") from exc
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+                raise JudgeError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+            self._model.max_seq_length = max_tokens
+        self.max_tokens = int(self._model.max_seq_length)  # the word pieces of a text that reach the embedding
         self.label = EMBEDDING_MODEL_NAME if model_dir is None else folder.name
         self._memo: dict[str, torch.Tensor] = {}
 
@@ -144,8 +149,8 @@ class SimilarityJudge:
     uses_references = True
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str | torch.device | None = None,
-                 encoder: SentenceEncoder | None = None) -> None:
-        self.encoder = encoder or SentenceEncoder(model_dir, device=device)
+                 encoder: SentenceEncoder | None = None, max_tokens: int | None = None) -> None:
+        self.encoder = encoder or SentenceEncoder(model_dir, device=device, max_tokens=max_tokens)
         self.name = (f"similarity({self.encoder.label}): cos(answer, chosen) - cos(answer, rejected) "
                      "[unvalidated: reads the reference answers]")
 
@@ -292,7 +297,8 @@ class BradleyTerryJudge:
         if self.text_scaling is not None:
             tensors["text_mean"], tensors["text_scale"] = (t.contiguous() for t in self.text_scaling)
         save_file(tensors, str(folder / "head.safetensors"))
-        info = {**self.info, "encoder": self.encoder.label, "features": self.features}
+        info = {**self.info, "encoder": self.encoder.label, "encoder_max_tokens": self.encoder.max_tokens,
+                "features": self.features}
         (folder / "judge.json").write_text(json.dumps(info, indent=1))
 
     @classmethod
@@ -306,6 +312,10 @@ class BradleyTerryJudge:
         info = json.loads((folder / "judge.json").read_text())
         if info.pop("encoder", None) != encoder.label:
             raise JudgeError(f"the judge in {folder} was not trained on {encoder.label} embeddings")
+        trained_max = info.pop("encoder_max_tokens", encoder.max_tokens)
+        if trained_max != encoder.max_tokens:
+            raise JudgeError(f"the judge in {folder} was trained on texts cut to {trained_max} word pieces; this encoder "
+                             f"cuts them to {encoder.max_tokens} (eval.judge.max_tokens)")
         tensors = load_file(str(folder / "head.safetensors"))
         scaling = (tensors["text_mean"], tensors["text_scale"]) if "text_mean" in tensors else None
         return cls(encoder, tensors["weight"], text_scaling=scaling, info=info)
@@ -499,9 +509,9 @@ def make_judge(cfg: JudgeConfig, *, device: str | torch.device | None = None,
         if trained is None:
             raise JudgeError("the bradley_terry judge is trained by the judge stage (tasks/judge.py) or "
                              "dpo_core.judges.train_bradley_terry; give the folder it was saved to")
-        return BradleyTerryJudge.load(trained, SentenceEncoder(cfg.path, device=device))
+        return BradleyTerryJudge.load(trained, SentenceEncoder(cfg.path, device=device, max_tokens=cfg.max_tokens))
     if cfg.kind == "similarity":
-        return SimilarityJudge(cfg.path, device=device)
+        return SimilarityJudge(cfg.path, device=device, max_tokens=cfg.max_tokens)
     if cfg.kind == "reward_model":
         return RewardModelJudge(cfg.path, device=device)
     raise JudgeError(f"unknown judge kind '{cfg.kind}'; use 'bradley_terry', 'similarity' or 'reward_model'")

@@ -60,7 +60,7 @@ def judge_stage(cfg: RunConfig, pairs: dict[str, Any]) -> dict[str, Any]:
         training = None
         with MODEL_LOAD_LOCK:
             if judge_cfg.kind == "bradley_terry":
-                encoder = SentenceEncoder(judge_cfg.path, device=device)
+                encoder = SentenceEncoder(judge_cfg.path, device=device, max_tokens=judge_cfg.max_tokens)
             else:
                 judge = make_judge(judge_cfg, device=device)
         if judge_cfg.kind == "bradley_terry":

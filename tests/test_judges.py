@@ -33,7 +33,7 @@ REJECTED = "No idea. Eggs are not my thing, ask someone else."
 
 @pytest.fixture(scope="module")
 def encoder() -> SentenceEncoder:
-    return SentenceEncoder()
+    return SentenceEncoder(max_tokens=JudgeConfig().max_tokens)  # the encoder the judge stage builds by default
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,21 @@ def test_bradley_terry_judge_ignores_the_reference_answers_and_survives_a_save(m
     assert isinstance(loaded, BradleyTerryJudge) and loaded.info == marker_judge.info
     assert loaded.name == marker_judge.name
     assert loaded.score(prompts, chosen, chosen, rejected) == pytest.approx(scores, abs=1e-5)
+
+
+def test_the_encoder_cuts_texts_at_max_tokens_and_a_saved_judge_keeps_its_cut(marker_judge, tmp_path):
+    short = SentenceEncoder(max_tokens=8)
+    words = "boil the egg for nine minutes then cool it in cold water and peel it slowly under the tap"
+    longer = words + " and serve it with salt, pepper and a slice of toast"
+    assert short.max_tokens == 8
+    assert torch.equal(short.embed([words])[0], short.embed([longer])[0])  # everything after word piece 8 is cut
+    full = SentenceEncoder(max_tokens=None)
+    assert full.max_tokens == 256 and not torch.equal(full.embed([words])[0], full.embed([longer])[0])
+    marker_judge.save(tmp_path)
+    with pytest.raises(JudgeError, match="cut to 128 word pieces; this encoder cuts them to 256"):
+        make_judge(JudgeConfig(kind="bradley_terry", max_tokens=None), trained=tmp_path)
+    with pytest.raises(JudgeError, match="max_tokens must be a positive int"):
+        SentenceEncoder(max_tokens=0)
 
 
 def test_bradley_terry_text_features_are_standardised_and_saved(encoder, tmp_path):
