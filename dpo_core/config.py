@@ -76,7 +76,8 @@ class ModelConfig(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: float32 on CPU; bfloat16 autocast on CUDA (weights kept in float32 master copy)
+    # auto: float32 on CPU; bfloat16 autocast on CUDA. bfloat16: autocast on CPU too (native on CPUs with AVX512-BF16
+    # or AMX). Weights are kept as a float32 master copy either way
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: sdpa (flash_attention_2 if installed and on CUDA); or any transformers attn_implementation
     attn_implementation: str = "auto"

@@ -43,7 +43,7 @@ class DeviceSpec:
         return self.device.type == "cuda"
 
     def autocast(self):
-        """A context manager: bf16/fp16 autocast on CUDA when configured, a no-op otherwise."""
+        """A context manager: autocast to `autocast_dtype` (bf16/fp16 on CUDA, bf16 on CPU) when set, else a no-op."""
         if self.autocast_dtype is None:
             return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
@@ -59,7 +59,8 @@ def model_spec(model: torch.nn.Module) -> DeviceSpec:
 
 
 def pick_device(cfg: ModelConfig) -> DeviceSpec:
-    """CUDA when present (bf16 autocast over float32 master weights, SDPA or flash attention); CPU float32 otherwise."""
+    """CUDA when present (bf16 autocast over float32 master weights, SDPA or flash attention); CPU otherwise, float32,
+    or bf16 autocast over float32 master weights with ``model.dtype: bfloat16``."""
     check_device(cfg)
     want = cfg.device
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
@@ -73,13 +74,26 @@ def pick_device(cfg: ModelConfig) -> DeviceSpec:
             attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
     else:
         device = torch.device("cpu")
-        if cfg.dtype not in ("auto", "float32"):
-            log.warning("model.dtype=%s requested on CPU; training in float32 instead", cfg.dtype)
         dtype, autocast_dtype = torch.float32, None
+        if cfg.dtype == "bfloat16":
+            autocast_dtype = torch.bfloat16
+            if not cpu_has_native_bf16():
+                log.warning("model.dtype=bfloat16 on a CPU without native bf16 matmuls (AVX512-BF16 / AMX): "
+                            "correct but slower than float32")
+        elif cfg.dtype == "float16":
+            log.warning("model.dtype=float16 requested on CPU; computing in float32 instead")
         attn = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
     return DeviceSpec(device=device, dtype=dtype, autocast_dtype=autocast_dtype, attn_implementation=attn)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 or AMX); elsewhere they are emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def check_device(cfg: ModelConfig) -> None:

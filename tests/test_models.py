@@ -26,9 +26,16 @@ def test_embedded_model_is_materialised_once_and_loads(smollm2_dir, monkeypatch)
     assert next(model.parameters()).dtype == torch.float32
 
 
-def test_cpu_device_is_float32_without_autocast():
-    spec = pick_device(ModelConfig(device="cpu", dtype="bfloat16"))
+def test_cpu_device_is_float32_and_autocasts_only_to_bfloat16_when_asked(caplog):
+    spec = pick_device(ModelConfig(device="cpu"))
     assert spec.device.type == "cpu" and spec.dtype == torch.float32 and spec.autocast_dtype is None
+    bf16 = pick_device(ModelConfig(device="cpu", dtype="bfloat16"))
+    assert bf16.dtype == torch.float32 and bf16.autocast_dtype is torch.bfloat16  # float32 master weights
+    with bf16.autocast():
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
+    with caplog.at_level("WARNING"):
+        fp16 = pick_device(ModelConfig(device="cpu", dtype="float16"))
+    assert fp16.autocast_dtype is None and "float16 requested on CPU" in caplog.text
 
 
 def test_cuda_requested_without_a_gpu_is_a_clear_error():

@@ -78,3 +78,19 @@ def test_pad_id_rule():
 def test_pad_id_of_the_real_tokenizer_and_a_model_config(tokenizer, tiny_model):
     assert pad_id(tokenizer) == tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert pad_id(tiny_model.config) == tokenizer.pad_token_id
+
+
+def test_bfloat16_autocast_on_cpu_scores_close_to_float32(tiny_model):
+    """`model.dtype: bfloat16` on CPU: the scorer's forward runs under bf16 autocast (float32 weights), sums in
+    float64; the scores stay within bf16 rounding of the float32 ones and differ from them (autocast really ran)."""
+    from dpo_core.config import ModelConfig
+    from dpo_core.models import pick_device
+
+    bf16 = pick_device(ModelConfig(device="cpu", dtype="bfloat16", num_threads=None))
+    rows = _rows()
+    exact = score_pairs(tiny_model, rows, batch_size=3, spec=CPU)
+    low = score_pairs(tiny_model, rows, batch_size=3, spec=bf16)
+    assert low.chosen_logps.dtype == np.float64 and next(tiny_model.parameters()).dtype == torch.float32
+    np.testing.assert_allclose(low.chosen_logps, exact.chosen_logps, rtol=2e-2, atol=5e-2)
+    np.testing.assert_allclose(low.rejected_logps, exact.rejected_logps, rtol=2e-2, atol=5e-2)
+    assert not np.array_equal(low.chosen_logps, exact.chosen_logps)
