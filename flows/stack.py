@@ -165,6 +165,11 @@ def up(state_dir: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeo
 
 
 def _alive(pid: int) -> bool:
+    try:  # a child of this process (`up` ran here) that exited stays a zombie, which signal 0 reaches, until reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not a child of this process
+        pass
     try:
         os.kill(pid, 0)
         return True
