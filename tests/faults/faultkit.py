@@ -137,6 +137,7 @@ class FlowRunner:
             "DPO_FAULT_ENOSPC": enospc,
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # a closed port fails at once; tracking.tracker retries itself
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+            "DPO_FAULT_BACKOFF": "0.05",  # the same retries against a dead MLflow, 20x shorter sleeps in between
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }

@@ -17,6 +17,8 @@ branches. Each is switched on by an environment variable and is a no-op otherwis
     DPO_FAULT_ENOSPC       make one write fail with OSError(ENOSPC) ("No space left on device"):
                              ckpt-N             the model weights of checkpoint step N
                              reference          the reference table
+    DPO_FAULT_BACKOFF      a factor on the sleeps between MLflow retries (tracking.retry.RetryPolicy): with 0.05 a
+                           dead tracking server fails after the same 4 tries in 0.35 s instead of 7 s
 
 Always recorded (cheap): `<dir>/train-calls` gets one line per call of the trainer (pid), `<dir>/lock-<stage>.<pid>`
 is touched just before a stage key lock is requested, and the flow's summary is written to `<dir>/summary.<pid>.json`.
@@ -40,6 +42,7 @@ from typing import Any
 FAULT_DIR = Path(os.environ.get("DPO_FAULT_DIR") or ".")
 PAUSE = {p.strip() for p in os.environ.get("DPO_FAULT_PAUSE", "").split(",") if p.strip()}
 ENOSPC = {p.strip() for p in os.environ.get("DPO_FAULT_ENOSPC", "").split(",") if p.strip()}
+BACKOFF = float(os.environ.get("DPO_FAULT_BACKOFF") or 1.0)
 
 
 def pause(point: str) -> None:
@@ -72,6 +75,15 @@ def install() -> None:
     import tasks.reference as reference
     import tasks.register as register
     import tasks.train as train_task
+    import tracking.retry as retry
+
+    delays = retry.RetryPolicy.delays
+
+    @functools.wraps(delays)
+    def delays_hook(self):
+        return [BACKOFF * d for d in delays(self)]
+
+    retry.RetryPolicy.delays = delays_hook
 
     write_pairs = ingest.write_pairs
 
