@@ -1,5 +1,5 @@
 """Shared fixtures: the real SmolLM2 tokenizer (materialised once per machine), tiny random Llamas for unit tests,
-one Prefect test server per module for the flow tests (`harness`)."""
+one Prefect test server for the flow tests (`harness`)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,10 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    """One Prefect test server for the module, with result storage in a temporary folder (not ~/.prefect)."""
+    """One Prefect test server for the session (started by the first test that asks for it; each start costs ~10 s),
+    with result storage in a temporary folder (not ~/.prefect). Every flow test keeps its state under its tmp_path."""
     results = tmp_path_factory.mktemp("prefect-results")
     old = os.environ.get("PREFECT_RESULTS_LOCAL_STORAGE_PATH")
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
